@@ -1,0 +1,181 @@
+"""The run configuration: one schema, loaded from a Python config file plus command-line overrides.
+
+Config files define `get_config()` and start from `default_config()`, so every tool speaks the same
+names. The schema is locked: a misspelled key is an error that names it, raised before any work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key jsft knows, with its default value."""
+    c = ml_collections.ConfigDict()
+    c.output_dir = "runs/default"
+    c.model = ml_collections.ConfigDict(
+        {
+            "path": "",  # a Hugging Face model folder (config.json, *.safetensors, tokenizer files)
+            "dtype": "float32",  # compute dtype of activations
+            "param_dtype": "float32",  # storage dtype of parameters and optimizer moments
+        }
+    )
+    c.data = ml_collections.ConfigDict(
+        {
+            # (source, amount) pairs: a local .jsonl/.json/.parquet file or folder, or a Hub data set name.
+            # An amount with a decimal point is a fraction of the source, an integer is a row count.
+            "mixer": (),
+            "eval_mixer": (),  # held-out data, evaluated every log.eval_every_steps and at the end
+            "chat_template": "",  # "" = the tokenizer's own; "tulu", "chatml", or a path to a Jinja file
+            "max_seq_length": 2048,
+            "packing": True,
+        }
+    )
+    c.train = ml_collections.ConfigDict(
+        {
+            "global_batch_size": 8,  # rows of max_seq_length tokens per optimizer step, over all hosts
+            "grad_accum_steps": 1,
+            "epochs": 1,
+            "max_steps": 0,  # above 0, overrides epochs
+            "seed": 0,
+            "loss_reduction": "mean",  # "mean" over trained tokens of the global batch, or "sum"
+        }
+    )
+    c.optim = ml_collections.ConfigDict(
+        {
+            "lr": 1e-5,
+            "schedule": "linear",  # linear | cosine | constant, each after a linear warmup
+            "warmup_ratio": 0.03,
+            "weight_decay": 0.0,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "clip_grad_norm": 1.0,  # 0 turns clipping off
+        }
+    )
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills the rest
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3})
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0})  # rank 0 = full fine-tuning
+    c.log = ml_collections.ConfigDict({"every_steps": 10, "eval_every_steps": 0})
+    return c
+
+
+def _paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_paths(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _unknown_key_error(name: str, known: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{name}' in {where}{hint}")
+
+
+def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
+    """Checks that `cfg` has exactly the schema's keys and sensible values."""
+    known = _paths(default_config())
+    given = _paths(cfg)
+    for name in given:
+        if name not in known:
+            raise _unknown_key_error(name, list(known), where)
+    for name in known:
+        if name not in given:
+            raise ConfigError(f"config key '{name}' is missing in {where}")
+    checks = [
+        (cfg.model.path != "", "model.path is empty: set it to a Hugging Face model folder"),
+        (len(cfg.data.mixer) > 0, "data.mixer is empty: give at least one (source, amount) pair"),
+        (cfg.data.max_seq_length > 1, "data.max_seq_length must be at least 2"),
+        (cfg.train.global_batch_size > 0, "train.global_batch_size must be positive"),
+        (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
+        (
+            cfg.train.global_batch_size % cfg.train.grad_accum_steps == 0,
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps}",
+        ),
+        (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs or train.max_steps above 0"),
+        (cfg.train.loss_reduction in ("mean", "sum"), "train.loss_reduction must be 'mean' or 'sum'"),
+        (cfg.optim.schedule in ("linear", "cosine", "constant"), "optim.schedule: linear, cosine or constant"),
+        (0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)"),
+        (cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 turns clipping off)"),
+        (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
+        (cfg.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype must be float32 or bfloat16"),
+        (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
+        (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
+        (cfg.log.every_steps > 0, "log.every_steps must be positive"),
+        (cfg.lora.rank >= 0, "lora.rank must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{message} ({where})")
+    for pair in list(cfg.data.mixer) + list(cfg.data.eval_mixer):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise ConfigError(f"data mixer entries must be (source, amount) pairs, got {pair!r} ({where})")
+
+
+def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """Parses `--config=FILE [--config.a.b=value ...]` into a validated, locked ConfigDict.
+
+    Errors (a missing file, an unknown key, an unparsable value) become one-line ConfigErrors.
+    """
+    argv = list(argv)
+    files = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    if not files:
+        raise ConfigError("no config file given: pass --config=configs/<name>.py")
+    if not os.path.isfile(files[-1]):
+        raise ConfigError(f"config file {files[-1]} does not exist")
+    try:
+        # Load the file alone first, so overrides can be checked against its keys.
+        base = _parse(argv[:1] + [f"--config={files[-1]}"])
+    except Exception as e:  # config_flags reports a missing or broken file in many ways
+        raise ConfigError(f"cannot load config file {files[-1]}: {_one_line(e)}") from None
+    known = list(_paths(base))
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            name = arg[len("--config.") :].split("=", 1)[0]
+            if name not in known:
+                raise _unknown_key_error(name, known, "the command line")
+        elif not arg.startswith("--config="):
+            raise ConfigError(f"unexpected argument {arg!r}: use --config=FILE and --config.KEY=VALUE")
+    try:
+        cfg = _parse(argv)
+    except Exception as e:
+        raise ConfigError(f"bad config override: {_one_line(e)}") from None
+    validate(cfg, where=files[-1])
+    return cfg
+
+
+def _parse(argv: list[str]) -> ml_collections.ConfigDict:
+    flag_values = flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
+    return holder.value
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).replace("\\n", " ").replace("\n", " ").strip()
+    return " ".join(text.split()) or type(e).__name__
+
+
+def load_or_exit(argv: Sequence[str] | None = None) -> ml_collections.ConfigDict:
+    """`load` for entry points: a ConfigError ends the program with its one-line message."""
+    try:
+        return load(sys.argv if argv is None else argv)
+    except ConfigError as e:
+        sys.exit(f"jsft: config error: {e}")

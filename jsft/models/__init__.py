@@ -1,0 +1,119 @@
+"""Models built from Hugging Face folders.
+
+The hot loop works on a flat dict of arrays keyed by parameter name ("layers.0.attn.q_proj"), the
+same names the HF name maps use. `Layout` holds everything else about the model (its NNX graph,
+shapes, logical axes) and turns such a dict back into a module inside jitted code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jsft import hf, sharding
+from jsft.models.config import ModelConfig
+from jsft.models.decoder import Decoder
+from jsft.models.names import IGNORED_HF_TENSORS, NameMap
+
+Params = dict[str, jax.Array]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str):
+    return _DTYPES[name]
+
+
+class Layout:
+    """The model's structure without its values: split once, merged inside jitted functions."""
+
+    def __init__(self, cfg: ModelConfig, model_type: str = "llama"):
+        self.cfg = cfg
+        self.model_type = model_type
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, state = nnx.split(abstract)
+        self._variables = {".".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
+        self.shapes = {name: var.get_value() for name, (_, var) in self._variables.items()}
+        self.axes = {
+            name: var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
+            for name, (_, var) in self._variables.items()
+        }
+
+    def shardings(self, mesh: Mesh) -> dict[str, NamedSharding]:
+        return {name: sharding.named_sharding(self.axes[name], s.shape, mesh) for name, s in self.shapes.items()}
+
+    def merge(self, params: Params) -> Decoder:
+        """The module over `params` (cheap: only the graph is rebuilt, at trace time under jit)."""
+        flat = [(path, var.replace(value=params[name])) for name, (path, var) in self._variables.items()]
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+
+    def init(self, seed: int, mesh: Mesh) -> Params:
+        """Random parameters (std 0.02 normal, norms at 1), created directly with their shardings."""
+
+        def create():
+            model = Decoder(self.cfg, rngs=nnx.Rngs(seed))
+            return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+
+        with nnx.use_eager_sharding(False):
+            return jax.jit(create, out_shardings=self.shardings(mesh))()
+
+
+def config_from_folder(path: str, dtype: str = "float32", param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    hf_config = hf.read_config(path)
+    return ModelConfig.from_hf(hf_config, dtype_of(dtype), dtype_of(param_dtype)), hf_config
+
+
+def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
+    """Reads a folder's safetensors tensor by tensor, placing each on `mesh` with its sharding."""
+    names = NameMap(layout.model_type)
+    shardings = layout.shardings(mesh)
+    params: Params = {}
+    for hf_name, tensor in hf.iter_tensors(path):
+        found = names.to_jsft(hf_name)
+        if found is None:
+            if IGNORED_HF_TENSORS.match(hf_name) or (hf_name == "lm_head.weight" and layout.cfg.tie_word_embeddings):
+                continue
+            raise hf.ModelFolderError(f"{path}: tensor {hf_name} has no place in a {layout.model_type} model")
+        name, transform = found
+        target = layout.shapes.get(name)
+        if target is None:
+            raise hf.ModelFolderError(f"{path}: tensor {hf_name} does not fit this config ({name} does not exist)")
+        host = np.asarray(transform.to_jsft(tensor, target.shape)).astype(target.dtype)
+        if host.shape != target.shape:
+            raise hf.ModelFolderError(
+                f"{path}: tensor {hf_name} has shape {tensor.shape}, expected {target.shape} as {name}"
+            )
+        params[name] = jax.make_array_from_callback(host.shape, shardings[name], lambda index, h=host: h[index])
+    missing = sorted(set(layout.shapes) - set(params))
+    if missing:
+        hf_missing = [names.to_hf(n)[0] for n in missing]
+        raise hf.ModelFolderError(f"{path}: missing tensors {', '.join(hf_missing)}")
+    return params
+
+
+def load_pretrained(
+    path: str, dtype: str = "float32", param_dtype: str | None = None, mesh: Mesh | None = None
+) -> Decoder:
+    """The NNX model of a Hugging Face folder, parameters placed on `mesh` (default: one device)."""
+    cfg, hf_config = config_from_folder(path, dtype, param_dtype or dtype)
+    layout = Layout(cfg, hf_config["model_type"])
+    mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    return layout.merge(load_params(path, layout, mesh))
+
+
+def to_hf_tensors(params: Params, layout: Layout, dtype=None) -> dict[str, np.ndarray]:
+    """Host copies of `params` under their HF names and layouts (in `dtype` if given)."""
+    names = NameMap(layout.model_type)
+    out = {}
+    for name, value in params.items():
+        hf_name, transform = names.to_hf(name)
+        host = np.asarray(jax.device_get(value))
+        out[hf_name] = np.ascontiguousarray(transform.to_hf(host.astype(dtype) if dtype else host))
+    return out
+
+
+__all__ = ["Decoder", "Layout", "ModelConfig", "load_params", "load_pretrained", "to_hf_tensors"]
