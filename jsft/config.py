@@ -15,8 +15,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from jsft.errors import JsftError
 
-class ConfigError(ValueError):
+
+class ConfigError(JsftError):
     """A configuration problem, reported as one line."""
 
 
@@ -40,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
             "chat_template": "",  # "" = the tokenizer's own; "tulu", "chatml", or a path to a Jinja file
             "max_seq_length": 2048,
             "packing": True,
+            "max_bad_fraction": 0.01,  # more bad rows than this fraction stops the run
         }
     )
     c.train = ml_collections.ConfigDict(

@@ -17,6 +17,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from jsft.errors import JsftError
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -43,7 +45,7 @@ TOKENIZER_FILES = (
 )
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(JsftError):
     """A model folder that cannot be read, named in one line."""
 
 

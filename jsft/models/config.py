@@ -7,8 +7,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jsft.errors import JsftError
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+class UnsupportedModelError(JsftError):
+    """A config.json asking for an architecture feature jsft does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,20 +49,20 @@ class ModelConfig:
         """Builds the config from a parsed HF `config.json`; unsupported features are clear errors."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in config.json; supported: silu")
+            raise UnsupportedModelError(f"unsupported hidden_act {hf['hidden_act']!r} in config.json; supported: silu")
         if hf.get("mlp_bias"):
-            raise ValueError("unsupported mlp_bias=true in config.json")
+            raise UnsupportedModelError("unsupported mlp_bias=true in config.json")
         num_heads = hf["num_attention_heads"]
         # transformers 5 moved rope settings into `rope_parameters`; older folders use `rope_scaling`.
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"unsupported rope_scaling type {rope_type!r} in config.json; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )

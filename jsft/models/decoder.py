@@ -1,6 +1,6 @@
 """A Flax NNX decoder-only transformer covering the Llama family.
 
-Parameters carry logical axis names (`sharding_names`), which `jsft.sharding` maps onto mesh axes.
+Parameters carry logical axis names (`out_sharding`), which `jsft.sharding` maps onto mesh axes.
 Projection kernels keep heads as their own axis ([embed, heads, head_dim]) so tensor parallelism can
 split heads without reshapes.
 """
@@ -18,7 +18,7 @@ _init = nnx.initializers.normal(stddev=0.02)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=_init) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
 
 
 class RMSNorm(nnx.Module):

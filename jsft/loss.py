@@ -1,0 +1,43 @@
+"""Cross-entropy over assistant tokens, computed in sequence chunks.
+
+The [batch, seq, vocab] float32 logits are the largest tensor of an SFT step for 128k-256k vocabularies;
+here each chunk of the sequence is projected, scored and discarded (and recomputed in the backward
+pass), so memory grows with the chunk, not the sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_loss_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum over masked positions of -log p(target); the plain reference for `chunked_loss_sum`."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logit) * mask)
+
+
+def chunked_loss_sum(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int = 1024
+) -> jax.Array:
+    """`token_loss_sum(hidden @ kernel, ...)` without materialising all logits at once."""
+    batch, seq, dim = hidden.shape
+    chunk_size = min(chunk_size, seq)
+    pad = -seq % chunk_size
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    chunks = (seq + pad) // chunk_size
+
+    def split(x):
+        return x.reshape(batch, chunks, chunk_size, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(total, xs):
+        h, t, m = xs
+        return total + token_loss_sum(h @ kernel, t, m), None
+
+    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
+    return total

@@ -1,0 +1,113 @@
+"""The jitted train and eval steps: pure functions of (state, batch) pytrees with explicit shardings.
+
+`state` is {"params": {name: array}, "opt_state": optax state, "step": int32}. Gradients are
+accumulated over micro-batches with a scan inside the step. With `loss_reduction="mean"` the summed
+token losses of the whole global batch are divided once by its trained-token count, so neither the
+number of micro-batches nor the sharding changes the gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jsft import loss, sharding
+from jsft.models import Layout, Params
+
+State = dict
+Batch = dict[str, jax.Array]
+
+
+def _opt_state_shardings(abstract_opt_state, param_shardings: dict[str, NamedSharding], mesh: Mesh):
+    """Optimizer moments are sharded like their parameter; scalars (step counts) are replicated."""
+
+    def one(path, leaf):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if names and names[-1] in param_shardings and leaf.ndim > 0:
+            return param_shardings[names[-1]]
+        return sharding.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+def state_shardings(layout: Layout, optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
+    params = layout.shardings(mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, layout.shapes)
+    return {
+        "params": params,
+        "opt_state": _opt_state_shardings(abstract_opt, params, mesh),
+        "step": sharding.replicated(mesh),
+    }
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation, shardings: State) -> State:
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+
+
+def _loss_sum(layout: Layout, params: Params, batch: Batch) -> jax.Array:
+    model = layout.merge(params)
+    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    return loss.chunked_loss_sum(hidden, model.output_kernel(), batch["target_ids"], batch["loss_mask"])
+
+
+def make_train_step(
+    layout: Layout,
+    optimizer: optax.GradientTransformation,
+    shardings: State,
+    mesh: Mesh,
+    *,
+    grad_accum_steps: int,
+    loss_reduction: str,
+) -> Callable[[State, Batch], tuple[State, dict]]:
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    def micro_batches(x: jax.Array) -> jax.Array:
+        # Row r goes to micro-batch r % A, so each micro-batch is spread evenly over the data shards.
+        rows = x.shape[0]
+        x = x.reshape(rows // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict]:
+        params = state["params"]
+        trained_tokens = jnp.sum(batch["loss_mask"])
+
+        def accumulate(carry, micro):
+            grads_sum, loss_sum = carry
+            value, grads = jax.value_and_grad(lambda p: _loss_sum(layout, p, micro))(params)
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        carry = (zeros, jnp.zeros((), jnp.float32))
+        (grads_sum, loss_sum), _ = jax.lax.scan(accumulate, carry, jax.tree.map(micro_batches, batch))
+        tokens = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
+        scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
+        grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {
+            "loss": loss_sum / tokens,  # mean token loss, whatever the reduction being optimised
+            "grad_norm": optax.global_norm(grads),
+            "trained_tokens": trained_tokens,
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(layout: Layout, param_shardings: dict, mesh: Mesh) -> Callable[[Params, Batch], dict]:
+    def eval_step(params: Params, batch: Batch) -> dict:
+        return {"loss_sum": _loss_sum(layout, params, batch), "trained_tokens": jnp.sum(batch["loss_mask"])}
+
+    return jax.jit(
+        eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh)
+    )
