@@ -43,12 +43,16 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardi
         step,
         args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(abstract_state["params"], shardings["params"])),
-            opt_state=ocp.args.StandardRestore(_abstract(abstract_state["opt_state"], shardings["opt_state"])),
+            opt_state=ocp.args.StandardRestore(
+                _abstract(abstract_state["opt_state"], shardings["opt_state"])
+            ),
             data=grain.checkpoint.CheckpointRestore(data_iter),
             meta=ocp.args.JsonRestore(),
         ),
     )
-    step_value = jax.device_put(jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32), shardings["step"])
+    step_value = jax.device_put(
+        jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32), shardings["step"]
+    )
     return {"params": restored["params"], "opt_state": restored["opt_state"], "step": step_value}
 
 

@@ -114,7 +114,10 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
         ),
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs or train.max_steps above 0"),
         (cfg.train.loss_reduction in ("mean", "sum"), "train.loss_reduction must be 'mean' or 'sum'"),
-        (cfg.optim.schedule in ("linear", "cosine", "constant"), "optim.schedule: linear, cosine or constant"),
+        (
+            cfg.optim.schedule in ("linear", "cosine", "constant"),
+            "optim.schedule: linear, cosine or constant",
+        ),
         (0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)"),
         (cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 turns clipping off)"),
         (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
@@ -166,7 +169,9 @@ def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
 
 def _parse(argv: list[str]) -> ml_collections.ConfigDict:
     flag_values = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    holder = config_flags.DEFINE_config_file(
+        "config", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
     flag_values(argv)
     return holder.value
 

@@ -73,7 +73,8 @@ def safetensors_files(path: str) -> list[str]:
     if any(n.endswith(".bin") or n.endswith(".pt") for n in os.listdir(path)):
         raise ModelFolderError(
             f"model folder {path} has only pickle weights (*.bin), which jsft does not load; convert them "
-            "with transformers: AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
+            "with transformers: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
         )
     raise ModelFolderError(f"model folder {path} has no model.safetensors or model.safetensors.index.json")
 

@@ -39,5 +39,7 @@ def chunked_loss_sum(
         h, t, m = xs
         return total + token_loss_sum(h @ kernel, t, m), None
 
-    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask)))
+    total, _ = jax.lax.scan(
+        one_chunk, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask))
+    )
     return total

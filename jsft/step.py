@@ -70,7 +70,9 @@ def make_train_step(
         # Row r goes to micro-batch r % A, so each micro-batch is spread evenly over the data shards.
         rows = x.shape[0]
         x = x.reshape(rows // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+        )
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict]:
         params = state["params"]
@@ -88,7 +90,11 @@ def make_train_step(
         scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
         metrics = {
             "loss": loss_sum / tokens,  # mean token loss, whatever the reduction being optimised
             "grad_norm": optax.global_norm(grads),
@@ -109,5 +115,7 @@ def make_eval_step(layout: Layout, param_shardings: dict, mesh: Mesh) -> Callabl
         return {"loss_sum": _loss_sum(layout, params, batch), "trained_tokens": jnp.sum(batch["loss_mask"])}
 
     return jax.jit(
-        eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh)
+        eval_step,
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
     )

@@ -86,7 +86,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     train_data = data.encode_mixture(cfg.data.mixer, **encode)
     eval_data = data.encode_mixture(cfg.data.eval_mixer, **encode) if cfg.data.eval_mixer else None
     log.info(
-        "train data: %d conversations, %d tokens, %d trained", len(train_data.examples), train_data.tokens,
+        "train data: %d conversations, %d tokens, %d trained",
+        len(train_data.examples),
+        train_data.tokens,
         train_data.trained_tokens,
     )
 
@@ -101,7 +103,12 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     )
     steps_per_epoch = data.count_batches(train_data.examples, **pipeline_args)
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
-    log.info("%d steps (%d per epoch), global batch %d rows", total_steps, steps_per_epoch, cfg.train.global_batch_size)
+    log.info(
+        "%d steps (%d per epoch), global batch %d rows",
+        total_steps,
+        steps_per_epoch,
+        cfg.train.global_batch_size,
+    )
 
     optimizer = optim.make_optimizer(cfg.optim, total_steps)
     schedule = optim.make_schedule(cfg.optim, total_steps)
@@ -160,7 +167,12 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
             summary["train_loss"] = record["loss"]
         log_.progress(1)
         if cfg.log.eval_every_steps and eval_data is not None and current % cfg.log.eval_every_steps == 0:
-            log_.write({"step": current, "eval_loss": evaluate(eval_step, state["params"], eval_data, cfg, local_batch, mesh)})
+            log_.write(
+                {
+                    "step": current,
+                    "eval_loss": evaluate(eval_step, state["params"], eval_data, cfg, local_batch, mesh),
+                }
+            )
         if current % cfg.checkpoint.every_steps == 0 and current < total_steps:
             save(current)
     log_.close()
@@ -177,7 +189,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )
     for noisy in ("absl", "jax", "orbax", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg = config.load_or_exit(argv)

@@ -45,9 +45,14 @@ def test_tiny_template_trains_exactly_the_assistant_turns(tiny_tokenizer):
     expected = [tok.encode(text + tok.eos_token + "\n", add_special_tokens=False) for text in ("olleh", "42")]
     assert _trained_spans(encoded) == expected
     # exactly one BOS, at the start (no double BOS from template + tokenizer)
-    assert list(encoded["input_ids"]).count(tok.bos_token_id) == 1 and encoded["input_ids"][0] == tok.bos_token_id
+    assert (
+        list(encoded["input_ids"]).count(tok.bos_token_id) == 1
+        and encoded["input_ids"][0] == tok.bos_token_id
+    )
     # every untrained token is the rendering of the non-assistant parts
-    untrained = tok.decode([t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab == IGNORE])
+    untrained = tok.decode(
+        [t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab == IGNORE]
+    )
     assert "olleh" not in untrained and "hello" in untrained and "<|assistant|>" in untrained
 
 
@@ -80,7 +85,9 @@ def test_builtin_tulu_template_matches_the_published_one_on_olmo2():
     tok = transformers.AutoTokenizer.from_pretrained(REALDATA / "tokenizers" / "olmo2-tulu")
     for n in range(1, len(CONVERSATION) + 1):
         for prompt in (False, True):
-            published = tok.apply_chat_template(CONVERSATION[:n], tokenize=False, add_generation_prompt=prompt)
+            published = tok.apply_chat_template(
+                CONVERSATION[:n], tokenize=False, add_generation_prompt=prompt
+            )
             ours = tok.apply_chat_template(
                 CONVERSATION[:n], tokenize=False, add_generation_prompt=prompt, chat_template=TULU_TEMPLATE
             )
@@ -90,7 +97,9 @@ def test_builtin_tulu_template_matches_the_published_one_on_olmo2():
     assert [tok.decode(s) for s in _trained_spans(encoded)] == ["olleh" + eos, "42" + eos]
 
 
-@pytest.mark.skipif(not (REALDATA / "tokenizers" / "qwen2.5-instruct").is_dir(), reason="../shared/realdata absent")
+@pytest.mark.skipif(
+    not (REALDATA / "tokenizers" / "qwen2.5-instruct").is_dir(), reason="../shared/realdata absent"
+)
 def test_chatml_on_qwen_tokenizer():
     tok = transformers.AutoTokenizer.from_pretrained(REALDATA / "tokenizers" / "qwen2.5-instruct")
     encoded = encode_messages(CONVERSATION, tok, chat_template="chatml")

@@ -25,7 +25,12 @@ def test_tulu_config_is_the_published_recipe():
     cfg = _load(f"--config={ROOT}/configs/tulu.py")
     assert cfg.model.path == "meta-llama/Llama-3.1-8B"
     assert cfg.data.mixer == (("allenai/tulu-3-sft-mixture", 1.0),)
-    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (5e-6, "linear", 0.03, 0.0)
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
+        5e-6,
+        "linear",
+        0.03,
+        0.0,
+    )
     assert (cfg.train.epochs, cfg.data.max_seq_length, cfg.data.chat_template) == (2, 4096, "tulu")
     assert cfg.train.loss_reduction == "sum"
 
@@ -33,7 +38,10 @@ def test_tulu_config_is_the_published_recipe():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.optim.lrr=1"], "unknown config key 'optim.lrr' in the command line (did you mean 'optim.lr'?)"),
+        (
+            ["--config.optim.lrr=1"],
+            "unknown config key 'optim.lrr' in the command line (did you mean 'optim.lr'?)",
+        ),
         (["--config.nope=1"], "unknown config key 'nope'"),
         (["--config.optim.lr=abc"], "bad config override"),
         (["--config.train.loss_reduction=median"], "train.loss_reduction must be 'mean' or 'sum'"),
@@ -67,5 +75,7 @@ def test_cli_reports_one_line_without_traceback():
         cwd=ROOT,
     )
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1].startswith("jsft: config error: unknown config key 'optim.lrr'")
+    assert (
+        out.stderr.strip().splitlines()[-1].startswith("jsft: config error: unknown config key 'optim.lrr'")
+    )
     assert "Traceback" not in out.stderr

@@ -71,7 +71,13 @@ def test_shards_are_disjoint_and_cover_the_data():
     seen = []
     for shard in range(2):
         for batch in data.batches(
-            examples, batch_size=2, max_seq_length=16, packing=True, seed=0, num_epochs=1, shard_index=shard,
+            examples,
+            batch_size=2,
+            max_seq_length=16,
+            packing=True,
+            seed=0,
+            num_epochs=1,
+            shard_index=shard,
             shard_count=2,
         ):
             seen += [int(s["input_ids"][0]) for s in _segments(batch)]

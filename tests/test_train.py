@@ -1,4 +1,4 @@
-"""A short run of the tiny config end to end: loss goes down, files appear, the export loads in transformers."""
+"""A short run of the tiny config end to end: loss falls, files appear, the export loads in transformers."""
 
 from __future__ import annotations
 
@@ -51,8 +51,13 @@ def test_export_loads_in_transformers_with_matching_logits(tiny_run, tmp_path):
     out, _ = tiny_run
     export = tmp_path / "hf"
     subprocess.run(
-        [sys.executable, f"{ROOT}/tools/convert_to_hf.py", f"--checkpoint_dir={out}/checkpoints",
-         f"--output_dir={export}", "--step=20"],
+        [
+            sys.executable,
+            f"{ROOT}/tools/convert_to_hf.py",
+            f"--checkpoint_dir={out}/checkpoints",
+            f"--output_dir={export}",
+            "--step=20",
+        ],
         check=True,
         cwd=ROOT,
     )
@@ -83,8 +88,14 @@ def test_export_loads_in_transformers_with_matching_logits(tiny_run, tmp_path):
 
 def test_missing_model_folder_is_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "jsft.train", f"--config={ROOT}/configs/tiny.py",
-         f"--config.model.path={tmp_path}/nope", f"--config.output_dir={tmp_path}/out"],
+        [
+            sys.executable,
+            "-m",
+            "jsft.train",
+            f"--config={ROOT}/configs/tiny.py",
+            f"--config.model.path={tmp_path}/nope",
+            f"--config.output_dir={tmp_path}/out",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -23,8 +23,13 @@ from jsft.errors import JsftError
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
 
-def convert(checkpoint_dir: str, output_dir: str, step: int | None = None, dtype: str | None = None,
-            max_shard_bytes: int = 5 * 2**30) -> str:
+def convert(
+    checkpoint_dir: str,
+    output_dir: str,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
     if not os.path.isdir(checkpoint_dir):
         raise JsftError(f"checkpoint folder {checkpoint_dir} does not exist")
     mngr = checkpoint.manager(checkpoint_dir, read_only=True)
@@ -34,11 +39,16 @@ def convert(checkpoint_dir: str, output_dir: str, step: int | None = None, dtype
     step = max(steps) if step is None else step
     if step not in steps:
         raise JsftError(f"step {step} is not in {checkpoint_dir}; kept steps: {sorted(steps)}")
-    files = {name: base64.b64decode(text) for name, text in checkpoint.read_json_item(mngr, step, "hf")["files"].items()}
+    files = {
+        name: base64.b64decode(text)
+        for name, text in checkpoint.read_json_item(mngr, step, "hf")["files"].items()
+    }
     meta = checkpoint.read_json_item(mngr, step, "meta")
     hf_config = json.loads(files["config.json"])
     train_cfg = meta["config"]
-    cfg = models.ModelConfig.from_hf(hf_config, param_dtype=models.dtype_of(train_cfg["model"]["param_dtype"]))
+    cfg = models.ModelConfig.from_hf(
+        hf_config, param_dtype=models.dtype_of(train_cfg["model"]["param_dtype"])
+    )
     layout = models.Layout(cfg, hf_config["model_type"])
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     params, _, _ = checkpoint.restore_for_export(mngr, step, layout.shapes, layout.shardings(mesh))
@@ -81,11 +91,15 @@ def main() -> None:
     parser.add_argument("--checkpoint_dir", required=True, help="<output_dir>/checkpoints of a jsft run")
     parser.add_argument("--output_dir", required=True, help="where to write the Hugging Face folder")
     parser.add_argument("--step", type=int, default=None, help="a kept step (default: the latest)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as trained)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as trained)"
+    )
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     args = parser.parse_args()
     try:
-        out = convert(args.checkpoint_dir, args.output_dir, args.step, args.dtype, parse_size(args.max_shard_size))
+        out = convert(
+            args.checkpoint_dir, args.output_dir, args.step, args.dtype, parse_size(args.max_shard_size)
+        )
     except JsftError as e:
         sys.exit(f"convert_to_hf: error: {e}")
     print(f"wrote {out}")

@@ -57,7 +57,9 @@ def encode_mixture(
     examples, drops, first_bad, total = [], collections.Counter(), None, 0
     for source, ds, indices in sources.mix(mixer, seed):
         rows = ds.select(indices) if len(indices) else []
-        for row_index, row in zip(indices, tqdm.tqdm(rows, desc=f"encoding {source}", leave=False), strict=False):
+        for row_index, row in zip(
+            indices, tqdm.tqdm(rows, desc=f"encoding {source}", leave=False), strict=False
+        ):
             total += 1
             try:
                 # one token more than a row holds: the shift to (input, target) pairs drops one
@@ -72,10 +74,13 @@ def encode_mixture(
                 continue
             examples.append(example)
     if drops:
-        log.warning("dropped %d of %d rows: %s (first: %s)", sum(drops.values()), total, dict(drops), first_bad)
+        log.warning(
+            "dropped %d of %d rows: %s (first: %s)", sum(drops.values()), total, dict(drops), first_bad
+        )
     if total and sum(drops.values()) > max_bad_fraction * total and first_bad:
         raise sources.DataError(
-            f"{sum(drops.values())} of {total} rows are bad, more than data.max_bad_fraction={max_bad_fraction}; "
+            f"{sum(drops.values())} of {total} rows are bad, "
+            f"more than data.max_bad_fraction={max_bad_fraction}; "
             f"first: {first_bad}"
         )
     if not examples:

@@ -27,7 +27,11 @@ class DataError(JsftError):
 def load_source(source: str) -> datasets.Dataset:
     datasets.disable_progress_bars()
     if os.path.exists(source):
-        files = sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True)) if os.path.isdir(source) else [source]
+        files = (
+            sorted(glob.glob(os.path.join(source, "**", "*"), recursive=True))
+            if os.path.isdir(source)
+            else [source]
+        )
         files = [f for f in files if os.path.splitext(f)[1] in _FORMATS]
         if not files:
             raise DataError(f"data source {source}: no .jsonl, .json or .parquet files")
@@ -45,12 +49,14 @@ def load_source(source: str) -> datasets.Dataset:
         except Exception as e:
             raise DataError(f"data source {source}: not a local path, and the Hub load failed: {e}") from None
     if "messages" not in ds.column_names:
-        raise DataError(f"data source {source} has no 'messages' column (columns: {', '.join(ds.column_names)})")
+        raise DataError(
+            f"data source {source} has no 'messages' column (columns: {', '.join(ds.column_names)})"
+        )
     return ds
 
 
 def draw(num_rows: int, amount: int | float, seed: int) -> np.ndarray:
-    """Row indices for an amount: a float is a fraction of the source (above 1.0 repeats it), an int a count."""
+    """Row indices for an amount: a float is a fraction (above 1.0 repeats the source), an int a count."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
         raise DataError(f"mixer amount {amount!r} must be a non-negative int (rows) or float (fraction)")
     wanted = int(round(amount * num_rows)) if isinstance(amount, float) else int(amount)
@@ -66,7 +72,9 @@ def mix(mixer, seed: int) -> list[tuple[str, datasets.Dataset, np.ndarray]]:
     for i, (source, amount) in enumerate(mixer):
         ds = load_source(source)
         if isinstance(amount, int) and not isinstance(amount, bool) and amount <= 1 < len(ds):
-            log.warning("mixer amount %r for %s is a row count; write %.1f for a fraction", amount, source, amount)
+            log.warning(
+                "mixer amount %r for %s is a row count; write %.1f for a fraction", amount, source, amount
+            )
         indices = draw(len(ds), amount, seed + i)
         log.info("mixer: %s -> %d of %d rows", source, len(indices), len(ds))
         out.append((source, ds, indices))

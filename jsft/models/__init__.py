@@ -44,7 +44,9 @@ class Layout:
         }
 
     def shardings(self, mesh: Mesh) -> dict[str, NamedSharding]:
-        return {name: sharding.named_sharding(self.axes[name], s.shape, mesh) for name, s in self.shapes.items()}
+        return {
+            name: sharding.named_sharding(self.axes[name], s.shape, mesh) for name, s in self.shapes.items()
+        }
 
     def merge(self, params: Params) -> Decoder:
         """The module over `params` (cheap: only the graph is rebuilt, at trace time under jit)."""
@@ -62,7 +64,9 @@ class Layout:
             return jax.jit(create, out_shardings=self.shardings(mesh))()
 
 
-def config_from_folder(path: str, dtype: str = "float32", param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+def config_from_folder(
+    path: str, dtype: str = "float32", param_dtype: str = "float32"
+) -> tuple[ModelConfig, dict]:
     hf_config = hf.read_config(path)
     return ModelConfig.from_hf(hf_config, dtype_of(dtype), dtype_of(param_dtype)), hf_config
 
@@ -75,19 +79,25 @@ def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
     for hf_name, tensor in hf.iter_tensors(path):
         found = names.to_jsft(hf_name)
         if found is None:
-            if IGNORED_HF_TENSORS.match(hf_name) or (hf_name == "lm_head.weight" and layout.cfg.tie_word_embeddings):
+            if IGNORED_HF_TENSORS.match(hf_name) or (
+                hf_name == "lm_head.weight" and layout.cfg.tie_word_embeddings
+            ):
                 continue
             raise hf.ModelFolderError(f"{path}: tensor {hf_name} has no place in a {layout.model_type} model")
         name, transform = found
         target = layout.shapes.get(name)
         if target is None:
-            raise hf.ModelFolderError(f"{path}: tensor {hf_name} does not fit this config ({name} does not exist)")
+            raise hf.ModelFolderError(
+                f"{path}: tensor {hf_name} does not fit this config ({name} does not exist)"
+            )
         host = np.asarray(transform.to_jsft(tensor, target.shape)).astype(target.dtype)
         if host.shape != target.shape:
             raise hf.ModelFolderError(
                 f"{path}: tensor {hf_name} has shape {tensor.shape}, expected {target.shape} as {name}"
             )
-        params[name] = jax.make_array_from_callback(host.shape, shardings[name], lambda index, h=host: h[index])
+        params[name] = jax.make_array_from_callback(
+            host.shape, shardings[name], lambda index, h=host: h[index]
+        )
     missing = sorted(set(layout.shapes) - set(params))
     if missing:
         hf_missing = [names.to_hf(n)[0] for n in missing]

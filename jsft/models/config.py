@@ -45,15 +45,20 @@ class ModelConfig:
     param_dtype: Any = jnp.float32  # storage dtype
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ModelConfig:
+    def from_hf(
+        cls, hf: dict[str, Any], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+    ) -> ModelConfig:
         """Builds the config from a parsed HF `config.json`; unsupported features are clear errors."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
-                f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"unsupported model_type {model_type!r} in config.json; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if hf.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {hf['hidden_act']!r} in config.json; supported: silu")
+            raise UnsupportedModelError(
+                f"unsupported hidden_act {hf['hidden_act']!r} in config.json; supported: silu"
+            )
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("unsupported mlp_bias=true in config.json")
         num_heads = hf["num_attention_heads"]
@@ -92,7 +97,13 @@ class ModelConfig:
         )
 
     def num_params(self) -> int:
-        d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        d, f, h, kv, hd = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )
         per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f + 2 * d
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head

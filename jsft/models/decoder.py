@@ -54,7 +54,11 @@ class Attention(nnx.Module):
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
         if self.cfg.attention_bias:
-            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+            q, k, v = (
+                q + self.q_bias[...].astype(dt),
+                k + self.k_bias[...].astype(dt),
+                v + self.v_bias[...].astype(dt),
+            )
         inv_freq = rope_frequencies(self.cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out = dot_product_attention(q, k, v, segment_ids)
@@ -99,7 +103,9 @@ class Decoder(nnx.Module):
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.param_dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+            self.lm_head = _param(
+                rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
+            )
 
     def hidden_states(
         self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
