@@ -97,7 +97,7 @@ def make_train_step(
         }
         metrics = {
             "loss": loss_sum / tokens,  # mean token loss, whatever the reduction being optimised
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "trained_tokens": trained_tokens,
         }
         return new_state, metrics

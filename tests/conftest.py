@@ -13,6 +13,9 @@ TINY_MODEL = ROOT / "tools" / "tiny" / "model"
 TINY_DATA = ROOT / "tools" / "tiny" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every test sees 8 CPU devices, so the default mesh shards for real; single-device tests ask for one.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 
 def make_hf_llama(folder: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
