@@ -53,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
             "max_steps": 0,  # above 0, overrides epochs
             "seed": 0,
             "loss_reduction": "mean",  # "mean" over trained tokens of the global batch, or "sum"
+            "z_loss": 0.0,  # weight of log(Z)^2 per trained token (0 = off)
+            "max_nonfinite_steps": 5,  # consecutive skipped non-finite steps before the run stops
         }
     )
     c.optim = ml_collections.ConfigDict(
@@ -60,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
             "lr": 1e-5,
             "schedule": "linear",  # linear | cosine | constant, each after a linear warmup
             "warmup_ratio": 0.03,
+            "warmup_steps": -1,  # >= 0 overrides warmup_ratio
             "weight_decay": 0.0,
             "b1": 0.9,
             "b2": 0.999,
@@ -68,7 +71,17 @@ def default_config() -> ml_collections.ConfigDict:
         }
     )
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills the rest
-    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3})
+    c.checkpoint = ml_collections.ConfigDict(
+        {
+            "every_steps": 500,
+            "every_minutes": 0.0,  # also save when this much time passed since the last save (0 = off)
+            "keep": 3,
+            "resume": True,  # continue from the latest complete checkpoint in output_dir
+            "step": -1,  # resume from this step instead of the latest
+            "overwrite": False,  # with resume=False, start over even if checkpoints exist
+            "force_resume": False,  # resume even if the config changed in ways that break the run
+        }
+    )
     c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0})  # rank 0 = full fine-tuning
     c.log = ml_collections.ConfigDict({"every_steps": 10, "eval_every_steps": 0})
     return c
@@ -125,7 +138,9 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
         (cfg.log.every_steps > 0, "log.every_steps must be positive"),
-        (cfg.lora.rank >= 0, "lora.rank must be >= 0"),
+        (cfg.lora.rank == 0, "lora.rank > 0: LoRA training is not available yet; use lora.rank=0"),
+        (cfg.train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"),
+        (cfg.train.z_loss >= 0, "train.z_loss must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
