@@ -43,6 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
             "max_seq_length": 2048,
             "packing": True,
             "max_bad_fraction": 0.01,  # more bad rows than this fraction stops the run
+            "train_on": "all_assistant_turns",  # or "last_assistant_turn"
+            "packer": "first_fit",  # or "best_fit" (Grain's packers)
+            "cache_dir": "",  # encoded data cache; "" = $JSFT_CACHE or ~/.cache/jsft/data
+            "num_proc": 0,  # encoding processes; 0 = one per CPU core
         }
     )
     c.train = ml_collections.ConfigDict(

@@ -1,16 +1,33 @@
-"""Instruction data: sources and mixing, chat encoding with assistant masks, the Grain pipeline."""
+"""Instruction data: sources and mixing, chat encoding with assistant masks, the cache, the Grain pipeline.
 
-from jsft.data.chat import BUILTIN_TEMPLATES, BadRow, encode_messages, resolve_template
-from jsft.data.pipeline import batches, count_batches, encode_mixture
+`prepare(cfg.data, tokenizer, seed=..., mixer=...)` gives the encoded rows (cached on disk);
+`batches(encoded.examples, ...)` gives packed, sharded, resumable training batches.
+"""
+
+from jsft.data.chat import (
+    BUILTIN_TEMPLATES,
+    BadRow,
+    ChatEncoder,
+    encode_messages,
+    encode_messages_incremental,
+    resolve_template,
+)
+from jsft.data.pipeline import batches, count_batches, packing_report
+from jsft.data.preprocess import EncodedData, encode_mixture, prepare
 from jsft.data.sources import DataError
 
 __all__ = [
     "BUILTIN_TEMPLATES",
     "BadRow",
+    "ChatEncoder",
     "DataError",
+    "EncodedData",
     "batches",
     "count_batches",
     "encode_messages",
+    "encode_messages_incremental",
     "encode_mixture",
+    "packing_report",
+    "prepare",
     "resolve_template",
 ]

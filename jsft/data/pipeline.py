@@ -9,35 +9,19 @@ Grain then shuffles per epoch, packs examples into rows of `max_seq_length` with
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import logging
+from collections.abc import Sequence
 
 import grain
 import numpy as np
-import tqdm
 
-from jsft.data import sources
-from jsft.data.chat import IGNORE, BadRow, encode_messages
-
-log = logging.getLogger(__name__)
+from jsft.data.chat import IGNORE
+from jsft.errors import JsftError
 
 FEATURES = ("input_ids", "target_ids", "loss_mask")
-
-
-@dataclasses.dataclass
-class EncodedData:
-    examples: list[dict[str, np.ndarray]]
-    drops: collections.Counter
-    total_rows: int
-
-    @property
-    def trained_tokens(self) -> int:
-        return int(sum(e["loss_mask"].sum() for e in self.examples))
-
-    @property
-    def tokens(self) -> int:
-        return int(sum(len(e["input_ids"]) for e in self.examples))
+PACKERS = {
+    "first_fit": grain.experimental.FirstFitPackIterDataset,
+    "best_fit": grain.experimental.BestFitPackIterDataset,
+}
 
 
 def to_example(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -48,44 +32,6 @@ def to_example(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "target_ids": np.where(targets == IGNORE, 0, targets).astype(np.int32),
         "loss_mask": (targets != IGNORE).astype(np.int32),
     }
-
-
-def encode_mixture(
-    mixer, tokenizer, max_seq_length: int, chat_template: str | None, seed: int, max_bad_fraction: float
-) -> EncodedData:
-    """Encodes every drawn row; bad rows are counted by reason, and too many of them is an error."""
-    examples, drops, first_bad, total = [], collections.Counter(), None, 0
-    for source, ds, indices in sources.mix(mixer, seed):
-        rows = ds.select(indices) if len(indices) else []
-        for row_index, row in zip(
-            indices, tqdm.tqdm(rows, desc=f"encoding {source}", leave=False), strict=False
-        ):
-            total += 1
-            try:
-                # one token more than a row holds: the shift to (input, target) pairs drops one
-                encoded = encode_messages(row["messages"], tokenizer, max_seq_length + 1, chat_template)
-            except BadRow as e:
-                drops[e.reason] += 1
-                first_bad = first_bad or f"{source} row {row_index}: {e}"
-                continue
-            example = to_example(encoded)
-            if not example["loss_mask"].any():
-                drops["no_trained_token_after_truncation"] += 1
-                continue
-            examples.append(example)
-    if drops:
-        log.warning(
-            "dropped %d of %d rows: %s (first: %s)", sum(drops.values()), total, dict(drops), first_bad
-        )
-    if total and sum(drops.values()) > max_bad_fraction * total and first_bad:
-        raise sources.DataError(
-            f"{sum(drops.values())} of {total} rows are bad, "
-            f"more than data.max_bad_fraction={max_bad_fraction}; "
-            f"first: {first_bad}"
-        )
-    if not examples:
-        raise sources.DataError(f"no trainable rows in {[s for s, _ in mixer]}")
-    return EncodedData(examples, drops, total)
 
 
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,7 +51,7 @@ def _pad_one(example: dict[str, np.ndarray], length: int) -> dict[str, np.ndarra
 
 
 def batches(
-    examples: list[dict[str, np.ndarray]],
+    examples: Sequence[dict[str, np.ndarray]],
     *,
     batch_size: int,
     max_seq_length: int,
@@ -115,18 +61,23 @@ def batches(
     num_epochs: int | None = None,
     shard_index: int = 0,
     shard_count: int = 1,
+    packer: str = "first_fit",
 ) -> grain.IterDataset:
     """Batches of `batch_size` rows of `max_seq_length` from this shard's examples.
 
-    With `num_epochs=None` the data repeats forever, reshuffled each epoch; a finite pass keeps its
-    last, partial batch, padded with empty rows, so that evaluation sees every example.
+    Shard `shard_index` of `shard_count` (one per JAX process) holds every shard_count-th example.
+    With `num_epochs=None` the data repeats forever, reshuffled each epoch from `seed`; a finite pass
+    keeps its last, partial batch, padded with empty rows, so that evaluation sees every example.
+    `iter()` of the result is a Grain iterator whose `get_state`/`set_state` resume exactly.
     """
+    if packer not in PACKERS:
+        raise JsftError(f"data.packer must be one of {', '.join(PACKERS)}, got {packer!r}")
     ds = grain.MapDataset.source(examples)[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     if packing:
-        rows = grain.experimental.FirstFitPackIterDataset(
+        rows = PACKERS[packer](
             ds.to_iter_dataset(),
             length_struct=dict.fromkeys(FEATURES, max_seq_length),
             num_packing_bins=batch_size,
@@ -149,7 +100,49 @@ def _stack_padded(rows: list[dict], batch_size: int) -> dict[str, np.ndarray]:
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+class _LengthStubs(Sequence):
+    """Examples of the right lengths made of shared zeros: enough to run the packer cheaply."""
+
+    def __init__(self, lengths: np.ndarray):
+        self.lengths = np.asarray(lengths)
+        self.zeros = np.zeros(int(self.lengths.max(initial=0)), np.int32)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        stub = self.zeros[: int(self.lengths[index])]
+        return dict.fromkeys(FEATURES, stub)
+
+
+def example_lengths(examples: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    lengths = getattr(examples, "lengths", None)
+    return np.asarray(lengths if lengths is not None else [len(e["input_ids"]) for e in examples])
+
+
 def count_batches(examples, **kwargs) -> int:
     """Batches in one epoch of this shard, found by running the packer over lengths only."""
-    stubs = [{k: np.zeros(len(e["input_ids"]), np.int32) for k in FEATURES} for e in examples]
-    return sum(1 for _ in batches(stubs, num_epochs=1, **kwargs))
+    return packing_report(examples, **kwargs)["batches"]
+
+
+def packing_report(examples, *, batch_size: int, max_seq_length: int, **kwargs) -> dict:
+    """One epoch's batches and token efficiency: real tokens over the slots of the [batch, length] rows.
+
+    `padded_efficiency` is the baseline of padding each batch of (shuffled) examples to its longest.
+    """
+    lengths = np.minimum(example_lengths(examples), max_seq_length)
+    shard = slice(kwargs.get("shard_index", 0), None, kwargs.get("shard_count", 1))
+    num_batches = real = 0
+    for batch in batches(
+        _LengthStubs(lengths), batch_size=batch_size, max_seq_length=max_seq_length, num_epochs=1, **kwargs
+    ):
+        num_batches += 1
+        real += int(np.count_nonzero(batch["segment_ids"]))
+    order = np.random.default_rng(kwargs.get("seed", 0)).permutation(lengths[shard])
+    longest = [order[i : i + batch_size].max() for i in range(0, len(order), batch_size)]
+    return {
+        "batches": num_batches,
+        "tokens": real,
+        "efficiency": real / max(num_batches * batch_size * max_seq_length, 1),
+        "padded_efficiency": float(order.sum()) / max(batch_size * sum(longest), 1),
+    }
