@@ -1,25 +1,40 @@
 """Orbax checkpoints: one numbered folder per step under `<output_dir>/checkpoints`.
 
-Each step holds the parameters and optimizer state (as separate items, so export reads parameters
-alone), the Grain iterator state of every process, the run config, and the Hugging Face assets
-(config.json, tokenizer files, the chat template used) that make the step exportable on its own.
+Each step holds the parameters and optimizer state (separate items, so export reads parameters
+alone), the Grain iterator state of every process, a JSON `meta` item (step, counters, the run
+config) and the Hugging Face assets (config.json, tokenizer files, the chat template used) that make
+the step exportable on its own. Orbax writes each step into a temporary folder and renames it when
+complete, so a save killed midway never looks like a checkpoint. A complete-looking step that
+fails to restore (a truncated file) is moved aside, never deleted, and the previous step is used.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jsft.errors import JsftError
+
+log = logging.getLogger(__name__)
 
 
 def manager(directory: str, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=True
+    )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iter, meta: dict, hf_assets: dict) -> None:
+    """Starts an asynchronous save; arrays are copied off the devices before this returns."""
+    meta = dict(meta, step=step, nonfinite_streak=int(jax.device_get(state["nonfinite_streak"])))
     mngr.save(
         step,
         args=ocp.args.Composite(
@@ -38,7 +53,7 @@ def _abstract(tree, shardings):
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardings: dict, data_iter) -> dict:
-    """Restores the train state (onto `shardings`) and, in place, the data iterator."""
+    """The train state of `step` on `shardings` (any mesh: Orbax reshards); restores `data_iter` too."""
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
@@ -50,10 +65,53 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardi
             meta=ocp.args.JsonRestore(),
         ),
     )
-    step_value = jax.device_put(
-        jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32), shardings["step"]
-    )
-    return {"params": restored["params"], "opt_state": restored["opt_state"], "step": step_value}
+    meta = restored["meta"]
+
+    def scalar(value, sharding):
+        return jax.device_put(jnp.asarray(value, jnp.int32), sharding)
+
+    return {
+        "params": restored["params"],
+        "opt_state": restored["opt_state"],
+        "step": scalar(meta["step"], shardings["step"]),
+        "nonfinite_streak": scalar(meta.get("nonfinite_streak", 0), shardings["nonfinite_streak"]),
+    }
+
+
+def restore_latest_good(
+    mngr: ocp.CheckpointManager, abstract_state: dict, shardings: dict, data_iter, step: int | None = None
+) -> tuple[int | None, dict | None]:
+    """(step, state) of `step`, or of the newest step that restores; corrupt newer steps are moved aside."""
+    if step is not None:
+        if step not in mngr.all_steps():
+            raise JsftError(
+                f"checkpoint step {step} is not in {mngr.directory}; kept: {sorted(mngr.all_steps())}"
+            )
+        return step, restore(mngr, step, abstract_state, shardings, data_iter)
+    for candidate in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return candidate, restore(mngr, candidate, abstract_state, shardings, data_iter)
+        except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+            aside = quarantine(mngr, candidate)
+            log.warning(
+                "checkpoint step %d cannot be restored (%s); moved it to %s", candidate, _first_line(e), aside
+            )
+    return None, None
+
+
+def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
+    """Renames a damaged step folder out of the manager's sight (kept for inspection, not deleted)."""
+    source = os.path.join(str(mngr.directory), str(step))
+    target = os.path.join(str(mngr.directory), f"corrupt-{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+        os.rename(source, target)
+    multihost_utils.sync_global_devices(f"jsft-quarantine-{step}")
+    mngr.reload()
+    return target
+
+
+def read_json_item(mngr: ocp.CheckpointManager, step: int, item: str) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
 
 def restore_for_export(mngr: ocp.CheckpointManager, step: int, abstract_params: dict, shardings: dict):
@@ -69,5 +127,6 @@ def restore_for_export(mngr: ocp.CheckpointManager, step: int, abstract_params: 
     return restored["params"], restored["meta"], restored["hf"]
 
 
-def read_json_item(mngr: ocp.CheckpointManager, step: int, item: str) -> dict:
-    return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

@@ -74,7 +74,17 @@ def default_config() -> ml_collections.ConfigDict:
             "clip_grad_norm": 1.0,  # 0 turns clipping off
         }
     )
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1 fills the rest
+    c.mesh = ml_collections.ConfigDict(
+        {
+            "data": -1,  # -1 fills the rest
+            "fsdp": 1,
+            "tensor": 1,
+            # Multi-process launches: TPU pods and SLURM are detected; elsewhere name the coordinator.
+            "coordinator_address": "",  # host:port of process 0
+            "num_processes": 1,
+            "process_id": 0,
+        }
+    )
     c.checkpoint = ml_collections.ConfigDict(
         {
             "every_steps": 500,
@@ -89,6 +99,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0})  # rank 0 = full fine-tuning
     c.log = ml_collections.ConfigDict({"every_steps": 10, "eval_every_steps": 0})
     return c
+
+
+# Keys that may change between a checkpoint and its resumption without changing the run's result.
+RESUME_SAFE_KEYS = ("output_dir", "log.", "checkpoint.", "mesh.", "train.max_nonfinite_steps")
+
+
+def breaking_changes(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's, except resume-safe ones."""
+    old = _paths(ml_collections.ConfigDict(saved))
+    new = _paths(current)
+    changed = [k for k in sorted(set(old) | set(new)) if _normalise(old.get(k)) != _normalise(new.get(k))]
+    return [k for k in changed if not k.startswith(RESUME_SAFE_KEYS)]
+
+
+def _normalise(value):
+    """Tuples and lists compare equal (JSON turns tuples into lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
 
 
 def _paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:

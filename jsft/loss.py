@@ -11,16 +11,27 @@ import jax
 import jax.numpy as jnp
 
 
-def token_loss_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Sum over masked positions of -log p(target); the plain reference for `chunked_loss_sum`."""
+def token_loss_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0) -> jax.Array:
+    """Sum over masked positions of -log p(target) (+ z_loss * log(Z)^2); the reference for the chunked one.
+
+    The z-loss term (PaLM) keeps the softmax normaliser near 1, which stabilises low-precision training.
+    """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((log_z - target_logit) * mask)
+    per_token = log_z - target_logit
+    if z_loss:
+        per_token = per_token + z_loss * jnp.square(log_z)
+    return jnp.sum(per_token * mask)
 
 
 def chunked_loss_sum(
-    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array, chunk_size: int = 1024
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+    chunk_size: int = 1024,
+    z_loss: float = 0.0,
 ) -> jax.Array:
     """`token_loss_sum(hidden @ kernel, ...)` without materialising all logits at once."""
     batch, seq, dim = hidden.shape
@@ -37,7 +48,7 @@ def chunked_loss_sum(
     @jax.checkpoint
     def one_chunk(total, xs):
         h, t, m = xs
-        return total + token_loss_sum(h @ kernel, t, m), None
+        return total + token_loss_sum(h @ kernel, t, m, z_loss), None
 
     total, _ = jax.lax.scan(
         one_chunk, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask))

@@ -7,6 +7,8 @@ import optax
 
 
 def warmup_steps(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> int:
+    if optim_cfg.warmup_steps >= 0:
+        return min(int(optim_cfg.warmup_steps), total_steps)
     return int(round(optim_cfg.warmup_ratio * total_steps))
 
 

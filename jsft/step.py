@@ -1,9 +1,10 @@
 """The jitted train and eval steps: pure functions of (state, batch) pytrees with explicit shardings.
 
-`state` is {"params": {name: array}, "opt_state": optax state, "step": int32}. Gradients are
-accumulated over micro-batches with a scan inside the step. With `loss_reduction="mean"` the summed
-token losses of the whole global batch are divided once by its trained-token count, so neither the
-number of micro-batches nor the sharding changes the gradient.
+`state` is {"params": {name: array}, "opt_state": optax state, "step": int32, "nonfinite_streak": int32}.
+Gradients are accumulated over micro-batches with a scan inside the step. With `loss_reduction="mean"`
+the summed token losses of the whole global batch are divided once by its trained-token count, so
+neither the number of micro-batches nor the sharding changes the gradient. A step whose loss or
+gradient is not finite leaves parameters and optimizer state untouched and lengthens the streak.
 """
 
 from __future__ import annotations
@@ -41,18 +42,26 @@ def state_shardings(layout: Layout, optimizer: optax.GradientTransformation, mes
         "params": params,
         "opt_state": _opt_state_shardings(abstract_opt, params, mesh),
         "step": sharding.replicated(mesh),
+        "nonfinite_streak": sharding.replicated(mesh),
     }
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation, shardings: State) -> State:
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
-    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+    # two distinct arrays: the step donates its state, and one buffer may not be donated twice
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": jnp.zeros((), jnp.int32),
+        "nonfinite_streak": jnp.zeros((), jnp.int32),
+    }
 
 
-def _loss_sum(layout: Layout, params: Params, batch: Batch) -> jax.Array:
+def _loss_sum(layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0) -> jax.Array:
     model = layout.merge(params)
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    return loss.chunked_loss_sum(hidden, model.output_kernel(), batch["target_ids"], batch["loss_mask"])
+    kernel = model.output_kernel()
+    return loss.chunked_loss_sum(hidden, kernel, batch["target_ids"], batch["loss_mask"], z_loss=z_loss)
 
 
 def make_train_step(
@@ -63,6 +72,7 @@ def make_train_step(
     *,
     grad_accum_steps: int,
     loss_reduction: str,
+    z_loss: float = 0.0,
 ) -> Callable[[State, Batch], tuple[State, dict]]:
     batch_sharding = sharding.batch_sharding(mesh)
 
@@ -80,7 +90,7 @@ def make_train_step(
 
         def accumulate(carry, micro):
             grads_sum, loss_sum = carry
-            value, grads = jax.value_and_grad(lambda p: _loss_sum(layout, p, micro))(params)
+            value, grads = jax.value_and_grad(lambda p: _loss_sum(layout, p, micro, z_loss))(params)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -89,16 +99,24 @@ def make_train_step(
         tokens = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
         scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+
+        def keep_if_not_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
         new_state = {
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
+            "params": keep_if_not_finite(optax.apply_updates(params, updates), params),
+            "opt_state": keep_if_not_finite(opt_state, state["opt_state"]),
             "step": state["step"] + 1,
+            "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
         }
         metrics = {
-            "loss": loss_sum / tokens,  # mean token loss, whatever the reduction being optimised
-            "grad_norm": optax.tree.norm(grads),
+            "loss": loss_sum / tokens,  # mean token loss (plus z-loss), whatever the reduction optimised
+            "grad_norm": grad_norm,
             "trained_tokens": trained_tokens,
+            "skipped": jnp.logical_not(finite),
         }
         return new_state, metrics
 

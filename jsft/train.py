@@ -1,7 +1,8 @@
 """Supervised fine-tuning, start to finish: `python -m jsft.train --config=configs/<name>.py`.
 
-config -> mesh -> model folder + tokenizer -> encoded, packed data -> optimizer and sharded state
-(restored from the latest checkpoint if there is one) -> jitted steps, metrics and checkpoints.
+config -> processes and mesh -> checkpoints to resume from -> model folder + tokenizer -> encoded,
+packed data -> optimizer and sharded state (restored, or loaded from the HF folder) -> jitted steps,
+with metrics, held-out evaluation and checkpoints, until the last step or a stop signal.
 """
 
 from __future__ import annotations
@@ -10,19 +11,89 @@ import base64
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
+import zlib
 
 import jax
 import ml_collections
 import numpy as np
 import transformers
+from jax.experimental import multihost_utils
 
-from jsft import checkpoint, config, data, metrics, models, optim, sharding, step
+from jsft import checkpoint, config, data, models, optim, sharding, step
 from jsft.errors import JsftError
+from jsft.metrics import MetricsLog
 
 log = logging.getLogger("jsft")
+
+
+def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
+    """Joins a multi-process run: explicit coordinator from the config, else SLURM/TPU auto-detection."""
+    if mesh_cfg.num_processes > 1:
+        # CPU processes need a collectives backend; accelerators ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(mesh_cfg.coordinator_address, mesh_cfg.num_processes, mesh_cfg.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+class StopSignal:
+    """Turns SIGTERM (preemption, scancel, kill) into a request to save and exit at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        # every process must stop at the same step: agree on it
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+def open_checkpoints(cfg: ml_collections.ConfigDict):
+    """The checkpoint manager and the step to resume from (None = start fresh), checked before heavy work."""
+    directory = os.path.join(cfg.output_dir, "checkpoints")
+    if not cfg.checkpoint.resume and os.path.isdir(directory) and os.listdir(directory):
+        if not cfg.checkpoint.overwrite:
+            raise JsftError(
+                f"{directory} already holds checkpoints; resume with checkpoint.resume=True "
+                "or start over with checkpoint.overwrite=True"
+            )
+        aside = f"{directory}.old-{int(time.time())}"
+        if jax.process_index() == 0:
+            os.rename(directory, aside)
+            metrics_file = os.path.join(cfg.output_dir, "metrics.jsonl")
+            if os.path.exists(metrics_file):
+                os.rename(metrics_file, f"{aside}/metrics.jsonl")
+        multihost_utils.sync_global_devices("jsft-overwrite")
+        log.info("checkpoint.overwrite: moved the previous run to %s", aside)
+    mngr = checkpoint.manager(directory, keep=cfg.checkpoint.keep)
+    if not cfg.checkpoint.resume or not mngr.all_steps():
+        return mngr, None
+    latest = cfg.checkpoint.step if cfg.checkpoint.step >= 0 else max(mngr.all_steps())
+    if latest not in mngr.all_steps():
+        raise JsftError(f"checkpoint.step={latest} is not in {directory}; kept: {sorted(mngr.all_steps())}")
+    meta = checkpoint.read_json_item(mngr, latest, "meta")
+    changes = config.breaking_changes(meta["config"], cfg)
+    if changes and not cfg.checkpoint.force_resume:
+        details = ", ".join(f"{k}" for k in changes)
+        raise JsftError(
+            f"the config differs from the one {directory} was trained with in {details}; resuming would not "
+            "continue the same run (use a new output_dir, or checkpoint.force_resume=True)"
+        )
+    if meta.get("process_count", 1) != jax.process_count():
+        raise JsftError(
+            f"{directory} was written by {meta.get('process_count', 1)} processes and this run has "
+            f"{jax.process_count()}: each process's data position is saved separately"
+        )
+    return mngr, (cfg.checkpoint.step if cfg.checkpoint.step >= 0 else None)
 
 
 def hf_assets(model_path: str, tokenizer, chat_template: str | None) -> dict:
@@ -47,11 +118,16 @@ def device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(spec, v) for k, v in batch.items()}
 
 
-def evaluate(eval_step, params, eval_data, cfg, local_batch: int, mesh) -> float:
+def fingerprint(batch: dict[str, np.ndarray]) -> int:
+    """A checksum of this process's batch, logged so resumed runs can be checked for skipped data."""
+    return zlib.crc32(b"".join(np.ascontiguousarray(batch[k]).tobytes() for k in sorted(batch)))
+
+
+def evaluate(eval_step, params, examples, cfg, local_batch: int, mesh) -> float:
     """Mean assistant-token loss over the whole held-out set."""
     loss_sum, tokens = 0.0, 0
     for batch in data.batches(
-        eval_data.examples,
+        examples,
         batch_size=local_batch,
         max_seq_length=cfg.data.max_seq_length,
         packing=cfg.data.packing,
@@ -68,10 +144,13 @@ def evaluate(eval_step, params, eval_data, cfg, local_batch: int, mesh) -> float
 
 
 def run(cfg: ml_collections.ConfigDict) -> dict:
-    """Trains per `cfg`; returns the final metrics (train loss, eval losses, timings)."""
+    """Trains per `cfg`; returns a summary (losses, steps, wall time, whether it was stopped)."""
     started = time.perf_counter()
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    initialize_distributed(cfg.mesh)
     mesh = sharding.make_mesh(cfg.mesh)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    mngr, resume_step = open_checkpoints(cfg)
+    resuming = bool(mngr.all_steps()) and cfg.checkpoint.resume
     model_cfg, hf_config = models.config_from_folder(cfg.model.path, cfg.model.dtype, cfg.model.param_dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
     template = data.resolve_template(cfg.data.chat_template)
@@ -101,7 +180,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
-    steps_per_epoch = data.count_batches(train_data.examples, **pipeline_args)
+    steps_per_epoch = int(
+        np.min(
+            multihost_utils.process_allgather(
+                np.asarray(data.count_batches(train_data.examples, **pipeline_args))
+            )
+        )
+    )
     total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
     log.info(
         "%d steps (%d per epoch), global batch %d rows",
@@ -116,13 +201,15 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     shardings = step.state_shardings(layout, optimizer, mesh)
     train_iter = iter(data.batches(train_data.examples, **pipeline_args))
 
-    mngr = checkpoint.manager(os.path.join(cfg.output_dir, "checkpoints"), keep=cfg.checkpoint.keep)
-    resume_step = mngr.latest_step()
-    if resume_step is not None:
-        log.info("resuming from step %d in %s", resume_step, mngr.directory)
+    state = None
+    if resuming:
         abstract = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), layout.shapes)
-        state = checkpoint.restore(mngr, resume_step, abstract, shardings, train_iter)
-    else:
+        restored_step, state = checkpoint.restore_latest_good(
+            mngr, abstract, shardings, train_iter, resume_step
+        )
+        if state is not None:
+            log.info("resumed from step %d in %s", restored_step, mngr.directory)
+    if state is None:
         state = step.init_state(models.load_params(cfg.model.path, layout, mesh), optimizer, shardings)
     assets = hf_assets(cfg.model.path, tokenizer, template)
     train_step = step.make_train_step(
@@ -132,59 +219,96 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         mesh,
         grad_accum_steps=cfg.train.grad_accum_steps,
         loss_reduction=cfg.train.loss_reduction,
+        z_loss=cfg.train.z_loss,
     )
     eval_step = step.make_eval_step(layout, shardings["params"], mesh)
 
     current = int(jax.device_get(state["step"]))
-    log_ = metrics.MetricsLog(cfg.output_dir, total_steps, current)
-    summary: dict = {"total_steps": total_steps}
+    metrics_log = MetricsLog(cfg.output_dir, total_steps, current)
+    summary: dict = {"total_steps": total_steps, "stopped": False}
+
+    def run_eval() -> float:
+        value = evaluate(eval_step, state["params"], eval_data.examples, cfg, local_batch, mesh)
+        metrics_log.write({"step": current, "eval_loss": value})
+        log.info("held-out loss at step %d: %.4f", current, value)
+        return value
+
+    last_save = time.monotonic()
+
+    def save() -> None:
+        nonlocal last_save
+        meta = {
+            "total_steps": total_steps,
+            "process_count": jax.process_count(),
+            "config": json.loads(cfg.to_json()),
+        }
+        checkpoint.save(mngr, current, state, train_iter, meta, assets)
+        last_save = time.monotonic()
+
     if eval_data is not None:
-        summary["eval_loss_start"] = evaluate(eval_step, state["params"], eval_data, cfg, local_batch, mesh)
-        log_.write({"step": current, "eval_loss": summary["eval_loss_start"]})
-        log.info("held-out loss at step %d: %.4f", current, summary["eval_loss_start"])
-
-    def save(at: int) -> None:
-        meta = {"step": at, "total_steps": total_steps, "config": json.loads(cfg.to_json())}
-        checkpoint.save(mngr, at, state, train_iter, meta, assets)
-
+        summary["eval_loss_start"] = run_eval()
+    stop_requested = StopSignal()
     while current < total_steps:
         batch = next(train_iter)
-        log_.count_tokens(int(np.count_nonzero(batch["segment_ids"])) * jax.process_count())
+        metrics_log.count_tokens(int(np.count_nonzero(batch["segment_ids"])) * jax.process_count())
+        batch_id = fingerprint(batch)
         state, step_metrics = train_step(state, device_batch(batch, mesh))
         current += 1
         if current % cfg.log.every_steps == 0 or current == total_steps:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            values = jax.device_get(step_metrics)
             record = {
                 "step": current,
-                "loss": values["loss"],
+                "loss": float(values["loss"]),
                 "lr": float(schedule(current - 1)),
-                "grad_norm": values["grad_norm"],
+                "grad_norm": float(values["grad_norm"]),
                 "trained_tokens": int(values["trained_tokens"]),
-                "tokens_per_sec": log_.tokens_per_sec(),
+                "tokens_per_sec": metrics_log.tokens_per_sec(),
+                "batch_fingerprint": batch_id,
             }
-            log_.write(record)
-            log_.progress(0, loss=record["loss"], tok_s=record["tokens_per_sec"])
+            if values["skipped"]:
+                record["skipped_nonfinite"] = True
+            metrics_log.write(record)
+            metrics_log.progress(0, loss=record["loss"], tok_s=record["tokens_per_sec"])
             summary["train_loss"] = record["loss"]
-        log_.progress(1)
+            streak = int(jax.device_get(state["nonfinite_streak"]))
+            if streak >= cfg.train.max_nonfinite_steps:
+                raise JsftError(
+                    f"{streak} steps in a row had a non-finite loss or gradient (up to step {current}); "
+                    "stopped. "
+                    f"The last good checkpoint is step {mngr.latest_step()} in {mngr.directory}"
+                )
+        metrics_log.progress(1)
         if cfg.log.eval_every_steps and eval_data is not None and current % cfg.log.eval_every_steps == 0:
-            log_.write(
-                {
-                    "step": current,
-                    "eval_loss": evaluate(eval_step, state["params"], eval_data, cfg, local_batch, mesh),
-                }
-            )
-        if current % cfg.checkpoint.every_steps == 0 and current < total_steps:
-            save(current)
-    log_.close()
+            summary["eval_loss_end"] = run_eval()
+        minutes = cfg.checkpoint.every_minutes
+        if stop_requested():
+            save()
+            summary["stopped"] = True
+            break
+        if current < total_steps and (
+            current % cfg.checkpoint.every_steps == 0
+            or (minutes and time.monotonic() - last_save > 60 * minutes)
+        ):
+            save()
+    metrics_log.close()
     if mngr.latest_step() != current:
-        save(current)
+        save()
     mngr.wait_until_finished()
-    if eval_data is not None:
-        summary["eval_loss_end"] = evaluate(eval_step, state["params"], eval_data, cfg, local_batch, mesh)
-        log_.write({"step": current, "eval_loss": summary["eval_loss_end"]})
-        log.info("held-out loss at step %d: %.4f", current, summary["eval_loss_end"])
+    if summary["stopped"]:
+        log.info(
+            "stop requested: saved step %d in %s; run the same command to continue", current, mngr.directory
+        )
+    elif eval_data is not None and not (cfg.log.eval_every_steps and current % cfg.log.eval_every_steps == 0):
+        summary["eval_loss_end"] = run_eval()
+    summary["steps"] = current
     summary["wall_seconds"] = time.perf_counter() - started
-    log.info("done: %d steps in %.1f s; checkpoints in %s", current, summary["wall_seconds"], mngr.directory)
+    log.info(
+        "done: step %d of %d in %.1f s; checkpoints in %s",
+        current,
+        total_steps,
+        summary["wall_seconds"],
+        mngr.directory,
+    )
     return summary
 
 
