@@ -1,0 +1,74 @@
+"""Model FLOPs per trained token and MFU, so runs on different hardware and sizes compare on one scale.
+
+MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / the device's peak FLOP/s. "Model"
+FLOPs come from the architecture alone: recomputation (remat, the chunked loss's second LM-head pass),
+optimizer arithmetic and elementwise work are not counted, so MFU does not reward doing extra work.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jsft.models.config import ModelConfig
+
+# Dense (no 2:4 sparsity) bfloat16 peak FLOP/s of one JAX device, keyed by `jax.Device.device_kind`.
+# One JAX device is one chip on TPU v4/v5e/v5p/v6e (megacore counts as one), but one TensorCore (half a
+# chip) on TPU v2/v3, hence v3's 123e12 / 2. CPUs have no entry: their peak depends on the core count,
+# clock and SIMD width, so pass it explicitly (`override`, e.g. measured with a large matmul).
+# Uncertain: the H200 NVL (600 W, about 835e12) reports the same "NVIDIA H200" name as the SXM part;
+# TPU v7 (Ironwood) is left out until its device_kind and per-device split are confirmed.
+PEAK_FLOPS: dict[str, float] = {
+    "TPU v3": 61.5e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5"
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # H200 SXM
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = False) -> float:
+    """Training (forward + backward) model FLOPs per token of rows `seq_len` long.
+
+    A matmul costs 2 FLOPs per multiply-add; the backward pass costs twice the forward (a gradient for
+    the input and one for the weight), so training = 3 x forward. Per token, forward:
+
+        projections  2 * L * (d * Dh * (2 * H + 2 * K) + 3 * d * F)  q, k, v, o (GQA sizes), gate/up/down
+        LM head      2 * d * V                                       also when tied; embedding lookup is free
+        attention    2 * L * 2 * H * Dh * T_att                      q.k scores and probs @ v
+
+    with L layers, hidden d, H query heads, K kv heads, head_dim Dh, MLP width F, vocabulary V. With
+    T_att = seq_len (`causal=False`, the default) this is PaLM's 6N + 12 * L * H * Dh * T: every row
+    pays for the whole T x T score matrix, which is what jsft's plain XLA attention executes. With
+    `causal=True`, T_att = seq_len / 2, the convention of current MaxText, whose published MFUs are then
+    comparable. Either way packed rows are charged as one sequence of `seq_len`, not per segment.
+    """
+    d, f, h, kv, dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attended = seq_len / 2 if causal else seq_len
+    projections = cfg.num_layers * (d * dh * (2 * h + 2 * kv) + 3 * d * f)
+    attention = cfg.num_layers * 2 * h * dh * attended
+    forward = 2 * projections + 2 * d * cfg.vocab_size + 2 * attention
+    return 3.0 * forward
+
+
+def device_peak_flops(device: jax.Device | None = None, override: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of `device` (default: the first), `override` if given, None if unknown."""
+    if override is not None:
+        return override
+    device = device if device is not None else jax.devices()[0]
+    return PEAK_FLOPS.get(device.device_kind)
+
+
+def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation: the fraction of `peak` spent on the model's own FLOPs."""
+    return tokens_per_sec_per_device * flops_per_token / peak
