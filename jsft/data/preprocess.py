@@ -124,6 +124,7 @@ def _encode_chunk(task: tuple[list[tuple[object, object]], int]) -> dict:
         "lengths": np.array(lengths, np.int64),
         "drops": drops,
         "truncated": truncated,
+        "trained_tokens": int(sum(t[1:].sum() for t in trained)),
         "fallbacks": _worker_encoder.fallbacks - fallbacks_before,
     }
 
@@ -193,8 +194,8 @@ def encode_mixture(
                     truncated += out["truncated"]
                     fallbacks += out["fallbacks"]
                     kept += len(out["lengths"])
-                    kept_tokens += len(out["ids"])
-                    kept_trained += int(out["trained"].sum())
+                    kept_tokens += len(out["ids"]) - len(out["lengths"])  # counted after the shift
+                    kept_trained += out["trained_tokens"]
                     bar.update(len(out["lengths"]) + len(out["drops"]))
                 per_source.append(
                     {
