@@ -52,3 +52,81 @@ def make_hf_llama(folder: pathlib.Path, seed: int = 0, **overrides) -> pathlib.P
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory) -> pathlib.Path:
     return make_hf_llama(tmp_path_factory.mktemp("hf_llama"))
+
+
+# Tiny configs per family: GQA, sizes that differ from each other (catch transposes) and divide a
+# {fsdp: 4, tensor: 2} mesh; a sliding window shorter than the test rows; caps small enough to bite.
+_WINDOWED = dict(sliding_window=5)
+_GEMMA = dict(_WINDOWED, query_pre_attn_scalar=16, hidden_activation="gelu_pytorch_tanh")
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": (
+        "LlamaConfig",
+        dict(
+            head_dim=10,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "mistral": ("MistralConfig", dict(_WINDOWED, head_dim=10)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(head_dim=10, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "olmo2": ("Olmo2Config", dict(pad_token_id=1, bos_token_id=None, eos_token_id=2)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(_GEMMA, head_dim=10, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        dict(
+            _GEMMA,
+            head_dim=10,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
+}
+
+
+def make_hf_family(folder: pathlib.Path, model_type: str, seed: int = 0, **overrides):
+    """Saves a tiny random float32 model of `model_type` (a key of FAMILY_CONFIGS); returns the torch model.
+
+    Norm weights and biases are moved away from their initial values so a wrong mapping shows.
+    """
+    import torch
+    import transformers
+
+    config_class, family_kwargs = FAMILY_CONFIGS[model_type]
+    kwargs = dict(
+        vocab_size=98,
+        hidden_size=48,
+        intermediate_size=88,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.15,  # large enough that attention is far from uniform and the caps bite
+        attn_implementation="eager",
+    )
+    kwargs.update(family_kwargs, **overrides)
+    config = getattr(transformers, config_class)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model

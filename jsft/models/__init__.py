@@ -7,6 +7,8 @@ shapes, logical axes) and turns such a dict back into a module inside jitted cod
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,9 +32,9 @@ def dtype_of(name: str):
 class Layout:
     """The model's structure without its values: split once, merged inside jitted functions."""
 
-    def __init__(self, cfg: ModelConfig, model_type: str = "llama"):
+    def __init__(self, cfg: ModelConfig, model_type: str | None = None):
         self.cfg = cfg
-        self.model_type = model_type
+        self.model_type = model_type or cfg.model_type
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
@@ -72,7 +74,12 @@ def config_from_folder(
 
 
 def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
-    """Reads a folder's safetensors tensor by tensor, placing each on `mesh` with its sharding."""
+    """Reads a folder's safetensors tensor by tensor straight into arrays sharded over `mesh`.
+
+    Each tensor stays memory-mapped; every device's shard is sliced from the file, cast to the param
+    dtype and copied alone, so host memory holds one shard beyond what is already placed, never a whole
+    replicated copy per device.
+    """
     names = NameMap(layout.model_type)
     shardings = layout.shardings(mesh)
     params: Params = {}
@@ -90,19 +97,25 @@ def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
             raise hf.ModelFolderError(
                 f"{path}: tensor {hf_name} does not fit this config ({name} does not exist)"
             )
-        host = np.asarray(transform.to_jsft(tensor, target.shape)).astype(target.dtype)
-        if host.shape != target.shape:
+        expected = transform.hf_shape(target.shape)
+        if tensor.shape != expected:
             raise hf.ModelFolderError(
-                f"{path}: tensor {hf_name} has shape {tensor.shape}, expected {target.shape} as {name}"
+                f"{path}: tensor {hf_name} has shape {tensor.shape}, expected {expected} for {name}"
             )
+        view = transform.to_jsft(tensor, target.shape)
         params[name] = jax.make_array_from_callback(
-            host.shape, shardings[name], lambda index, h=host: h[index]
+            target.shape, shardings[name], functools.partial(_shard, view, target.dtype)
         )
     missing = sorted(set(layout.shapes) - set(params))
     if missing:
         hf_missing = [names.to_hf(n)[0] for n in missing]
         raise hf.ModelFolderError(f"{path}: missing tensors {', '.join(hf_missing)}")
     return params
+
+
+def _shard(view: np.ndarray, dtype, index: tuple[slice, ...]) -> np.ndarray:
+    """One device's block of a (memory-mapped) tensor, as its own contiguous array in `dtype`."""
+    return np.array(view[index], dtype=dtype, order="C", copy=True)
 
 
 def load_pretrained(

@@ -1,4 +1,9 @@
-"""Architecture hyperparameters, read from a Hugging Face `config.json`."""
+"""Architecture hyperparameters, read from a Hugging Face `config.json`.
+
+Every supported family is the one decoder in `decoder.py` under a different `ModelConfig`: the fixed
+traits of each family (where its norms sit, how they round, q/k norms, embedding scale) are the
+`FAMILIES` table; the rest comes from the config file.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ import jax.numpy as jnp
 
 from jsft.errors import JsftError
 
-SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 class UnsupportedModelError(JsftError):
@@ -18,13 +24,46 @@ class UnsupportedModelError(JsftError):
 
 
 @dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3 frequency-dependent RoPE scaling (`rope_type: llama3` in HF configs)."""
+class Family:
+    """What a model_type fixes about the architecture, beyond the numbers in its config.json."""
 
+    qk_norm: str | None = None  # "head": RMSNorm over each head; "projection": over all heads at once
+    norm_before_sublayers: bool = True  # RMSNorm on the input of attention and MLP
+    norm_after_sublayers: bool = False  # RMSNorm on the output of attention and MLP
+    norm_offset: float = 0.0  # Gemma stores RMSNorm scales as `scale - 1`
+    norm_scale_in_float32: bool = False  # multiply by the scale before casting back (Gemma, OLMo 2)
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    qkv_bias_always: bool = False  # q/k/v biases regardless of `attention_bias` (Qwen2)
+
+
+_GEMMA = Family(norm_after_sublayers=True, norm_offset=1.0, norm_scale_in_float32=True, scale_embeddings=True)
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(qkv_bias_always=True),
+    "qwen3": Family(qk_norm="head"),
+    "olmo2": Family(
+        qk_norm="projection",
+        norm_before_sublayers=False,
+        norm_after_sublayers=True,
+        norm_scale_in_float32=True,
+    ),
+    "gemma2": _GEMMA,
+    "gemma3_text": dataclasses.replace(_GEMMA, qk_norm="head"),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: `linear` divides all frequencies by `factor`; `llama3` is Llama 3.1's."""
+
+    rope_type: str
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    original_max_position_embeddings: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +78,32 @@ class ModelConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: RopeScaling | None = None
+    local_rope_theta: float | None = None  # sliding-window layers' RoPE base, when it differs (Gemma 3)
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    model_type: str = "llama"
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str | None = None
+    norm_before_sublayers: bool = True
+    norm_after_sublayers: bool = False
+    norm_offset: float = 0.0
+    norm_scale_in_float32: bool = False
+    scale_embeddings: bool = False
+    attention_scale: float | None = None  # multiplies q.k; default head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the output logits; the loss must apply it
+    sliding_window: int | None = None  # a query sees keys with q_index - k_index < sliding_window
+    layer_types: tuple[str, ...] = ()  # per layer FULL_ATTENTION or SLIDING_ATTENTION; () = all full
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32  # storage dtype
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == SLIDING_ATTENTION
+
+    @property
+    def query_scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
 
     @classmethod
     def from_hf(
@@ -50,48 +111,65 @@ class ModelConfig:
     ) -> ModelConfig:
         """Builds the config from a parsed HF `config.json`; unsupported features are clear errors."""
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r} in config.json; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        if hf.get("hidden_act", "silu") != "silu":
+        family = FAMILIES[model_type]
+        # Gemma's modeling code reads `hidden_activation`; its config files often carry both keys.
+        hidden_act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+        if hidden_act not in SUPPORTED_ACTIVATIONS:
             raise UnsupportedModelError(
-                f"unsupported hidden_act {hf['hidden_act']!r} in config.json; supported: silu"
+                f"unsupported activation {hidden_act!r} in config.json; "
+                f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
             )
         if hf.get("mlp_bias"):
             raise UnsupportedModelError("unsupported mlp_bias=true in config.json")
+        if hf.get("use_bidirectional_attention"):
+            raise UnsupportedModelError("unsupported use_bidirectional_attention=true in config.json")
         num_heads = hf["num_attention_heads"]
-        # transformers 5 moved rope settings into `rope_parameters`; older folders use `rope_scaling`.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise UnsupportedModelError(
-                f"unsupported rope_scaling type {rope_type!r} in config.json; "
-                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
-        scaling = None
-        if rope_type == "llama3":
-            scaling = RopeScaling(
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-            )
+        num_layers = hf["num_hidden_layers"]
+        global_rope, local_rope = _rope_parameters(model_type, hf)
+        rope_theta, rope_scaling = _rope(global_rope, default_theta=_default_theta(model_type, "global"))
+        local_rope_theta = None
+        if local_rope is not None:
+            local_rope_theta, local_scaling = _rope(local_rope, _default_theta(model_type, "local"))
+            if local_scaling is not None:
+                raise UnsupportedModelError(
+                    f"unsupported rope scaling {local_scaling.rope_type!r} on sliding-window layers"
+                )
+        sliding_window = _sliding_window(model_type, hf)
+        attention_bias = bool(hf.get("attention_bias", False))
+        query_pre_attn_scalar = hf.get("query_pre_attn_scalar")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            local_rope_theta=local_rope_theta,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type.startswith("gemma"))),
+            model_type=model_type,
+            hidden_act=hidden_act,
+            qkv_bias=attention_bias or family.qkv_bias_always,
+            o_bias=attention_bias,
+            qk_norm=family.qk_norm,
+            norm_before_sublayers=family.norm_before_sublayers,
+            norm_after_sublayers=family.norm_after_sublayers,
+            norm_offset=family.norm_offset,
+            norm_scale_in_float32=family.norm_scale_in_float32,
+            scale_embeddings=family.scale_embeddings,
+            attention_scale=query_pre_attn_scalar**-0.5 if query_pre_attn_scalar else None,
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+            sliding_window=sliding_window,
+            layer_types=_layer_types(model_type, hf, num_layers, sliding_window),
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -104,6 +182,87 @@ class ModelConfig:
             self.num_kv_heads,
             self.head_dim,
         )
-        per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f + 2 * d
+        norms = 2 * (self.norm_before_sublayers + self.norm_after_sublayers) * d
+        qk_norms = {"head": 2 * hd, "projection": (h + kv) * hd}.get(self.qk_norm, 0)
+        biases = self.qkv_bias * (h + 2 * kv) * hd + self.o_bias * d
+        per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f + norms + qk_norms + biases
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+
+def _default_theta(model_type: str, kind: str) -> float:
+    if model_type == "gemma3_text":
+        return {"global": 1_000_000.0, "local": 10_000.0}[kind]
+    return 10_000.0
+
+
+def _rope_parameters(model_type: str, hf: dict[str, Any]) -> tuple[dict, dict | None]:
+    """(all or full-attention layers' rope settings, sliding layers' settings or None)."""
+    # transformers 5 writes `rope_parameters`, per layer type for Gemma 3; older files `rope_scaling`.
+    params = hf.get("rope_parameters") or {}
+    if FULL_ATTENTION in params:
+        return dict(params[FULL_ATTENTION] or {}), dict(params.get(SLIDING_ATTENTION) or {})
+    rope = {"rope_theta": hf["rope_theta"]} if "rope_theta" in hf else {}
+    rope.update(params or hf.get("rope_scaling") or {})
+    if model_type != "gemma3_text":
+        return rope, None
+    local = {"rope_theta": hf["rope_local_base_freq"]} if "rope_local_base_freq" in hf else {}
+    return rope, local
+
+
+def _rope(rope: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported rope_scaling type {rope_type!r} in config.json; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("unsupported partial_rotary_factor in config.json; supported: 1.0")
+    theta = float(rope.get("rope_theta", default_theta))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(rope["factor"]))
+    return theta, RopeScaling(
+        "llama3",
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    )
+
+
+def _sliding_window(model_type: str, hf: dict[str, Any]) -> int | None:
+    if model_type in ("llama", "olmo2"):
+        return None
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        return None  # Qwen configs carry a sliding_window even when it is switched off
+    return hf.get("sliding_window")
+
+
+def _layer_types(
+    model_type: str, hf: dict[str, Any], num_layers: int, sliding_window: int | None
+) -> tuple[str, ...]:
+    """Which layers use the sliding window, as transformers derives it for each family."""
+    if sliding_window is None:
+        return ()
+    if model_type == "mistral":  # Mistral slides on every layer whenever a window is set
+        return (SLIDING_ATTENTION,) * num_layers
+    if hf.get("layer_types"):
+        types = tuple(hf["layer_types"])
+    elif model_type in ("qwen2", "qwen3"):
+        first = hf.get("max_window_layers", num_layers)
+        types = tuple(SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers))
+    else:  # Gemma: every `sliding_window_pattern`-th layer is global (Gemma 2 alternates)
+        pattern = 2 if model_type == "gemma2" else hf.get("sliding_window_pattern", 6)
+        types = tuple(
+            FULL_ATTENTION if (i + 1) % pattern == 0 else SLIDING_ATTENTION for i in range(num_layers)
+        )
+    unknown = sorted(set(types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if unknown or len(types) != num_layers:
+        raise UnsupportedModelError(
+            f"unsupported layer_types {unknown or types} in config.json; "
+            f"supported: {num_layers} of {FULL_ATTENTION}, {SLIDING_ATTENTION}"
+        )
+    return types

@@ -1,20 +1,26 @@
-"""A Flax NNX decoder-only transformer covering the Llama family.
+"""One Flax NNX decoder-only transformer for every supported family (Llama, Mistral, Qwen, OLMo 2, Gemma).
 
-Parameters carry logical axis names (`out_sharding`), which `jsft.sharding` maps onto mesh axes.
-Projection kernels keep heads as their own axis ([embed, heads, head_dim]) so tensor parallelism can
-split heads without reshapes.
+Families differ only through `ModelConfig` fields (norm placement and rounding, q/k norms, biases,
+soft-capping, sliding windows), never through copies of this code. Parameters carry logical axis names
+(`out_sharding`), which `jsft.sharding` maps onto mesh axes. Projection kernels keep heads as their own
+axis ([embed, heads, head_dim]) so tensor parallelism can split heads without reshapes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jsft.models.attention import apply_rope, dot_product_attention, rope_frequencies
+from jsft.models.attention import apply_rope, dot_product_attention, rope_frequencies, soft_cap
 from jsft.models.config import ModelConfig
 
 _init = nnx.initializers.normal(stddev=0.02)
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=_init) -> nnx.Param:
@@ -22,48 +28,79 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = _param(rngs, (dim,), ("norm",), dtype, nnx.initializers.ones)
+    """RMS normalisation over the trailing `len(shape)` axes, rounding as the family's HF code does.
+
+    Llama casts back to the input dtype, then scales; Gemma and OLMo 2 scale in float32, then cast.
+    Gemma stores `scale - 1` (`norm_offset`), so its scales start at zero.
+    """
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = cfg.rms_norm_eps
+        self.offset = cfg.norm_offset
+        self.scale_in_float32 = cfg.norm_scale_in_float32
+        init = nnx.initializers.zeros if cfg.norm_offset else nnx.initializers.ones
+        self.scale = _param(rngs, shape, axes, cfg.param_dtype, init)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        axes = tuple(range(-self.scale.ndim, 0))
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # Cast back before scaling, as HF does, so bfloat16 runs round the same way.
-        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.eps)
+        if self.scale_in_float32:
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return (self.offset + self.scale[...]).astype(x.dtype) * normed.astype(x.dtype)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, sliding: bool, *, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
+        self.sliding_window = cfg.sliding_window if sliding else None
+        self.rope_theta = cfg.local_rope_theta if sliding and cfg.local_rope_theta else cfg.rope_theta
+        self.rope_scaling = None if sliding and cfg.local_rope_theta else cfg.rope_scaling
         self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
         self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
-        if cfg.attention_bias:
-            zeros = nnx.initializers.zeros
+        zeros = nnx.initializers.zeros
+        if cfg.qkv_bias:
             self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, zeros)
             self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
             self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, zeros)
+        if cfg.o_bias:
             self.o_bias = _param(rngs, (d,), ("embed",), pd, zeros)
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm((hd,), ("head_dim",), cfg, rngs=rngs)
+            self.k_norm = RMSNorm((hd,), ("head_dim",), cfg, rngs=rngs)
+        elif cfg.qk_norm == "projection":
+            self.q_norm = RMSNorm((h, hd), ("heads", "head_dim"), cfg, rngs=rngs)
+            self.k_norm = RMSNorm((kv, hd), ("kv_heads", "head_dim"), cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        dt = self.cfg.dtype
+        cfg, dt = self.cfg, self.cfg.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
-        if self.cfg.attention_bias:
+        if cfg.qkv_bias:
             q, k, v = (
                 q + self.q_bias[...].astype(dt),
                 k + self.k_bias[...].astype(dt),
                 v + self.v_bias[...].astype(dt),
             )
-        inv_freq = rope_frequencies(self.cfg)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_frequencies(cfg.head_dim, self.rope_theta, self.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out = dot_product_attention(q, k, v, segment_ids)
+        out = dot_product_attention(
+            q,
+            k,
+            v,
+            segment_ids,
+            scale=cfg.query_scale,
+            logit_softcap=cfg.attn_logit_softcap,
+            sliding_window=self.sliding_window,
+        )
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
-        if self.cfg.attention_bias:
+        if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         return out
 
@@ -78,20 +115,32 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.dtype
-        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+        gate = ACTIVATIONS[self.cfg.hidden_act](x @ self.gate_proj[...].astype(dt))
         return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.param_dtype, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.param_dtype, rngs=rngs)
+    """Attention then MLP, residual branches normalised before (Llama), after (OLMo 2) or both (Gemma)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        def norm() -> RMSNorm:
+            return RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
+
+        before, after = cfg.norm_before_sublayers, cfg.norm_after_sublayers
+        self.pre_attn_norm = norm() if before else None
+        self.attn = Attention(cfg, cfg.is_sliding(layer), rngs=rngs)
+        self.post_attn_norm = norm() if after else None
+        self.pre_mlp_norm = norm() if before else None
         self.mlp = MLP(cfg, rngs=rngs)
+        self.post_mlp_norm = norm() if after else None
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), positions, segment_ids)
-        return x + self.mlp(self.post_attn_norm(x))
+        x = x + _maybe(self.post_attn_norm, self.attn(_maybe(self.pre_attn_norm, x), positions, segment_ids))
+        return x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x)))
+
+
+def _maybe(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
+    return x if norm is None else norm(x)
 
 
 class Decoder(nnx.Module):
@@ -100,8 +149,8 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.param_dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(
                 rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
@@ -110,22 +159,31 @@ class Decoder(nnx.Module):
     def hidden_states(
         self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
     ) -> jax.Array:
-        """The final normalised hidden states [batch, seq, hidden]; `logits` maps them to the vocabulary."""
+        """The final normalised hidden states [batch, seq, hidden]; `logits_from_hidden` maps them on."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
-        x = self.embed[...][input_ids].astype(self.cfg.dtype)
+        x = self.embed[...][input_ids]
+        if self.cfg.scale_embeddings:  # HF rounds sqrt(hidden) to the weights' dtype first
+            x = x * np.float32(self.cfg.hidden_size**0.5).astype(x.dtype)
+        x = x.astype(self.cfg.dtype)
         for layer in self.layers:
             x = layer(x, positions, segment_ids)
         return self.final_norm(x)
 
     def output_kernel(self) -> jax.Array:
-        """[hidden, vocab] projection to logits (the transposed embedding when tied)."""
+        """[hidden, vocab] projection to logits (the transposed embedding when tied).
+
+        Logits are `soft_cap(hidden @ kernel, cfg.final_logit_softcap)`; `logits_from_hidden` does both.
+        """
         kernel = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
         return kernel.astype(self.cfg.dtype)
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        return soft_cap(hidden @ self.output_kernel(), self.cfg.final_logit_softcap)
 
     def __call__(
         self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
     ) -> jax.Array:
-        return self.hidden_states(input_ids, positions, segment_ids) @ self.output_kernel()
+        return self.logits_from_hidden(self.hidden_states(input_ids, positions, segment_ids))

@@ -15,39 +15,89 @@ import numpy as np
 
 
 class Transform(NamedTuple):
+    """An exact layout change. `to_jsft` returns a view where it can, so loading can slice a memory-mapped
+    tensor shard by shard without reading it whole; `hf_shape` checks a file's tensor before that."""
+
     to_jsft: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # (hf tensor, jsft shape) -> jsft tensor
     to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # jsft shape -> HF shape
 
 
-KEEP = Transform(lambda x, shape: x.reshape(shape), lambda x: x)
-TRANSPOSE = Transform(lambda x, shape: x.T, lambda x: x.T)
+KEEP = Transform(lambda x, shape: x, lambda x: x, lambda shape: shape)
+TRANSPOSE = Transform(lambda x, shape: x.T, lambda x: x.T, lambda shape: shape[::-1])
 # HF [heads * head_dim, hidden] <-> jsft [hidden, heads, head_dim]
-HEADS_IN = Transform(lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(x.shape[0], -1).T)
+HEADS_IN = Transform(
+    lambda x, shape: x.reshape(shape[1], shape[2], shape[0]).transpose(2, 0, 1),
+    lambda x: x.reshape(x.shape[0], -1).T,
+    lambda shape: (shape[1] * shape[2], shape[0]),
+)
 # HF [hidden, heads * head_dim] <-> jsft [heads, head_dim, hidden]
-HEADS_OUT = Transform(lambda x, shape: x.T.reshape(shape), lambda x: x.reshape(-1, x.shape[-1]).T)
+HEADS_OUT = Transform(
+    lambda x, shape: x.reshape(shape[2], shape[0], shape[1]).transpose(1, 2, 0),
+    lambda x: x.reshape(-1, x.shape[-1]).T,
+    lambda shape: (shape[2], shape[0] * shape[1]),
+)
 # HF [heads * head_dim] <-> jsft [heads, head_dim]
-HEADS_BIAS = Transform(lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1))
+HEADS_FLAT = Transform(
+    lambda x, shape: x.reshape(shape), lambda x: x.reshape(-1), lambda shape: (shape[0] * shape[1],)
+)
 
-LLAMA = (
+_LAYER = "model.layers.{i}."
+# Tensors every family has, under the same names.
+_SHARED = (
     ("model.embed_tokens.weight", "embed", KEEP),
     ("model.norm.weight", "final_norm.scale", KEEP),
     ("lm_head.weight", "lm_head", TRANSPOSE),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.scale", KEEP),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attn_norm.scale", KEEP),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q_proj", HEADS_IN),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k_proj", HEADS_IN),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_proj", HEADS_IN),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_proj", HEADS_OUT),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q_bias", HEADS_BIAS),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k_bias", HEADS_BIAS),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v_bias", HEADS_BIAS),
-    ("model.layers.{i}.self_attn.o_proj.bias", "layers.{i}.attn.o_bias", KEEP),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj", TRANSPOSE),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj", TRANSPOSE),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj", TRANSPOSE),
+    (_LAYER + "self_attn.q_proj.weight", "layers.{i}.attn.q_proj", HEADS_IN),
+    (_LAYER + "self_attn.k_proj.weight", "layers.{i}.attn.k_proj", HEADS_IN),
+    (_LAYER + "self_attn.v_proj.weight", "layers.{i}.attn.v_proj", HEADS_IN),
+    (_LAYER + "self_attn.o_proj.weight", "layers.{i}.attn.o_proj", HEADS_OUT),
+    (_LAYER + "self_attn.q_proj.bias", "layers.{i}.attn.q_bias", HEADS_FLAT),
+    (_LAYER + "self_attn.k_proj.bias", "layers.{i}.attn.k_bias", HEADS_FLAT),
+    (_LAYER + "self_attn.v_proj.bias", "layers.{i}.attn.v_bias", HEADS_FLAT),
+    (_LAYER + "self_attn.o_proj.bias", "layers.{i}.attn.o_bias", KEEP),
+    (_LAYER + "mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj", TRANSPOSE),
+    (_LAYER + "mlp.up_proj.weight", "layers.{i}.mlp.up_proj", TRANSPOSE),
+    (_LAYER + "mlp.down_proj.weight", "layers.{i}.mlp.down_proj", TRANSPOSE),
+)
+# HF's `post_attention_layernorm` is the norm before the MLP in Llama, but after attention in Gemma.
+_PRE_NORMS = (
+    (_LAYER + "input_layernorm.weight", "layers.{i}.pre_attn_norm.scale", KEEP),
+    (_LAYER + "post_attention_layernorm.weight", "layers.{i}.pre_mlp_norm.scale", KEEP),
+)
+_POST_NORMS = (
+    (_LAYER + "post_attention_layernorm.weight", "layers.{i}.post_attn_norm.scale", KEEP),
+    (_LAYER + "post_feedforward_layernorm.weight", "layers.{i}.post_mlp_norm.scale", KEEP),
+)
+_SANDWICH_NORMS = (
+    (_LAYER + "input_layernorm.weight", "layers.{i}.pre_attn_norm.scale", KEEP),
+    (_LAYER + "pre_feedforward_layernorm.weight", "layers.{i}.pre_mlp_norm.scale", KEEP),
+    *_POST_NORMS,
 )
 
-NAME_MAPS = {"llama": LLAMA}
+
+def _qk_norms(transform: Transform) -> tuple:
+    return (
+        (_LAYER + "self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale", transform),
+        (_LAYER + "self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale", transform),
+    )
+
+
+LLAMA = _SHARED + _PRE_NORMS
+QWEN3 = LLAMA + _qk_norms(KEEP)  # per head: [head_dim]
+OLMO2 = _SHARED + _POST_NORMS + _qk_norms(HEADS_FLAT)  # over the projection: [heads * head_dim]
+GEMMA2 = _SHARED + _SANDWICH_NORMS
+GEMMA3 = GEMMA2 + _qk_norms(KEEP)
+
+NAME_MAPS = {
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": QWEN3,
+    "olmo2": OLMO2,
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA3,
+}
 
 # HF buffers that are recomputed, not loaded.
 IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
