@@ -221,20 +221,18 @@ def encode_mixture(
             pool.close()
             pool.join()
 
-    bad = sum(drops.values())
-    if bad:
-        log.warning("dropped %d of %d rows: %s (first: %s)", bad, total, dict(drops), first_bad)
-    if total and bad > max_bad_fraction * total:
-        raise sources.DataError(
-            f"{bad} of {total} rows are bad, more than data.max_bad_fraction={max_bad_fraction}; "
-            f"first: {first_bad}"
+    if drops:
+        log.warning(
+            "dropped %d of %d rows: %s (first: %s)", sum(drops.values()), total, dict(drops), first_bad
         )
+    check_bad_fraction({"total_rows": total, "drops": drops, "first_bad": first_bad}, max_bad_fraction)
     row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if not len(row_lengths):
         raise sources.DataError(f"no trainable rows in {[s for s, _ in mixer]}")
     stats = {
         "total_rows": total,
         "drops": dict(drops),
+        "first_bad": first_bad,
         "repairs": {"truncated": truncated} if truncated else {},
         "sources": per_source,
         "fallbacks_to_incremental": fallbacks,
@@ -248,6 +246,16 @@ def encode_mixture(
     )
     data.stats.update(summary(data))
     return data
+
+
+def check_bad_fraction(stats: dict, max_bad_fraction: float) -> None:
+    """Fails with the first bad row when more than `max_bad_fraction` of the rows were dropped."""
+    bad, total = sum(stats["drops"].values()), stats["total_rows"]
+    if total and bad > max_bad_fraction * total:
+        raise sources.DataError(
+            f"{bad} of {total} rows are bad, more than data.max_bad_fraction={max_bad_fraction}; "
+            f"first: {stats['first_bad']}"
+        )
 
 
 def summary(data: EncodedData) -> dict:
@@ -342,7 +350,9 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
     )
     if os.path.isfile(os.path.join(folder, "stats.json")):
         log.info("encoded data from cache %s", folder)
-        return load(folder)
+        cached = load(folder)
+        check_bad_fraction(cached.stats, data_cfg.max_bad_fraction)  # not in the key: checked on every use
+        return cached
     data = encode_mixture(
         mixer,
         tokenizer,

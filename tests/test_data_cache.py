@@ -1,0 +1,208 @@
+"""Mixer counts, the encoded-data cache, parallel encoding, shards and exact resumption."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import grain
+import ml_collections
+import numpy as np
+import pytest
+import transformers
+from conftest import REALDATA, TINY_DATA, TINY_MODEL
+
+from jsft import config, data, prepare
+from jsft.data import preprocess, sources
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+def write_rows(path, n: int, offset: int = 0) -> str:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{offset + i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def data_cfg(tmp_path, mixer, **overrides) -> ml_collections.ConfigDict:
+    cfg = config.default_config().data
+    cfg.mixer = mixer
+    cfg.max_seq_length = 32
+    cfg.cache_dir = str(tmp_path / "cache")
+    cfg.num_proc = 1
+    cfg.update(overrides)
+    return cfg
+
+
+def test_mixer_gives_the_asked_counts_and_the_same_rows_for_a_seed(tmp_path, caplog):
+    a, b = write_rows(tmp_path / "a.jsonl", 40), write_rows(tmp_path / "b.jsonl", 500, offset=1000)
+    mixer = ((a, 0.25), (a, 2.5), (a, 7), (a, 90), (b, 1))
+    with caplog.at_level(logging.WARNING):
+        drawn = sources.mix(mixer, seed=3)
+    assert [len(i) for _, _, i in drawn] == [10, 100, 7, 90, 1]
+    assert np.bincount(drawn[1][2], minlength=40).min() == 2  # 2.5x: every row twice, half of them thrice
+    assert "is a row count; write 1.0 for a fraction" in caplog.text and "b.jsonl" in caplog.text
+    assert caplog.text.count("is a row count") == 1  # 7 of 40 rows is not ambiguous
+    again = sources.mix(mixer, seed=3)
+    for (_, _, first), (_, _, second) in zip(drawn, again, strict=True):
+        np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(drawn[0][2], sources.mix(mixer, seed=4)[0][2])
+
+
+def test_prepare_reports_per_source_and_reads_the_cache_the_second_time(tmp_path, tokenizer, monkeypatch):
+    a, b = write_rows(tmp_path / "a.jsonl", 30), write_rows(tmp_path / "b.jsonl", 20, offset=100)
+    cfg = data_cfg(tmp_path, ((a, 1.0), (b, 10)))
+    first = data.prepare(cfg, tokenizer, seed=0)
+    assert len(first) == 40 and first.total_rows == 40
+    assert [(s["rows_drawn"], s["rows_kept"]) for s in first.stats["sources"]] == [(30, 30), (10, 10)]
+    assert first.stats["tokens"] == first.tokens == sum(len(e["input_ids"]) for e in first)
+    assert first.stats["trained_tokens"] == sum(int(e["loss_mask"].sum()) for e in first)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded again despite the cache")
+
+    monkeypatch.setattr(preprocess, "encode_mixture", fail)
+    second = data.prepare(cfg, tokenizer, seed=0)
+    for x, y in zip(first, second, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    # Anything the rows depend on changes the key.
+    key = preprocess.cache_key
+    base = dict(chat_template="", max_seq_length=32, train_on="all_assistant_turns", seed=0)
+    reference = key(cfg.mixer, tokenizer, **base)
+    assert key(((a, 1.0), (b, 10.0)), tokenizer, **base) != reference  # 10 rows versus 10x
+    for change in (
+        {"chat_template": "chatml"},
+        {"max_seq_length": 33},
+        {"train_on": "last_assistant_turn"},
+        {"seed": 1},
+    ):
+        assert key(cfg.mixer, tokenizer, **{**base, **change}) != reference
+    write_rows(tmp_path / "b.jsonl", 21, offset=100)
+    assert key(cfg.mixer, tokenizer, **base) != reference
+
+
+def test_bad_rows_are_counted_by_reason_and_truncation_is_reported(tmp_path, tokenizer):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    long = {"messages": [{"role": "user", "content": "x " * 100}, {"role": "assistant", "content": "yo"}]}
+    long_answer = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y " * 99}]
+    }
+    rows = [
+        good,
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        long,
+        long_answer,
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded = data.prepare(data_cfg(tmp_path, ((str(path), 1.0),), max_bad_fraction=0.9), tokenizer, seed=0)
+    assert encoded.drops == {"empty": 1, "no_assistant": 1, "bad_role": 1, "over_length": 1}
+    assert encoded.stats["repairs"] == {"truncated": 1} and len(encoded) == 2
+    assert max(len(e["input_ids"]) for e in encoded) == 32
+    with pytest.raises(data.DataError, match=r"4 of 6 rows are bad.*bad.jsonl row 1: empty"):
+        data.prepare(data_cfg(tmp_path, ((str(path), 1.0),), max_bad_fraction=0.5), tokenizer, seed=0)
+
+
+def test_parallel_encoding_matches_serial(tmp_path, tokenizer):
+    mixer = ((str(TINY_DATA / "train.jsonl"), 2100),)
+    serial = preprocess.encode_mixture(mixer, tokenizer, 64, None, 0, 0.0, num_proc=1)
+    parallel = preprocess.encode_mixture(mixer, tokenizer, 64, None, 0, 0.0, num_proc=2)
+    for name in ("token_ids", "trained", "row_starts"):
+        np.testing.assert_array_equal(getattr(serial, name), getattr(parallel, name))
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tokenizer):
+    cfg = data_cfg(tmp_path_factory.mktemp("enc"), ((str(TINY_DATA / "held_out.jsonl"), 1.0),))
+    return data.prepare(cfg, tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("packer", ["first_fit", "best_fit"])
+def test_shards_are_disjoint_and_cover_the_epoch(encoded, packer):
+    seen = []
+    for shard in range(2):
+        for batch in data.batches(
+            encoded, batch_size=4, max_seq_length=128, packing=True, seed=1, num_epochs=1,
+            shard_index=shard, shard_count=2, packer=packer,
+        ):  # fmt: skip
+            assert batch["input_ids"].shape == (4, 128)
+            for row in range(4):
+                segments = batch["segment_ids"][row]
+                for s in np.unique(segments[segments > 0]):
+                    tokens = batch["input_ids"][row][segments == s]
+                    np.testing.assert_array_equal(
+                        batch["positions"][row][segments == s], np.arange(len(tokens))
+                    )
+                    seen.append(tokens.tobytes())
+    assert sorted(seen) == sorted(e["input_ids"].tobytes() for e in encoded)
+
+
+@pytest.mark.parametrize("packer", ["first_fit", "best_fit"])
+def test_restoring_the_iterator_state_continues_with_exactly_the_next_batch(encoded, packer):
+    args = dict(batch_size=8, max_seq_length=128, packing=True, seed=5, packer=packer)
+    uninterrupted = iter(data.batches(encoded, **args))
+    expected = [next(uninterrupted) for _ in range(90)]  # about three epochs: reshuffled each one
+    interrupted = iter(data.batches(encoded, **args))
+    for _ in range(37):
+        next(interrupted)
+    state = json.loads(json.dumps(interrupted.get_state()))  # what a checkpoint stores
+    resumed = iter(data.batches(encoded, **args))
+    resumed.set_state(state)
+    assert isinstance(resumed, grain.DatasetIterator)
+    for want in expected[37:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_packing_beats_padding_each_batch_to_its_longest(encoded):
+    report = data.packing_report(encoded, batch_size=8, max_seq_length=128, packing=True, seed=0)
+    assert report["tokens"] == encoded.tokens
+    assert report["efficiency"] > report["padded_efficiency"]
+    assert report["batches"] == data.count_batches(
+        encoded, batch_size=8, max_seq_length=128, packing=True, seed=0
+    )
+
+
+@pytest.mark.skipif(not (REALDATA / "datasets").is_dir(), reason="../shared/realdata absent")
+def test_sharegpt_and_alpaca_files_are_read_as_conversations(tmp_path, tokenizer):
+    mixer = (
+        (str(REALDATA / "datasets" / "fastchat" / "dummy_conversation.json"), 0.2),
+        (str(REALDATA / "datasets" / "llama-factory" / "alpaca_en_demo.json"), 50),
+    )
+    encoded = data.prepare(data_cfg(tmp_path, mixer, max_seq_length=512), tokenizer, seed=0)
+    assert [s["rows_kept"] for s in encoded.stats["sources"]] == [100, 50]
+
+
+def test_prepare_command_prints_statistics(tmp_path, capsys):
+    path = write_rows(tmp_path / "a.jsonl", 30)
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from jsft.config import default_config\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        f"    c.model.path = {str(TINY_MODEL)!r}\n"
+        f"    c.data.mixer = (({path!r}, 1.0),)\n"
+        f"    c.data.cache_dir = {str(tmp_path / 'cache')!r}\n"
+        "    c.data.max_seq_length = 64\n"
+        "    return c\n"
+    )
+    prepare.main(["prepare", f"--config={config_file}"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["rows"] == 30 and report["train"]["drops"] == {}
+    assert set(report["train"]["length_percentiles"]) == {"p50", "p90", "p99", "p100"}
+    assert 0 < report["train"]["packing"]["efficiency"] <= 1
