@@ -114,8 +114,12 @@ def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
 
 
 def _shard(view: np.ndarray, dtype, index: tuple[slice, ...]) -> np.ndarray:
-    """One device's block of a (memory-mapped) tensor, as its own contiguous array in `dtype`."""
-    return np.array(view[index], dtype=dtype, order="C", copy=True)
+    """One device's block of a (memory-mapped) tensor, as its own contiguous array in `dtype`.
+
+    The block is first copied in the file's byte order (sequential reads), then rearranged in memory:
+    copying a transposed view of the file directly is about 1.5x slower.
+    """
+    return np.ascontiguousarray(np.array(view[index], order="K"), dtype=dtype)
 
 
 def load_pretrained(
