@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jsft import hf, sharding
+from jsft.models.attention import soft_cap
 from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder
 from jsft.models.names import IGNORED_HF_TENSORS, NameMap
@@ -143,4 +144,12 @@ def to_hf_tensors(params: Params, layout: Layout, dtype=None) -> dict[str, np.nd
     return out
 
 
-__all__ = ["Decoder", "Layout", "ModelConfig", "load_params", "load_pretrained", "to_hf_tensors"]
+__all__ = [
+    "Decoder",
+    "Layout",
+    "ModelConfig",
+    "load_params",
+    "load_pretrained",
+    "soft_cap",
+    "to_hf_tensors",
+]
