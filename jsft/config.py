@@ -97,7 +97,13 @@ def default_config() -> ml_collections.ConfigDict:
         }
     )
     c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0})  # rank 0 = full fine-tuning
-    c.log = ml_collections.ConfigDict({"every_steps": 10, "eval_every_steps": 0})
+    c.log = ml_collections.ConfigDict(
+        {
+            "every_steps": 10,
+            "eval_every_steps": 0,
+            "peak_flops": 0.0,  # per-device peak FLOP/s for MFU; 0 = look up the device kind
+        }
+    )
     return c
 
 

@@ -10,13 +10,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jsft.models.attention import soft_cap
 
-def token_loss_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0) -> jax.Array:
+
+def token_loss_sum(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0, softcap: float | None = None
+) -> jax.Array:
     """Sum over masked positions of -log p(target) (+ z_loss * log(Z)^2); the reference for the chunked one.
 
     The z-loss term (PaLM) keeps the softmax normaliser near 1, which stabilises low-precision training.
+    `softcap` applies Gemma 2's final-logit soft-capping first.
     """
-    logits = logits.astype(jnp.float32)
+    logits = soft_cap(logits.astype(jnp.float32), softcap)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     per_token = log_z - target_logit
@@ -32,6 +37,7 @@ def chunked_loss_sum(
     mask: jax.Array,
     chunk_size: int = 1024,
     z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> jax.Array:
     """`token_loss_sum(hidden @ kernel, ...)` without materialising all logits at once."""
     batch, seq, dim = hidden.shape
@@ -48,7 +54,7 @@ def chunked_loss_sum(
     @jax.checkpoint
     def one_chunk(total, xs):
         h, t, m = xs
-        return total + token_loss_sum(h @ kernel, t, m, z_loss), None
+        return total + token_loss_sum(h @ kernel, t, m, z_loss, softcap), None
 
     total, _ = jax.lax.scan(
         one_chunk, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask))

@@ -61,7 +61,14 @@ def _loss_sum(layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0)
     model = layout.merge(params)
     hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
     kernel = model.output_kernel()
-    return loss.chunked_loss_sum(hidden, kernel, batch["target_ids"], batch["loss_mask"], z_loss=z_loss)
+    return loss.chunked_loss_sum(
+        hidden,
+        kernel,
+        batch["target_ids"],
+        batch["loss_mask"],
+        z_loss=z_loss,
+        softcap=model.cfg.final_logit_softcap,
+    )
 
 
 def make_train_step(

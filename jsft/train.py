@@ -23,7 +23,7 @@ import numpy as np
 import transformers
 from jax.experimental import multihost_utils
 
-from jsft import checkpoint, config, data, models, optim, sharding, step
+from jsft import checkpoint, config, data, flops, models, optim, sharding, step
 from jsft.errors import JsftError
 from jsft.metrics import MetricsLog
 
@@ -131,6 +131,7 @@ def evaluate(eval_step, params, examples, cfg, local_batch: int, mesh) -> float:
         batch_size=local_batch,
         max_seq_length=cfg.data.max_seq_length,
         packing=cfg.data.packing,
+        packer=cfg.data.packer,
         seed=cfg.train.seed,
         shuffle=False,
         num_epochs=1,
@@ -154,16 +155,18 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     model_cfg, hf_config = models.config_from_folder(cfg.model.path, cfg.model.dtype, cfg.model.param_dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
     template = data.resolve_template(cfg.data.chat_template)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise JsftError(
+            f"the tokenizer of {cfg.model.path} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model_cfg.vocab_size}: ids past the embedding would train on garbage"
+        )
 
-    encode = dict(
-        tokenizer=tokenizer,
-        max_seq_length=cfg.data.max_seq_length,
-        chat_template=template,
-        seed=cfg.train.seed,
-        max_bad_fraction=cfg.data.max_bad_fraction,
+    train_data = data.prepare(cfg.data, tokenizer, seed=cfg.train.seed)
+    eval_data = (
+        data.prepare(cfg.data, tokenizer, seed=cfg.train.seed, mixer=cfg.data.eval_mixer)
+        if cfg.data.eval_mixer
+        else None
     )
-    train_data = data.encode_mixture(cfg.data.mixer, **encode)
-    eval_data = data.encode_mixture(cfg.data.eval_mixer, **encode) if cfg.data.eval_mixer else None
     log.info(
         "train data: %d conversations, %d tokens, %d trained",
         len(train_data.examples),
@@ -176,6 +179,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         batch_size=local_batch,
         max_seq_length=cfg.data.max_seq_length,
         packing=cfg.data.packing,
+        packer=cfg.data.packer,
         seed=cfg.train.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
@@ -223,6 +227,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     )
     eval_step = step.make_eval_step(layout, shardings["params"], mesh)
 
+    flops_per_token = flops.flops_per_token(model_cfg, cfg.data.max_seq_length)
+    peak = flops.device_peak_flops(override=cfg.log.peak_flops or None)
     current = int(jax.device_get(state["step"]))
     metrics_log = MetricsLog(cfg.output_dir, total_steps, current)
     summary: dict = {"total_steps": total_steps, "stopped": False}
@@ -265,6 +271,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
                 "tokens_per_sec": metrics_log.tokens_per_sec(),
                 "batch_fingerprint": batch_id,
             }
+            if peak:
+                per_device = record["tokens_per_sec"] / jax.device_count()
+                record["mfu"] = flops.mfu(per_device, flops_per_token, peak)
             if values["skipped"]:
                 record["skipped_nonfinite"] = True
             metrics_log.write(record)

@@ -179,3 +179,20 @@ def test_nonfinite_step_is_skipped(hf_llama):
     for name, value in jax.device_get(after["params"]).items():
         if name != "final_norm.scale":
             np.testing.assert_array_equal(value, before[name])
+
+
+def test_train_loss_applies_gemma2_final_logit_softcap(tmp_path):
+    from conftest import make_hf_family
+
+    make_hf_family(tmp_path / "g", "gemma2")
+    cfg, hf_config = models.config_from_folder(str(tmp_path / "g"))
+    assert cfg.final_logit_softcap == 3.0
+    layout = models.Layout(cfg, hf_config["model_type"])
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    params = models.load_params(str(tmp_path / "g"), layout, mesh)
+    batch = _batch(seed=3)
+    batch["input_ids"] %= cfg.vocab_size
+    batch["target_ids"] %= cfg.vocab_size
+    logits = layout.merge(params)(batch["input_ids"], batch["positions"], batch["segment_ids"])  # capped
+    expected = loss.token_loss_sum(logits, batch["target_ids"], batch["loss_mask"])
+    np.testing.assert_allclose(step._loss_sum(layout, params, batch), expected, rtol=1e-6)
