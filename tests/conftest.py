@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,3 +131,14 @@ def make_hf_family(folder: pathlib.Path, model_type: str, seed: int = 0, **overr
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(folder, safe_serialization=True)
     return model
+
+
+def assert_params_close(got, expected, rtol: float = 1e-5) -> None:
+    """Relative difference of each tensor as a whole (||a - b|| / ||b||).
+
+    Element-wise relative checks are not meaningful after Adam steps: an element whose gradient is
+    near zero gets an update of about lr * sign(g), which float32 reduction order can change.
+    """
+    for name, value in expected.items():
+        relative = np.linalg.norm(got[name] - value) / np.linalg.norm(value)
+        assert relative <= rtol, (name, relative)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import assert_params_close
 
 from jsft import loss, models, optim, sharding, step
 from jsft.config import default_config
@@ -30,17 +31,6 @@ def test_chunked_loss_equals_plain_loss_and_gradient():
         jax.grad(chunked, (0, 1))(hidden, kernel), jax.grad(plain, (0, 1))(hidden, kernel), strict=True
     ):
         np.testing.assert_allclose(g_chunked, g_plain, rtol=1e-5, atol=1e-6)
-
-
-def assert_params_close(got: dict, expected: dict, rtol: float = 1e-5) -> None:
-    """Relative difference of each tensor as a whole (||a - b|| / ||b||).
-
-    Element-wise relative checks are not meaningful after Adam steps: an element whose gradient is
-    near zero gets an update of about lr * sign(g), which float32 reduction order can change.
-    """
-    for name, value in expected.items():
-        relative = np.linalg.norm(got[name] - value) / np.linalg.norm(value)
-        assert relative <= rtol, (name, relative)
 
 
 def _setup(hf_folder, grad_accum_steps, loss_reduction="mean", clip=1.0):

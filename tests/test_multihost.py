@@ -1,0 +1,50 @@
+"""Two real processes (jax.distributed on 127.0.0.1, CPU collectives over gloo) train like one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+from conftest import ROOT, assert_params_close, make_hf_llama
+
+WORKER = ROOT / "tests" / "multihost_worker.py"
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def test_two_processes_reach_the_parameters_of_one(tmp_path):
+    model = make_hf_llama(tmp_path / "m", hidden_size=48, num_attention_heads=4, head_dim=12, vocab_size=96)
+    port = portpicker.pick_unused_port()
+    two = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(model), str(tmp_path / "two.npz"), "2", str(i), str(port)],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in two:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    one = subprocess.run(
+        [sys.executable, str(WORKER), str(model), str(tmp_path / "one.npz"), "1", "0", "0"],
+        env=_env(4),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-6)
+    assert_params_close(
+        {k: a[k] for k in a.files if k != "losses"}, {k: b[k] for k in b.files if k != "losses"}
+    )
