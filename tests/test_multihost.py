@@ -48,3 +48,43 @@ def test_two_processes_reach_the_parameters_of_one(tmp_path):
     assert_params_close(
         {k: a[k] for k in a.files if k != "losses"}, {k: b[k] for k in b.files if k != "losses"}
     )
+
+
+def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
+    from conftest import TINY_DATA
+
+    port = portpicker.pick_unused_port()
+    out = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jsft.train",
+                f"--config={ROOT}/configs/tiny.py",
+                f"--config.output_dir={out}",
+                f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 1000),)",
+                "--config.data.eval_mixer=()",
+                "--config.train.max_steps=6",
+                "--config.checkpoint.every_steps=3",
+                "--config.log.every_steps=1",
+                "--config.mesh.num_processes=2",
+                f"--config.mesh.process_id={i}",
+                f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+            ],
+            env=_env(2),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 6  # process 0 alone writes metrics
+    for step in (3, 6):
+        shards = sorted(p.name for p in (out / "checkpoints" / str(step) / "data").glob("process_*.json"))
+        assert shards == ["process_0-of-2.json", "process_1-of-2.json"]
