@@ -96,7 +96,13 @@ def default_config() -> ml_collections.ConfigDict:
             "force_resume": False,  # resume even if the config changed in ways that break the run
         }
     )
-    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0})  # rank 0 = full fine-tuning
+    c.lora = ml_collections.ConfigDict(
+        {
+            "rank": 0,  # 0 = full fine-tuning
+            "alpha": 16.0,  # the update is scaled by alpha / rank
+            "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        }
+    )
     c.log = ml_collections.ConfigDict(
         {
             "every_steps": 10,
@@ -177,7 +183,7 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
         (cfg.log.every_steps > 0, "log.every_steps must be positive"),
-        (cfg.lora.rank == 0, "lora.rank > 0: LoRA training is not available yet; use lora.rank=0"),
+        (cfg.lora.rank >= 0, "lora.rank must be >= 0"),
         (cfg.train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"),
         (cfg.train.z_loss >= 0, "train.z_loss must be >= 0"),
     ]

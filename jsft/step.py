@@ -1,6 +1,8 @@
 """The jitted train and eval steps: pure functions of (state, batch) pytrees with explicit shardings.
 
-`state` is {"params": {name: array}, "opt_state": optax state, "step": int32, "nonfinite_streak": int32}.
+`state` is {"params": {name: array}, "opt_state": optax state, "step": int32, "nonfinite_streak": int32}
+where "params" is what the optimizer trains: all weights, or with LoRA the low-rank factors, the frozen
+weights then riding along as "base".
 Gradients are accumulated over micro-batches with a scan inside the step. With `loss_reduction="mean"`
 the summed token losses of the whole global batch are divided once by its trained-token count, so
 neither the number of micro-batches nor the sharding changes the gradient. A step whose loss or
@@ -17,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jsft import loss, sharding
+from jsft.lora import LoraSpec
 from jsft.models import Layout, Params
 
 State = dict
@@ -35,26 +38,45 @@ def _opt_state_shardings(abstract_opt_state, param_shardings: dict[str, NamedSha
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def state_shardings(layout: Layout, optimizer: optax.GradientTransformation, mesh: Mesh) -> State:
-    params = layout.shardings(mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, layout.shapes)
-    return {
+def trainable_shapes(layout: Layout, lora: LoraSpec | None) -> dict[str, jax.ShapeDtypeStruct]:
+    return lora.shapes(layout) if lora else layout.shapes
+
+
+def state_shardings(
+    layout: Layout, optimizer: optax.GradientTransformation, mesh: Mesh, lora: LoraSpec | None = None
+) -> State:
+    params = lora.shardings(layout, mesh) if lora else layout.shardings(mesh)
+    abstract_opt = jax.eval_shape(optimizer.init, trainable_shapes(layout, lora))
+    out = {
         "params": params,
         "opt_state": _opt_state_shardings(abstract_opt, params, mesh),
         "step": sharding.replicated(mesh),
         "nonfinite_streak": sharding.replicated(mesh),
     }
+    if lora:
+        out["base"] = layout.shardings(mesh)
+    return out
 
 
-def init_state(params: Params, optimizer: optax.GradientTransformation, shardings: State) -> State:
+def init_state(
+    params: Params, optimizer: optax.GradientTransformation, shardings: State, base: Params | None = None
+) -> State:
     opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
     # two distinct arrays: the step donates its state, and one buffer may not be donated twice
-    return {
+    state = {
         "params": params,
         "opt_state": opt_state,
         "step": jnp.zeros((), jnp.int32),
         "nonfinite_streak": jnp.zeros((), jnp.int32),
     }
+    if base is not None:
+        state["base"] = base
+    return state
+
+
+def model_params(params: Params, base: Params | None, lora: LoraSpec | None) -> Params:
+    """The weights the model runs with: `params` itself, or the base with the LoRA factors folded in."""
+    return lora.merge(base, params) if lora else params
 
 
 def _loss_sum(layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0) -> jax.Array:
@@ -80,6 +102,7 @@ def make_train_step(
     grad_accum_steps: int,
     loss_reduction: str,
     z_loss: float = 0.0,
+    lora: LoraSpec | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict]]:
     batch_sharding = sharding.batch_sharding(mesh)
 
@@ -92,12 +115,15 @@ def make_train_step(
         )
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict]:
-        params = state["params"]
+        params, base = state["params"], state.get("base")
         trained_tokens = jnp.sum(batch["loss_mask"])
+
+        def micro_loss(p: Params, micro: Batch) -> jax.Array:
+            return _loss_sum(layout, model_params(p, base, lora), micro, z_loss)
 
         def accumulate(carry, micro):
             grads_sum, loss_sum = carry
-            value, grads = jax.value_and_grad(lambda p: _loss_sum(layout, p, micro, z_loss))(params)
+            value, grads = jax.value_and_grad(micro_loss)(params, micro)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -119,6 +145,8 @@ def make_train_step(
             "step": state["step"] + 1,
             "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
         }
+        if base is not None:
+            new_state["base"] = base
         metrics = {
             "loss": loss_sum / tokens,  # mean token loss (plus z-loss), whatever the reduction optimised
             "grad_norm": grad_norm,
@@ -135,12 +163,17 @@ def make_train_step(
     )
 
 
-def make_eval_step(layout: Layout, param_shardings: dict, mesh: Mesh) -> Callable[[Params, Batch], dict]:
-    def eval_step(params: Params, batch: Batch) -> dict:
-        return {"loss_sum": _loss_sum(layout, params, batch), "trained_tokens": jnp.sum(batch["loss_mask"])}
+def make_eval_step(
+    layout: Layout, shardings: State, mesh: Mesh, lora: LoraSpec | None = None
+) -> Callable[[Params, Params | None, Batch], dict]:
+    """`eval_step(state["params"], state.get("base"), batch)` -> summed loss and trained tokens."""
+
+    def eval_step(params: Params, base: Params | None, batch: Batch) -> dict:
+        loss_sum = _loss_sum(layout, model_params(params, base, lora), batch)
+        return {"loss_sum": loss_sum, "trained_tokens": jnp.sum(batch["loss_mask"])}
 
     return jax.jit(
         eval_step,
-        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+        in_shardings=(shardings["params"], shardings.get("base"), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

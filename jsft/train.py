@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from jsft import checkpoint, config, data, flops, models, optim, sharding, step
 from jsft.errors import JsftError
+from jsft.lora import LoraSpec
 from jsft.metrics import MetricsLog
 
 log = logging.getLogger("jsft")
@@ -123,7 +124,7 @@ def fingerprint(batch: dict[str, np.ndarray]) -> int:
     return zlib.crc32(b"".join(np.ascontiguousarray(batch[k]).tobytes() for k in sorted(batch)))
 
 
-def evaluate(eval_step, params, examples, cfg, local_batch: int, mesh) -> float:
+def evaluate(eval_step, state: dict, examples, cfg, local_batch: int, mesh) -> float:
     """Mean assistant-token loss over the whole held-out set."""
     loss_sum, tokens = 0.0, 0
     for batch in data.batches(
@@ -138,7 +139,7 @@ def evaluate(eval_step, params, examples, cfg, local_batch: int, mesh) -> float:
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     ):
-        out = jax.device_get(eval_step(params, device_batch(batch, mesh)))
+        out = jax.device_get(eval_step(state["params"], state.get("base"), device_batch(batch, mesh)))
         loss_sum += float(out["loss_sum"])
         tokens += int(out["trained_tokens"])
     return loss_sum / max(tokens, 1)
@@ -202,19 +203,25 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     optimizer = optim.make_optimizer(cfg.optim, total_steps)
     schedule = optim.make_schedule(cfg.optim, total_steps)
     layout = models.Layout(model_cfg, hf_config["model_type"])
-    shardings = step.state_shardings(layout, optimizer, mesh)
+    lora = LoraSpec.from_config(cfg.lora)
+    shardings = step.state_shardings(layout, optimizer, mesh, lora)
     train_iter = iter(data.batches(train_data.examples, **pipeline_args))
 
     state = None
     if resuming:
-        abstract = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), layout.shapes)
+        trainable = step.trainable_shapes(layout, lora)
+        abstract = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), trainable)
         restored_step, state = checkpoint.restore_latest_good(
             mngr, abstract, shardings, train_iter, resume_step
         )
         if state is not None:
             log.info("resumed from step %d in %s", restored_step, mngr.directory)
+    weights = models.load_params(cfg.model.path, layout, mesh) if state is None or lora else None
     if state is None:
-        state = step.init_state(models.load_params(cfg.model.path, layout, mesh), optimizer, shardings)
+        params = lora.init(cfg.train.seed, layout, mesh) if lora else weights
+        state = step.init_state(params, optimizer, shardings, base=weights if lora else None)
+    elif lora:
+        state["base"] = weights  # LoRA checkpoints hold only the factors; the base is the model folder
     assets = hf_assets(cfg.model.path, tokenizer, template)
     train_step = step.make_train_step(
         layout,
@@ -224,8 +231,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         grad_accum_steps=cfg.train.grad_accum_steps,
         loss_reduction=cfg.train.loss_reduction,
         z_loss=cfg.train.z_loss,
+        lora=lora,
     )
-    eval_step = step.make_eval_step(layout, shardings["params"], mesh)
+    eval_step = step.make_eval_step(layout, shardings, mesh, lora)
 
     flops_per_token = flops.flops_per_token(model_cfg, cfg.data.max_seq_length)
     peak = flops.device_peak_flops(override=cfg.log.peak_flops or None)
@@ -234,7 +242,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     summary: dict = {"total_steps": total_steps, "stopped": False}
 
     def run_eval() -> float:
-        value = evaluate(eval_step, state["params"], eval_data.examples, cfg, local_batch, mesh)
+        value = evaluate(eval_step, state, eval_data.examples, cfg, local_batch, mesh)
         metrics_log.write({"step": current, "eval_loss": value})
         log.info("held-out loss at step %d: %.4f", current, value)
         return value

@@ -20,9 +20,11 @@ import os
 import sys
 
 import jax
+import ml_collections
 
 from jsft import checkpoint, hf, models, sharding
 from jsft.errors import JsftError
+from jsft.lora import LoraSpec
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
@@ -55,7 +57,14 @@ def convert(
     )
     layout = models.Layout(cfg, hf_config["model_type"])
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    params, _, _ = checkpoint.restore_for_export(mngr, step, layout.shapes, layout.shardings(mesh))
+    lora = LoraSpec.from_config(ml_collections.ConfigDict(train_cfg["lora"]))
+    if lora:  # the checkpoint holds the factors; fold them into the base weights of the model folder
+        factors, _, _ = checkpoint.restore_for_export(
+            mngr, step, lora.shapes(layout), lora.shardings(layout, mesh)
+        )
+        params = lora.merge(models.load_params(train_cfg["model"]["path"], layout, mesh), factors)
+    else:
+        params, _, _ = checkpoint.restore_for_export(mngr, step, layout.shapes, layout.shardings(mesh))
     dtype = dtype or train_cfg["model"]["param_dtype"]
     tensors = models.to_hf_tensors(params, layout, models.dtype_of(dtype))
     readme = model_card(train_cfg, step, meta.get("total_steps"))
