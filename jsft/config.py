@@ -29,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         {
             "path": "",  # a Hugging Face model folder (config.json, *.safetensors, tokenizer files)
-            "dtype": "float32",  # compute dtype of activations
+            "dtype": "auto",  # compute dtype of activations: auto = bfloat16 on GPU/TPU, float32 on CPU
             "param_dtype": "float32",  # storage dtype of parameters and optimizer moments
         }
     )
@@ -178,7 +178,7 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
         ),
         (0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)"),
         (cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 turns clipping off)"),
-        (cfg.model.dtype in ("float32", "bfloat16"), "model.dtype must be 'float32' or 'bfloat16'"),
+        (cfg.model.dtype in ("auto", "float32", "bfloat16"), "model.dtype must be auto, float32 or bfloat16"),
         (cfg.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype must be float32 or bfloat16"),
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),

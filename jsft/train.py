@@ -42,7 +42,12 @@ def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
 
 
 class StopSignal:
-    """Turns SIGTERM (preemption, scancel, kill) into a request to save and exit at the next step."""
+    """Turns SIGTERM (preemption, scancel, kill) into a request to save and exit at a step boundary.
+
+    With several processes they must agree on the step: JAX's preemption sync point covers notices
+    that reach the coordination service (TPU maintenance events), and an all-gather of the SIGTERM
+    flag covers the rest.
+    """
 
     def __init__(self):
         self.requested = False
@@ -51,10 +56,14 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def __call__(self) -> bool:
+    def __call__(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.requested
-        # every process must stop at the same step: agree on it
+        try:
+            if multihost_utils.reached_preemption_sync_point(step):
+                return True
+        except RuntimeError:  # the preemption service is off
+            pass
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
@@ -153,7 +162,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     mngr, resume_step = open_checkpoints(cfg)
     resuming = bool(mngr.all_steps()) and cfg.checkpoint.resume
-    model_cfg, hf_config = models.config_from_folder(cfg.model.path, cfg.model.dtype, cfg.model.param_dtype)
+    compute_dtype = cfg.model.dtype
+    if compute_dtype == "auto":  # bfloat16 where the hardware is built for it
+        compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    model_cfg, hf_config = models.config_from_folder(cfg.model.path, compute_dtype, cfg.model.param_dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
     template = data.resolve_template(cfg.data.chat_template)
     if len(tokenizer) > model_cfg.vocab_size:
@@ -298,7 +310,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         if cfg.log.eval_every_steps and eval_data is not None and current % cfg.log.eval_every_steps == 0:
             summary["eval_loss_end"] = run_eval()
         minutes = cfg.checkpoint.every_minutes
-        if stop_requested():
+        if stop_requested(current):
             save()
             summary["stopped"] = True
             break
