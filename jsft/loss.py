@@ -2,7 +2,8 @@
 
 The [batch, seq, vocab] float32 logits are the largest tensor of an SFT step for 128k-256k vocabularies;
 here each chunk of the sequence is projected, scored and discarded (and recomputed in the backward
-pass), so memory grows with the chunk, not the sequence.
+pass). The chunk length is chosen so a chunk's logits fit a fixed budget, so peak memory stays flat
+as the vocabulary or the sequence grows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from jsft.models.attention import soft_cap
+
+
+LOGITS_BUDGET_BYTES = 64 * 2**20
 
 
 def token_loss_sum(
@@ -35,12 +39,18 @@ def chunked_loss_sum(
     kernel: jax.Array,
     targets: jax.Array,
     mask: jax.Array,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
 ) -> jax.Array:
-    """`token_loss_sum(hidden @ kernel, ...)` without materialising all logits at once."""
+    """`token_loss_sum(hidden @ kernel, ...)` without materialising all logits at once.
+
+    `chunk_size` (sequence positions per chunk) defaults to what keeps one chunk's float32 logits
+    within LOGITS_BUDGET_BYTES.
+    """
     batch, seq, dim = hidden.shape
+    if chunk_size is None:
+        chunk_size = max(LOGITS_BUDGET_BYTES // (4 * batch * kernel.shape[-1]), 16)
     chunk_size = min(chunk_size, seq)
     pad = -seq % chunk_size
     if pad:

@@ -186,3 +186,23 @@ def test_train_loss_applies_gemma2_final_logit_softcap(tmp_path):
     logits = layout.merge(params)(batch["input_ids"], batch["positions"], batch["segment_ids"])  # capped
     expected = loss.token_loss_sum(logits, batch["target_ids"], batch["loss_mask"])
     np.testing.assert_allclose(step._loss_sum(layout, params, batch), expected, rtol=1e-6)
+
+
+def test_chunked_loss_memory_stays_flat_as_the_vocabulary_grows():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_loss_memory", ROOT / "tools" / "bench_loss_memory.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    batch, seq, hidden = 2, 1024, 256
+    beyond_kernel_grad = {}
+    for vocab in (8_192, 65_536):
+        plain, chunked = bench.measure(batch, seq, hidden, vocab, None)
+        beyond_kernel_grad[vocab] = chunked - hidden * vocab * 4
+        assert plain >= batch * seq * vocab * 4  # the plain loss holds all logits
+    # 8x the vocabulary: the chunked loss needs no more than the gradient of the bigger kernel
+    assert beyond_kernel_grad[65_536] <= 1.1 * beyond_kernel_grad[8_192]
