@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from jsft.models.attention import soft_cap
 
-
 LOGITS_BUDGET_BYTES = 64 * 2**20
 
 
