@@ -29,7 +29,8 @@ def manager(directory: str, keep: int | None = None, read_only: bool = False) ->
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only, enable_async_checkpointing=True
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    local = "://" not in directory  # gs:// and other tensorstore URLs pass through unchanged
+    return ocp.CheckpointManager(os.path.abspath(directory) if local else directory, options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iter, meta: dict, hf_assets: dict) -> None:
