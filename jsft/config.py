@@ -31,6 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
             "path": "",  # a Hugging Face model folder (config.json, *.safetensors, tokenizer files)
             "dtype": "auto",  # compute dtype of activations: auto = bfloat16 on GPU/TPU, float32 on CPU
             "param_dtype": "float32",  # storage dtype of parameters and optimizer moments
+            "attention": "auto",  # auto | xla | cudnn | splash (auto: cudnn on NVIDIA, splash on TPU)
+            "remat": "none",  # none | full | minimal | dots_saveable: what each block keeps for backward
         }
     )
     c.data = ml_collections.ConfigDict(

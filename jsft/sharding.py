@@ -1,7 +1,8 @@
 """The device mesh and the one table that maps logical axis names onto it.
 
-Every parameter names its axes (vocab, embed, heads, ...); `LOGICAL_RULES` says which mesh axis each
-is split over. FSDP, tensor parallelism and pure data parallelism are then mesh sizes, not code.
+Every parameter names its axes (vocab, embed, heads, ...), and so do the model's main activations
+(batch, sequence, activation_embed, heads, mlp, ...); `LOGICAL_RULES` says which mesh axis each is
+split over. FSDP, tensor parallelism and pure data parallelism are then mesh sizes, not code.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import math
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
+    "sequence": None,
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": "fsdp",  # weights; activations already split their batch over fsdp
+    "activation_embed": None,
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -47,7 +50,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh | AbstractMesh) -> P:
     """Partition spec for one array; a dimension the mesh axis does not divide stays replicated."""
     spec = []
     for axis, dim in zip(axes, shape, strict=True):
@@ -58,6 +61,18 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
                 mesh_axes = None
         spec.append(mesh_axes)
     return P(*spec)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins an activation's layout by its logical axes while tracing under a mesh; a no-op without one.
+
+    The mesh is the one set by `jax.set_mesh(mesh)` around the jitted call, or by
+    `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)` inside the traced function.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def named_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

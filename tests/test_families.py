@@ -221,3 +221,15 @@ def test_unsupported_features_are_clear_errors():
         ModelConfig.from_hf(qwen)
     with pytest.raises(UnsupportedModelError, match="activation 'relu'"):
         ModelConfig.from_hf(dict(transformers.LlamaConfig().to_dict(), hidden_act="relu"))
+
+
+def test_activation_sharding_keeps_the_logits(reference):
+    """Under the mesh context the activations are pinned to their logical axes; the logits stay the same."""
+    layout, params, unpinned = _jsft(reference, "fsdp4_tensor2")
+    with jax.set_mesh(sharding.make_mesh(MESHES["fsdp4_tensor2"])):
+        forward = jax.jit(lambda p, ids, pos, seg: layout.merge(p)(ids, pos, seg))
+        args = (params, reference.input_ids, reference.positions, reference.segment_ids)
+        assert "sharding_constraint" in forward.lower(*args).as_text()
+        pinned = np.asarray(forward(*args))
+    np.testing.assert_allclose(pinned, unpinned, atol=1e-5, rtol=0)
+    _assert_logits_match(reference, pinned, ATOL)

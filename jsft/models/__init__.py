@@ -68,10 +68,16 @@ class Layout:
 
 
 def config_from_folder(
-    path: str, dtype: str = "float32", param_dtype: str = "float32"
+    path: str,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    attention: str = "auto",
+    remat: str = "none",
 ) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, parsed config.json); `attention` and `remat` are the `model` config group's choices."""
     hf_config = hf.read_config(path)
-    return ModelConfig.from_hf(hf_config, dtype_of(dtype), dtype_of(param_dtype)), hf_config
+    cfg = ModelConfig.from_hf(hf_config, dtype_of(dtype), dtype_of(param_dtype), attention, remat)
+    return cfg, hf_config
 
 
 def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
@@ -124,10 +130,14 @@ def _shard(view: np.ndarray, dtype, index: tuple[slice, ...]) -> np.ndarray:
 
 
 def load_pretrained(
-    path: str, dtype: str = "float32", param_dtype: str | None = None, mesh: Mesh | None = None
+    path: str,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    mesh: Mesh | None = None,
+    attention: str = "auto",
 ) -> Decoder:
     """The NNX model of a Hugging Face folder, parameters placed on `mesh` (default: one device)."""
-    cfg, hf_config = config_from_folder(path, dtype, param_dtype or dtype)
+    cfg, hf_config = config_from_folder(path, dtype, param_dtype or dtype, attention)
     layout = Layout(cfg, hf_config["model_type"])
     mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     return layout.merge(load_params(path, layout, mesh))

@@ -3,16 +3,32 @@
 Packed rows carry `segment_ids` (0 = padding) and per-segment `positions`: a token attends to earlier
 tokens of its own segment only (and, on sliding-window layers, to the last `sliding_window` of them).
 K/V heads are shared by groups of query heads (GQA) by reshaping the queries, never by repeating K/V.
+
+Three backends compute the same thing: `dot_product_attention` (plain XLA, the reference),
+`masked_attention` (`jax.nn.dot_product_attention`, run by cuDNN on NVIDIA GPUs) and `splash_attention`
+(the Pallas splash kernel on TPUs). `resolve_attention_impl` turns `model.attention` into one of them.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
-from jsft.models.config import RopeScaling
+from jsft import sharding
+from jsft.models.config import ModelConfig, ModelOptionError, RopeScaling
+
+log = logging.getLogger(__name__)
+
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 256
+SPLASH_BLOCK_SIZE = 512  # MaxText's choice; clipped to the sequence length
+SPLASH_MIN_BLOCK = 128  # the kernel's lane width: blocks (and so rows) are multiples of it
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
@@ -89,3 +105,198 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def _is_nvidia_gpu(device: jax.Device) -> bool:
+    return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+
+
+def _cudnn_problem(cfg: ModelConfig) -> str | None:
+    """Why cuDNN's fused attention cannot run this model, or None if it can."""
+    if jnp.dtype(cfg.dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+        return f"compute dtype {jnp.dtype(cfg.dtype).name} (cuDNN needs bfloat16 or float16)"
+    if cfg.head_dim % 8 or cfg.head_dim > CUDNN_MAX_HEAD_DIM:
+        return f"head_dim {cfg.head_dim} (cuDNN needs a multiple of 8, at most {CUDNN_MAX_HEAD_DIM})"
+    if cfg.attn_logit_softcap is not None:
+        return "attention logit soft-capping (Gemma 2), which cuDNN does not do"
+    return None
+
+
+def resolve_attention_impl(cfg: ModelConfig, device: jax.Device | None = None) -> str:
+    """The backend `cfg.attention_impl` means on `device` (default: the first device).
+
+    "auto" takes cuDNN on NVIDIA GPUs when the model allows it (else XLA, with a warning saying why),
+    splash on TPUs, XLA elsewhere. An explicit choice that cannot run here is an error, not a fallback.
+    """
+    device = device or jax.devices()[0]
+    requested = cfg.attention_impl
+    if requested == "auto":
+        if device.platform == "tpu":
+            return "splash"
+        if _is_nvidia_gpu(device):
+            problem = _cudnn_problem(cfg)
+            if problem is None:
+                return "cudnn"
+            log.warning("model.attention=auto: using xla attention instead of cudnn because of %s", problem)
+        return "xla"
+    where = f"{device.platform} device ({device.device_kind})"
+    if requested == "cudnn":
+        if not _is_nvidia_gpu(device):
+            raise ModelOptionError(f"model.attention=cudnn needs an NVIDIA GPU; this is a {where}")
+        problem = _cudnn_problem(cfg)
+        if problem is not None:
+            raise ModelOptionError(f"model.attention=cudnn cannot run this model: {problem}; use auto or xla")
+    if requested == "splash" and device.platform != "tpu":
+        raise ModelOptionError(f"model.attention=splash needs a TPU; this is a {where}")
+    return requested
+
+
+def masked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    implementation: str = "cudnn",
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` over packed rows: the cuDNN path, testable on CPU as "xla".
+
+    It has no segment ids, so the packed mask goes in as a boolean [batch, 1, q, k] array; `is_causal`
+    and the window are passed as well so cuDNN can skip the blocks they exclude. GQA is native.
+    """
+    mask = attention_mask(segment_ids, sliding_window)[:, :, 0]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        scale=scale,
+        is_causal=True,
+        local_window_size=window,
+        implementation=implementation,
+    )
+
+
+def splash_block_size(seq: int, block_size: int = SPLASH_BLOCK_SIZE) -> int:
+    """`block_size` clipped to `seq`, which it must divide; blocks are multiples of 128."""
+    block = min(block_size, seq)
+    if seq % SPLASH_MIN_BLOCK or block % SPLASH_MIN_BLOCK or seq % block:
+        raise ModelOptionError(
+            f"splash attention needs rows that are a multiple of its block size {block} (and of "
+            f"{SPLASH_MIN_BLOCK}); got {seq} tokens: set data.max_seq_length to a multiple of {block}"
+        )
+    return block
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None = None,
+    sliding_window: int | None = None,
+    block_size: int = SPLASH_BLOCK_SIZE,
+    interpret: bool = False,
+) -> jax.Array:
+    """Pallas splash attention (TPU): causal or local mask, segment ids, GQA and soft-capping in the kernel.
+
+    Under a mesh (`jax.set_mesh` / `jax.sharding.use_abstract_mesh`) the kernel runs per shard through
+    `shard_map`, rows split like the batch and heads over `tensor` when both head counts allow it; the
+    partitioner cannot split a Pallas call by itself. `interpret=True` runs it on CPU, for tests.
+    """
+    block = splash_block_size(q.shape[1], block_size)
+    local = functools.partial(
+        _splash_per_shard,
+        scale=scale,
+        logit_softcap=logit_softcap,
+        sliding_window=sliding_window,
+        block=block,
+        interpret=interpret,
+    )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, segment_ids)
+    batch_axes = sharding.logical_to_spec(("batch",), q.shape[:1], mesh)[0]
+    head_axes = sharding.logical_to_spec(("heads", "kv_heads"), (q.shape[2], k.shape[2]), mesh)
+    heads = head_axes[0] if head_axes[0] == head_axes[1] else None
+    qkv_spec = P(batch_axes, None, heads, None)
+    return jax.shard_map(
+        local,
+        in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )(q, k, v, segment_ids)
+
+
+def _splash_per_shard(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None,
+    sliding_window: int | None,
+    block: int,
+    interpret: bool,
+) -> jax.Array:
+    seq, heads = q.shape[1], q.shape[2]
+    if sliding_window is None:
+        head_mask = splash.CausalMask((seq, seq))
+    else:  # keys k with q - (window - 1) <= k <= q, i.e. q - k < window
+        head_mask = splash.LocalMask((seq, seq), window_size=(sliding_window - 1, 0), offset=0)
+    blocks = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([head_mask] * heads),
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        attn_logits_soft_cap=logit_softcap,
+        interpret=interpret,
+    )
+
+    def heads_first(x: jax.Array) -> jax.Array:
+        return x.transpose(0, 2, 1, 3)
+
+    segments = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+    out = jax.vmap(kernel)(
+        heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), segments
+    )
+    return heads_first(out)
+
+
+def attend(
+    implementation: str,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Attention by the resolved backend ("xla", "cudnn" or "splash"); shapes as `dot_product_attention`."""
+    if implementation == "splash":
+        return splash_attention(
+            q, k, v, segment_ids, scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window
+        )
+    if implementation == "cudnn":  # resolve_attention_impl never picks it for soft-capped models
+        return masked_attention(q, k, v, segment_ids, scale=scale, sliding_window=sliding_window)
+    return dot_product_attention(
+        q, k, v, segment_ids, scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window
+    )

@@ -16,11 +16,19 @@ from jsft.errors import JsftError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# "auto" picks cuDNN on NVIDIA GPUs, splash on TPUs, XLA elsewhere (see `attention.resolve_attention_impl`).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# What each decoder block keeps for the backward pass (see `decoder.REMAT_POLICIES`).
+REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 class UnsupportedModelError(JsftError):
     """A config.json asking for an architecture feature jsft does not implement."""
+
+
+class ModelOptionError(JsftError):
+    """A `model.attention` or `model.remat` choice that is unknown or cannot run this model here."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +105,16 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # per layer FULL_ATTENTION or SLIDING_ATTENTION; () = all full
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32  # storage dtype
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
+    remat: str = "none"  # one of REMAT_CHOICES
+
+    def __post_init__(self):
+        for name, value, choices in (
+            ("attention", self.attention_impl, ATTENTION_IMPLEMENTATIONS),
+            ("remat", self.remat, REMAT_CHOICES),
+        ):
+            if value not in choices:
+                raise ModelOptionError(f"model.{name}={value!r} is not one of {', '.join(choices)}")
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == SLIDING_ATTENTION
@@ -107,7 +125,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf(
-        cls, hf: dict[str, Any], dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+        cls,
+        hf: dict[str, Any],
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        attention_impl: str = "auto",
+        remat: str = "none",
     ) -> ModelConfig:
         """Builds the config from a parsed HF `config.json`; unsupported features are clear errors."""
         model_type = hf.get("model_type")
@@ -172,6 +195,8 @@ class ModelConfig:
             layer_types=_layer_types(model_type, hf, num_layers, sliding_window),
             dtype=dtype,
             param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            remat=remat,
         )
 
     def num_params(self) -> int:

@@ -3,7 +3,8 @@
 Families differ only through `ModelConfig` fields (norm placement and rounding, q/k norms, biases,
 soft-capping, sliding windows), never through copies of this code. Parameters carry logical axis names
 (`out_sharding`), which `jsft.sharding` maps onto mesh axes. Projection kernels keep heads as their own
-axis ([embed, heads, head_dim]) so tensor parallelism can split heads without reshapes.
+axis ([embed, heads, head_dim]) so tensor parallelism can split heads without reshapes. Activations are
+pinned to their logical axes too (`sharding.constrain`), when traced under a mesh.
 """
 
 from __future__ import annotations
@@ -15,12 +16,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsft.models.attention import apply_rope, dot_product_attention, rope_frequencies, soft_cap
+from jsft import sharding
+from jsft.models.attention import apply_rope, attend, resolve_attention_impl, rope_frequencies, soft_cap
 from jsft.models.config import ModelConfig
 
 _init = nnx.initializers.normal(stddev=0.02)
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+# What a decoder block saves for the backward pass; everything else is recomputed from its input.
+#   full: nothing (least memory, about one more forward pass of compute);
+#   minimal: the projections' outputs (matmuls without batch dimensions; MaxText's "minimal"), so the
+#     backward recomputes norms, RoPE, activations and the attention core (its [t, t] scores included);
+#   dots_saveable: every matmul's output, attention scores included (most memory of the three).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+HIDDEN_AXES = ("batch", "sequence", "activation_embed")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=_init) -> nnx.Param:
@@ -51,9 +65,10 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sliding: bool, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, sliding: bool, implementation: str, *, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
+        self.implementation = implementation  # resolved: "xla", "cudnn" or "splash"
         self.sliding_window = cfg.sliding_window if sliding else None
         self.rope_theta = cfg.local_rope_theta if sliding and cfg.local_rope_theta else cfg.rope_theta
         self.rope_scaling = None if sliding and cfg.local_rope_theta else cfg.rope_scaling
@@ -90,7 +105,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_frequencies(cfg.head_dim, self.rope_theta, self.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out = dot_product_attention(
+        q = sharding.constrain(q, ("batch", "sequence", "heads", "head_dim"))
+        k = sharding.constrain(k, ("batch", "sequence", "kv_heads", "head_dim"))
+        v = sharding.constrain(v, ("batch", "sequence", "kv_heads", "head_dim"))
+        out = attend(
+            self.implementation,
             q,
             k,
             v,
@@ -99,6 +118,7 @@ class Attention(nnx.Module):
             logit_softcap=cfg.attn_logit_softcap,
             sliding_window=self.sliding_window,
         )
+        out = sharding.constrain(out, ("batch", "sequence", "heads", "head_dim"))
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
@@ -116,19 +136,20 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.dtype
         gate = ACTIVATIONS[self.cfg.hidden_act](x @ self.gate_proj[...].astype(dt))
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+        hidden = sharding.constrain(gate * (x @ self.up_proj[...].astype(dt)), ("batch", "sequence", "mlp"))
+        return hidden @ self.down_proj[...].astype(dt)
 
 
 class Block(nnx.Module):
     """Attention then MLP, residual branches normalised before (Llama), after (OLMo 2) or both (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, attention: str, *, rngs: nnx.Rngs):
         def norm() -> RMSNorm:
             return RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
 
         before, after = cfg.norm_before_sublayers, cfg.norm_after_sublayers
         self.pre_attn_norm = norm() if before else None
-        self.attn = Attention(cfg, cfg.is_sliding(layer), rngs=rngs)
+        self.attn = Attention(cfg, cfg.is_sliding(layer), attention, rngs=rngs)
         self.post_attn_norm = norm() if after else None
         self.pre_mlp_norm = norm() if before else None
         self.mlp = MLP(cfg, rngs=rngs)
@@ -136,7 +157,8 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         x = x + _maybe(self.post_attn_norm, self.attn(_maybe(self.pre_attn_norm, x), positions, segment_ids))
-        return x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x)))
+        x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x)))
+        return sharding.constrain(x, HIDDEN_AXES)
 
 
 def _maybe(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
@@ -144,12 +166,17 @@ def _maybe(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
 
 
 class Decoder(nnx.Module):
-    """`model(input_ids, positions=None, segment_ids=None)` -> logits [batch, seq, vocab]."""
+    """`model(input_ids, positions=None, segment_ids=None)` -> logits [batch, seq, vocab].
+
+    The attention backend is resolved for the first device when the model is built (errors then, not
+    at the first step); each block runs under `jax.checkpoint` with `REMAT_POLICIES[cfg.remat]`.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        attention = resolve_attention_impl(cfg)
+        self.layers = nnx.List([Block(cfg, i, attention, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(
@@ -167,9 +194,12 @@ class Decoder(nnx.Module):
         x = self.embed[...][input_ids]
         if self.cfg.scale_embeddings:  # HF rounds sqrt(hidden) to the weights' dtype first
             x = x * np.float32(self.cfg.hidden_size**0.5).astype(x.dtype)
-        x = x.astype(self.cfg.dtype)
+        x = sharding.constrain(x.astype(self.cfg.dtype), HIDDEN_AXES)
+        run_block = Block.__call__
+        if self.cfg.remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
         for layer in self.layers:
-            x = layer(x, positions, segment_ids)
+            x = run_block(layer, x, positions, segment_ids)
         return self.final_norm(x)
 
     def output_kernel(self) -> jax.Array:
@@ -181,7 +211,8 @@ class Decoder(nnx.Module):
         return kernel.astype(self.cfg.dtype)
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
-        return soft_cap(hidden @ self.output_kernel(), self.cfg.final_logit_softcap)
+        logits = sharding.constrain(hidden @ self.output_kernel(), ("batch", "sequence", "vocab"))
+        return soft_cap(logits, self.cfg.final_logit_softcap)
 
     def __call__(
         self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None

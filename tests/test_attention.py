@@ -1,0 +1,242 @@
+"""Attention backends, rematerialisation and activation sharding against the plain XLA model (CPU).
+
+Every backend must equal `dot_product_attention` on packed rows (a leak across segments is silent
+otherwise): the cuDNN path through its `implementation="xla"` twin, splash in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsft import models, sharding
+from jsft.models import attention
+from jsft.models.config import ModelConfig, ModelOptionError
+
+SCALE = 0.3
+CPU = jax.devices()[0]
+NVIDIA = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+TPU = types.SimpleNamespace(platform="tpu", device_kind="TPU v5p")
+SMALL = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10_000.0,
+)
+
+
+def _packed_segments(rows: int, seq: int, seed: int) -> np.ndarray:
+    """Rows of several segments of random lengths (crossing block boundaries), then padding (0)."""
+    rng = np.random.default_rng(seed)
+    segments = np.zeros((rows, seq), np.int32)
+    for row in range(rows):
+        start, segment = 0, 1
+        while start < seq - seq // 8:
+            length = int(rng.integers(1, seq // 2))
+            segments[row, start : start + length] = segment
+            start, segment = start + length, segment + 1
+    return segments
+
+
+def _qkv(rows: int, seq: int, heads: int = 4, kv_heads: int = 2, head_dim: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(rows, seq, heads, head_dim)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(rows, seq, kv_heads, head_dim)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(rows, seq, kv_heads, head_dim)), jnp.float32)
+    return q, k, v, jnp.asarray(_packed_segments(rows, seq, seed))
+
+
+def _assert_same_value_and_grads(backend, reference, args, atol: float) -> None:
+    def weighted_sum(fn):  # a loss whose gradient reaches every output element differently
+        weights = jnp.asarray(np.random.default_rng(1).normal(size=args[0].shape), jnp.float32)
+        return lambda q, k, v: jnp.sum(fn(q, k, v, args[3]) * weights)
+
+    np.testing.assert_allclose(backend(*args), reference(*args), atol=atol, rtol=0)
+    got = jax.grad(weighted_sum(backend), argnums=(0, 1, 2))(*args[:3])
+    expected = jax.grad(weighted_sum(reference), argnums=(0, 1, 2))(*args[:3])
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, atol=atol * 10, rtol=0)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_cudnn_path_equals_reference(sliding_window):
+    """`masked_attention` differs from what runs on GPUs only in implementation="xla"."""
+    args = _qkv(rows=3, seq=40)
+
+    def backend(q, k, v, seg):
+        return attention.masked_attention(
+            q, k, v, seg, scale=SCALE, sliding_window=sliding_window, implementation="xla"
+        )
+
+    def reference(q, k, v, seg):
+        return attention.dot_product_attention(q, k, v, seg, scale=SCALE, sliding_window=sliding_window)
+
+    _assert_same_value_and_grads(backend, reference, args, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "seq, sliding_window, softcap",
+    [(128, None, None), (256, 40, None), (256, None, 2.0)],
+    ids=["causal", "sliding", "softcap"],
+)
+def test_splash_equals_reference_in_interpret_mode(seq, sliding_window, softcap):
+    args = _qkv(rows=2, seq=seq, seed=seq)
+    options = dict(scale=SCALE, logit_softcap=softcap, sliding_window=sliding_window)
+
+    def backend(q, k, v, seg):
+        return attention.splash_attention(q, k, v, seg, block_size=128, interpret=True, **options)
+
+    def reference(q, k, v, seg):
+        return attention.dot_product_attention(q, k, v, seg, **options)
+
+    _assert_same_value_and_grads(backend, reference, args, atol=1e-5)
+
+
+def test_splash_under_a_mesh_runs_per_shard():
+    """Rows split over fsdp, heads over tensor through shard_map: the same numbers."""
+    args = _qkv(rows=4, seq=128, seed=3)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+
+    def run(q, k, v, seg):
+        return attention.splash_attention(q, k, v, seg, scale=SCALE, block_size=128, interpret=True)
+
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(run)(*args)
+        hlo = jax.jit(run).lower(*args).as_text()
+    assert "shard_map" in hlo or "manual" in hlo.lower()
+    expected = attention.dot_product_attention(*args, scale=SCALE)
+    np.testing.assert_allclose(sharded, expected, atol=1e-5, rtol=0)
+
+
+def test_splash_rejects_rows_that_blocks_do_not_divide():
+    assert attention.splash_block_size(4096) == 512
+    assert attention.splash_block_size(256) == 256
+    with pytest.raises(ModelOptionError, match="multiple of its block size 512"):
+        attention.splash_block_size(1000)
+
+
+def test_auto_resolves_by_device_and_dtype(caplog):
+    bf16 = dataclasses.replace(SMALL, dtype=jnp.bfloat16)
+    assert attention.resolve_attention_impl(SMALL) == "xla"  # this CPU
+    assert attention.resolve_attention_impl(bf16, NVIDIA) == "cudnn"
+    assert attention.resolve_attention_impl(SMALL, TPU) == "splash"
+    with caplog.at_level(logging.WARNING):
+        assert attention.resolve_attention_impl(SMALL, NVIDIA) == "xla"
+        capped = dataclasses.replace(bf16, attn_logit_softcap=50.0)
+        assert attention.resolve_attention_impl(capped, NVIDIA) == "xla"
+    assert "compute dtype float32" in caplog.text and "soft-capping" in caplog.text
+
+
+def test_impossible_choices_are_clear_errors(hf_llama):
+    with pytest.raises(ModelOptionError, match="model.attention='flash' is not one of auto, xla, cudnn"):
+        models.config_from_folder(str(hf_llama), attention="flash")
+    with pytest.raises(ModelOptionError, match="model.remat='some' is not one of none, full"):
+        models.config_from_folder(str(hf_llama), remat="some")
+    bf16 = dataclasses.replace(SMALL, dtype=jnp.bfloat16, attention_impl="cudnn")
+    with pytest.raises(ModelOptionError, match="cudnn needs an NVIDIA GPU; this is a cpu device"):
+        attention.resolve_attention_impl(bf16, CPU)
+    with pytest.raises(ModelOptionError, match="soft-capping.*use auto or xla"):
+        attention.resolve_attention_impl(dataclasses.replace(bf16, attn_logit_softcap=50.0), NVIDIA)
+    with pytest.raises(ModelOptionError, match="head_dim 12"):
+        attention.resolve_attention_impl(dataclasses.replace(bf16, head_dim=12), NVIDIA)
+    with pytest.raises(ModelOptionError, match="splash needs a TPU; this is a cpu device"):
+        models.Layout(dataclasses.replace(SMALL, attention_impl="splash"))
+
+
+def _loss_and_params(cfg: ModelConfig, rows: int, seq: int):
+    """(loss of params, params) for `cfg` on one device: a weighted sum of the final hidden states."""
+    layout = models.Layout(cfg)
+    params = layout.init(0, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, seq)), jnp.int32)
+    segments = jnp.asarray(_packed_segments(rows, seq, 0))
+    positions = jnp.asarray(np.tile(np.arange(seq, dtype=np.int32), (rows, 1)))
+    weights = jnp.asarray(rng.normal(size=(rows, seq, cfg.hidden_size)), jnp.float32)
+
+    def loss(p):
+        return jnp.sum(layout.merge(p).hidden_states(ids, positions, segments) * weights)
+
+    return loss, params
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "minimal"])
+def test_remat_keeps_the_gradients(remat):
+    loss, params = _loss_and_params(dataclasses.replace(SMALL, num_layers=2), rows=2, seq=24)
+    expected = jax.jit(jax.grad(loss))(params)
+    remat_loss, _ = _loss_and_params(dataclasses.replace(SMALL, num_layers=2, remat=remat), rows=2, seq=24)
+    got = jax.jit(jax.grad(remat_loss))(params)
+    for name, value in expected.items():
+        assert np.linalg.norm(got[name] - value) <= 1e-6 * np.linalg.norm(value), name
+
+
+def gradient_temp_bytes(remat: str) -> int:
+    """XLA's temporary memory for the gradient of a 6-layer model on 2 rows of 512 tokens."""
+    loss, params = _loss_and_params(dataclasses.replace(SMALL, num_layers=6, remat=remat), rows=2, seq=512)
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_full_remat_needs_less_memory():
+    """Measured in a child process: XLA:CPU's default scheduler favours parallelism over memory and
+    runs every recomputation early, which hides what remat saves; the memory-minimising one shows it."""
+    script = (
+        f"import json, sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+        "from test_attention import gradient_temp_bytes; "
+        "print(json.dumps({r: gradient_temp_bytes(r) for r in ('none', 'full')}))"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    temp_bytes = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"temp bytes of the gradient, 6 layers, 2 x 512 tokens: {temp_bytes}")
+    assert temp_bytes["full"] < 0.5 * temp_bytes["none"]
+
+
+def test_no_sharding_constraints_without_a_mesh():
+    loss, params = _loss_and_params(dataclasses.replace(SMALL, num_layers=1), rows=2, seq=8)
+    assert "sharding_constraint" not in str(jax.make_jaxpr(loss)(params))
+
+
+@pytest.mark.parametrize("mesh_context", ["set_mesh", "abstract_mesh_inside_jit"])
+def test_activation_sharding_keeps_the_gradients(mesh_context):
+    """On fsdp=4 x tensor=2 with activations pinned (and remat on), the same loss and gradients."""
+    cfg = dataclasses.replace(SMALL, num_layers=2, remat="full")
+    loss, params = _loss_and_params(cfg, rows=4, seq=32)
+    expected_loss, expected = jax.jit(jax.value_and_grad(loss))(params)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    param_shardings = models.Layout(cfg).shardings(mesh)
+
+    def sharded(p):
+        if mesh_context == "set_mesh":
+            return jax.value_and_grad(loss)(p)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return jax.value_and_grad(loss)(p)
+
+    step = jax.jit(sharded, in_shardings=(param_shardings,), out_shardings=(None, param_shardings))
+    placed = jax.device_put(params, param_shardings)
+    if mesh_context == "set_mesh":
+        with jax.set_mesh(mesh):
+            value, got = step(placed)
+            hlo = step.lower(placed).as_text()
+    else:
+        value, got = step(placed)
+        hlo = step.lower(placed).as_text()
+    assert hlo.count("sharding_constraint") >= 10  # the constraints reached the compiler
+    np.testing.assert_allclose(value, expected_loss, rtol=1e-5)
+    got, expected = jax.device_get((got, expected))
+    for name, g in expected.items():
+        assert np.linalg.norm(got[name] - g) <= 1e-5 * np.linalg.norm(g), name
