@@ -93,6 +93,16 @@ def _loss_sum(layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0)
     )
 
 
+def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Traces `fn` under the mesh, so the model's activation sharding constraints take effect."""
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def make_train_step(
     layout: Layout,
     optimizer: optax.GradientTransformation,
@@ -156,7 +166,7 @@ def make_train_step(
         return new_state, metrics
 
     return jax.jit(
-        train_step,
+        _under_mesh(train_step, mesh),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -173,7 +183,7 @@ def make_eval_step(
         return {"loss_sum": loss_sum, "trained_tokens": jnp.sum(batch["loss_mask"])}
 
     return jax.jit(
-        eval_step,
+        _under_mesh(eval_step, mesh),
         in_shardings=(shardings["params"], shardings.get("base"), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
