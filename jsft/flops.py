@@ -51,12 +51,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = False) -> 
     T_att = seq_len (`causal=False`, the default) this is PaLM's 6N + 12 * L * H * Dh * T: every row
     pays for the whole T x T score matrix, which is what jsft's plain XLA attention executes. With
     `causal=True`, T_att = seq_len / 2, the convention of current MaxText, whose published MFUs are then
-    comparable. Either way packed rows are charged as one sequence of `seq_len`, not per segment.
+    comparable. Sliding-window layers attend to min(window, seq_len) keys per query instead (halved
+    too when causal, as MaxText does for Gemma 2). Packed rows are charged as one sequence of `seq_len`.
     """
     d, f, h, kv, dh = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    attended = seq_len / 2 if causal else seq_len
+    keys = [
+        min(cfg.sliding_window, seq_len) if cfg.is_sliding(layer) else seq_len
+        for layer in range(cfg.num_layers)
+    ]
+    attended = sum(keys) / 2 if causal else sum(keys)
     projections = cfg.num_layers * (d * dh * (2 * h + 2 * kv) + 3 * d * f)
-    attention = cfg.num_layers * 2 * h * dh * attended
+    attention = 2 * h * dh * attended
     forward = 2 * projections + 2 * d * cfg.vocab_size + 2 * attention
     return 3.0 * forward
 

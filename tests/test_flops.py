@@ -37,6 +37,14 @@ def test_count_matches_hand_computation():
     assert flops.flops_per_token(_config(), 24, causal=True) == 239904
 
 
+def test_sliding_layers_attend_to_the_window():
+    # Layer 0 slides over 10 keys, layer 1 sees all 24: attention 2*6*8*(10 + 24) * 2 (scores, values) =
+    # 6528 forward instead of 9216, so training drops by 3 * (9216 - 6528) = 8064.
+    cfg = _config(sliding_window=10, layer_types=("sliding_attention", "full_attention"))
+    assert flops.flops_per_token(cfg, 24) == 253728 - 8064
+    assert flops.flops_per_token(cfg, 8) == flops.flops_per_token(_config(), 8)  # window beyond the row
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_count_is_palm_6n_plus_attention(tied):
     # PaLM: 6N + 12 * L * H * Dh * T, N = matmul weights (the LM head counts even when tied to the embedding).
@@ -73,7 +81,8 @@ def test_count_matches_xla_cost_analysis_of_the_train_step(sizes, seq, batch):
 
     The surplus is work the model count leaves out on purpose: the chunked loss recomputes the LM head in
     the backward pass, AdamW does about a dozen FLOPs per parameter, and softmax, RMSNorm, RoPE and SiLU
-    are elementwise (measured: +3% and +8% for these two cases).
+    are elementwise (measured: +3% and +8% for these two cases). XLA counts a while loop's body once,
+    so the step must run its scans once: one micro-batch, and logits small enough for one loss chunk.
     """
     cfg = _config(**sizes)
     layout = models.Layout(cfg)

@@ -178,7 +178,8 @@ def main() -> None:
     jsft_times, compile_seconds, xla_flops = bench_jsft(args, config)
     print(
         f"jsft: compile {compile_seconds:.1f} s; XLA counts {xla_flops / 1e9:.1f} GFLOP per step "
-        f"({xla_flops / model_flops:.2f}x the model count)",
+        f"({xla_flops / model_flops:.2f}x the model count; XLA counts a loop body once, so a loss split "
+        "into n chunks shows 1/n of its LM head)",
         flush=True,
     )
     jsft_rate = report("jsft", jsft_times, tokens, model_flops, peak)
