@@ -91,6 +91,25 @@ def test_cudnn_path_equals_reference(sliding_window):
 
 
 @pytest.mark.parametrize(
+    "seq, block, sliding_window, softcap",
+    [(40, 16, None, None), (45, 8, 5, None), (37, 16, None, 2.0), (20, 256, 7, None)],
+    ids=["causal", "sliding", "softcap", "one_block"],
+)
+def test_blocked_xla_attention_equals_reference(seq, block, sliding_window, softcap):
+    """The "xla" backend's query blocks (last one partial) see exactly the keys the full mask allows."""
+    args = _qkv(rows=3, seq=seq, seed=seq)
+    options = dict(scale=SCALE, logit_softcap=softcap, sliding_window=sliding_window)
+
+    def backend(q, k, v, seg):
+        return attention.blocked_attention(q, k, v, seg, block=block, **options)
+
+    def reference(q, k, v, seg):
+        return attention.dot_product_attention(q, k, v, seg, **options)
+
+    _assert_same_value_and_grads(backend, reference, args, atol=1e-5)
+
+
+@pytest.mark.parametrize(
     "seq, sliding_window, softcap",
     [(128, None, None), (256, 40, None), (256, None, 2.0)],
     ids=["causal", "sliding", "softcap"],

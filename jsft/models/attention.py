@@ -107,6 +107,55 @@ def dot_product_attention(
     return out.reshape(b, t, h, d)
 
 
+XLA_QUERY_BLOCK = 256
+
+
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None = None,
+    sliding_window: int | None = None,
+    block: int = XLA_QUERY_BLOCK,
+) -> jax.Array:
+    """`dot_product_attention`'s result with less work: the "xla" backend.
+
+    Heads come first ([batch, kv_heads, group, seq, head_dim]) so the score matmuls are plain batched
+    matmuls, and queries go in blocks that only score the keys they can see: none after the block's
+    end (the causal upper triangle) and, with a sliding window, none before its reach. On a 2-core CPU
+    this cut one layer's attention forward+backward from 1.50 s to about 0.5 s (batch 4 x 1024, 8 heads).
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    outputs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        first_key = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        scores = jnp.einsum(
+            "bkgtd,bksd->bkgts",
+            qh[:, :, :, start:end],
+            kh[:, :, first_key:end],
+            preferred_element_type=jnp.float32,
+        )
+        scores = soft_cap(scores * scale, logit_softcap)
+        q_index = jnp.arange(start, end)[:, None]
+        k_index = jnp.arange(first_key, end)[None, :]
+        allowed = k_index <= q_index
+        if sliding_window is not None:
+            allowed &= q_index - k_index < sliding_window
+        same_segment = segment_ids[:, start:end, None] == segment_ids[:, None, first_key:end]
+        mask = (allowed[None] & same_segment)[:, None, None]
+        probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+        outputs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, vh[:, :, first_key:end]))
+    out = jnp.concatenate(outputs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def _is_nvidia_gpu(device: jax.Device) -> bool:
     return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
 
@@ -297,6 +346,6 @@ def attend(
         )
     if implementation == "cudnn":  # resolve_attention_impl never picks it for soft-capped models
         return masked_attention(q, k, v, segment_ids, scale=scale, sliding_window=sliding_window)
-    return dot_product_attention(
+    return blocked_attention(
         q, k, v, segment_ids, scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window
     )
