@@ -19,16 +19,20 @@ class MetricsLog:
         self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not self.enabled, unit="step")
         self._window_start = time.perf_counter()
         self._window_tokens = 0
+        self._window_positions = 0
 
-    def count_tokens(self, tokens: int) -> None:
+    def count_tokens(self, tokens: int, positions: int) -> None:
+        """`tokens` of data (padding excluded) in a step that computed over `positions` (rows x length)."""
         self._window_tokens += tokens
+        self._window_positions += positions
 
-    def tokens_per_sec(self) -> float:
-        """Tokens (padding excluded) per second since the last call."""
+    def rates(self) -> tuple[float, float]:
+        """(tokens, positions) per second since the last call; MFU counts positions, padding included."""
         now = time.perf_counter()
-        rate = self._window_tokens / max(now - self._window_start, 1e-9)
-        self._window_start, self._window_tokens = now, 0
-        return rate
+        elapsed = max(now - self._window_start, 1e-9)
+        rates = self._window_tokens / elapsed, self._window_positions / elapsed
+        self._window_start, self._window_tokens, self._window_positions = now, 0, 0
+        return rates
 
     def write(self, record: dict) -> None:
         if not self.enabled:

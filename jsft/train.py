@@ -278,24 +278,27 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     stop_requested = StopSignal()
     while current < total_steps:
         batch = next(train_iter)
-        metrics_log.count_tokens(int(np.count_nonzero(batch["segment_ids"])) * jax.process_count())
+        metrics_log.count_tokens(
+            int(np.count_nonzero(batch["segment_ids"])) * jax.process_count(),
+            cfg.train.global_batch_size * cfg.data.max_seq_length,
+        )
         batch_id = fingerprint(batch)
         state, step_metrics = train_step(state, device_batch(batch, mesh))
         current += 1
         if current % cfg.log.every_steps == 0 or current == total_steps:
             values = jax.device_get(step_metrics)
+            tokens_per_sec, positions_per_sec = metrics_log.rates()
             record = {
                 "step": current,
                 "loss": float(values["loss"]),
                 "lr": float(schedule(current - 1)),
                 "grad_norm": float(values["grad_norm"]),
                 "trained_tokens": int(values["trained_tokens"]),
-                "tokens_per_sec": metrics_log.tokens_per_sec(),
+                "tokens_per_sec": tokens_per_sec,
                 "batch_fingerprint": batch_id,
             }
             if peak:
-                per_device = record["tokens_per_sec"] / jax.device_count()
-                record["mfu"] = flops.mfu(per_device, flops_per_token, peak)
+                record["mfu"] = flops.mfu(positions_per_sec / jax.device_count(), flops_per_token, peak)
             if values["skipped"]:
                 record["skipped_nonfinite"] = True
             metrics_log.write(record)
