@@ -49,7 +49,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = False) -> 
 
     with L layers, hidden d, H query heads, K kv heads, head_dim Dh, MLP width F, vocabulary V. With
     T_att = seq_len (`causal=False`, the default) this is PaLM's 6N + 12 * L * H * Dh * T: every row
-    pays for the whole T x T score matrix, which is what jsft's plain XLA attention executes. With
+    pays for the whole T x T score matrix, as PaLM defines MFU (jsft's xla attention skips key blocks
+    past each query block, so it executes less). With
     `causal=True`, T_att = seq_len / 2, the convention of current MaxText, whose published MFUs are then
     comparable. Sliding-window layers attend to min(window, seq_len) keys per query instead (halved
     too when causal, as MaxText does for Gemma 2). Packed rows are charged as one sequence of `seq_len`.
