@@ -159,6 +159,14 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     started = time.perf_counter()
     initialize_distributed(cfg.mesh)
     mesh = sharding.make_mesh(cfg.mesh)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_batch = cfg.train.global_batch_size // cfg.train.grad_accum_steps
+    if micro_batch % batch_shards or cfg.train.global_batch_size % jax.process_count():
+        raise JsftError(
+            f"train.global_batch_size={cfg.train.global_batch_size} / grad_accum_steps="
+            f"{cfg.train.grad_accum_steps} must split evenly over data x fsdp = {batch_shards} devices "
+            f"and {jax.process_count()} processes"
+        )
     os.makedirs(cfg.output_dir, exist_ok=True)
     mngr, resume_step = open_checkpoints(cfg)
     resuming = bool(mngr.all_steps()) and cfg.checkpoint.resume

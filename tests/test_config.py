@@ -79,3 +79,21 @@ def test_cli_reports_one_line_without_traceback():
         out.stderr.strip().splitlines()[-1].startswith("jsft: config error: unknown config key 'optim.lrr'")
     )
     assert "Traceback" not in out.stderr
+
+
+def test_batch_that_does_not_split_over_the_mesh_is_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jsft.train",
+            f"--config={ROOT}/configs/tiny.py",
+            f"--config.output_dir={tmp_path}",
+            "--config.train.global_batch_size=12",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )  # tests run on 8 simulated devices: 12 rows do not split over them
+    assert out.returncode != 0
+    assert "must split evenly over data x fsdp = 8 devices" in out.stderr.strip().splitlines()[-1]
