@@ -10,6 +10,8 @@ fails to restore (a truncated file) is moved aside, never deleted, and the previ
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import time
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jsft import models
 from jsft.errors import JsftError
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,24 @@ def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
 
 def read_json_item(mngr: ocp.CheckpointManager, step: int, item: str) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+
+def hf_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, bytes]:
+    """The Hugging Face assets saved with a step: config.json, tokenizer files, the chat template."""
+    return {name: base64.b64decode(text) for name, text in read_json_item(mngr, step, "hf")["files"].items()}
+
+
+def saved_layout(mngr: ocp.CheckpointManager, step: int) -> tuple[models.Layout, dict]:
+    """(the parameter layout a step was saved in, the run config): its config.json, parameter dtype
+    and layer stacking, which decide the names and shapes its arrays restore into."""
+    hf_config = json.loads(hf_files(mngr, step)["config.json"])
+    run_cfg = read_json_item(mngr, step, "meta")["config"]
+    cfg = models.ModelConfig.from_hf(
+        hf_config,
+        param_dtype=models.dtype_of(run_cfg["model"]["param_dtype"]),
+        scan_layers=run_cfg["model"]["scan_layers"],
+    )
+    return models.Layout(cfg, hf_config["model_type"]), run_cfg
 
 
 def restore_for_export(mngr: ocp.CheckpointManager, step: int, abstract_params: dict, shardings: dict):

@@ -33,6 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
             "param_dtype": "float32",  # storage dtype of parameters and optimizer moments
             "attention": "auto",  # auto | xla | cudnn | splash (auto: cudnn on NVIDIA, splash on TPU)
             "remat": "none",  # none | full | minimal | dots_saveable: what each block keeps for backward
+            "scan_layers": True,  # one lax.scan over stacked layers: compile time does not grow with depth
         }
     )
     c.data = ml_collections.ConfigDict(

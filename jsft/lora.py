@@ -9,6 +9,8 @@ again, so LoRA checkpoints are small, and export folds the factors back into W.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -52,47 +54,57 @@ class LoraSpec:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def kernels(self, layout: Layout) -> dict[str, int]:
-        """Target parameter name -> number of input axes."""
+    def kernels(self, layout: Layout) -> dict[str, tuple[int, int]]:
+        """Target parameter name -> (leading layer axes: 1 when stacked, else 0; its input axes)."""
         return {
-            name: INPUT_AXES[suffix]
+            name: (int(layout.names.is_stacked(name)), INPUT_AXES[suffix])
             for name in layout.shapes
             for suffix in self.targets
             if name.endswith("." + suffix)
         }
 
-    def shapes(self, layout: Layout) -> dict[str, jax.ShapeDtypeStruct]:
+    def _factor_axes(self, name: str, layout: Layout, lead: int, n_in: int) -> dict[str, tuple]:
+        """{factor name: (shape, logical axes)}: A [layers?, in..., rank], B [layers?, rank, out...]."""
+        shape, axes = layout.shapes[name].shape, layout.axes[name]
+        cut = lead + n_in
+        return {
+            f"{name}.lora_a": ((*shape[:cut], self.rank), (*axes[:cut], None)),
+            f"{name}.lora_b": ((*shape[:lead], self.rank, *shape[cut:]), (*axes[:lead], None, *axes[cut:])),
+        }
+
+    def _factors(self, layout: Layout) -> dict[str, tuple]:
         out = {}
-        for name, n_in in self.kernels(layout).items():
-            base = layout.shapes[name]
-            out[f"{name}.lora_a"] = jax.ShapeDtypeStruct((*base.shape[:n_in], self.rank), jnp.float32)
-            out[f"{name}.lora_b"] = jax.ShapeDtypeStruct((self.rank, *base.shape[n_in:]), jnp.float32)
+        for name, (lead, n_in) in self.kernels(layout).items():
+            out.update(self._factor_axes(name, layout, lead, n_in))
         return out
+
+    def shapes(self, layout: Layout) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            name: jax.ShapeDtypeStruct(shape, jnp.float32)
+            for name, (shape, _) in self._factors(layout).items()
+        }
 
     def shardings(self, layout: Layout, mesh: Mesh) -> dict[str, NamedSharding]:
         """Each factor is split like the axes it shares with its kernel; the rank axis is replicated."""
-        out = {}
-        for name, n_in in self.kernels(layout).items():
-            axes, shape = layout.axes[name], layout.shapes[name].shape
-            out[f"{name}.lora_a"] = sharding.named_sharding(
-                (*axes[:n_in], None), (*shape[:n_in], self.rank), mesh
-            )
-            out[f"{name}.lora_b"] = sharding.named_sharding(
-                (None, *axes[n_in:]), (self.rank, *shape[n_in:]), mesh
-            )
-        return out
+        return {
+            name: sharding.named_sharding(axes, shape, mesh)
+            for name, (shape, axes) in self._factors(layout).items()
+        }
 
     def init(self, seed: int, layout: Layout, mesh: Mesh) -> Params:
         """A ~ N(0, 1/fan_in), B = 0: the adapted model starts equal to the base."""
         shapes = self.shapes(layout)
+        fan_ins = {
+            f"{name}.lora_a": math.prod(layout.shapes[name].shape[lead : lead + n_in])
+            for name, (lead, n_in) in self.kernels(layout).items()
+        }
 
         def create():
             keys = jax.random.split(jax.random.key(seed), len(shapes))
             out = {}
             for key, (name, s) in zip(keys, sorted(shapes.items()), strict=True):
                 if name.endswith(".lora_a"):
-                    fan_in = s.size // self.rank
-                    out[name] = jax.random.normal(key, s.shape, s.dtype) / jnp.sqrt(fan_in)
+                    out[name] = jax.random.normal(key, s.shape, s.dtype) / jnp.sqrt(fan_ins[name])
                 else:
                     out[name] = jnp.zeros(s.shape, s.dtype)
             return out
@@ -104,6 +116,9 @@ class LoraSpec:
         merged = dict(base)
         for name in {n.rsplit(".", 1)[0] for n in factors}:
             a, b = factors[f"{name}.lora_a"], factors[f"{name}.lora_b"]
-            delta = jnp.tensordot(a, b, axes=1) * self.scale
+            product = functools.partial(jnp.tensordot, axes=1)
+            for _ in range(a.ndim + b.ndim - 2 - base[name].ndim):  # stacked layers: one product each
+                product = jax.vmap(product)
+            delta = product(a, b) * self.scale
             merged[name] = (base[name].astype(jnp.float32) + delta).astype(base[name].dtype)
         return merged

@@ -174,7 +174,12 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     if compute_dtype == "auto":  # bfloat16 where the hardware is built for it
         compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     model_cfg, hf_config = models.config_from_folder(
-        cfg.model.path, compute_dtype, cfg.model.param_dtype, cfg.model.attention, cfg.model.remat
+        cfg.model.path,
+        compute_dtype,
+        cfg.model.param_dtype,
+        cfg.model.attention,
+        cfg.model.remat,
+        cfg.model.scan_layers,
     )
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
     template = data.resolve_template(cfg.data.chat_template)

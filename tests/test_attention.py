@@ -22,7 +22,7 @@ import pytest
 
 from jsft import models, sharding
 from jsft.models import attention
-from jsft.models.config import ModelConfig, ModelOptionError
+from jsft.models.config import ModelConfig, ModelOptionError, RopeScaling
 
 SCALE = 0.3
 CPU = jax.devices()[0]
@@ -194,29 +194,72 @@ def _loss_and_params(cfg: ModelConfig, rows: int, seq: int):
     return loss, params
 
 
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("remat", ["full", "dots_saveable", "minimal"])
-def test_remat_keeps_the_gradients(remat):
-    loss, params = _loss_and_params(dataclasses.replace(SMALL, num_layers=2), rows=2, seq=24)
+def test_remat_keeps_the_gradients(remat, scan_layers):
+    cfg = dataclasses.replace(SMALL, num_layers=2, scan_layers=scan_layers)
+    loss, params = _loss_and_params(cfg, rows=2, seq=24)
     expected = jax.jit(jax.grad(loss))(params)
-    remat_loss, _ = _loss_and_params(dataclasses.replace(SMALL, num_layers=2, remat=remat), rows=2, seq=24)
+    remat_loss, _ = _loss_and_params(dataclasses.replace(cfg, remat=remat), rows=2, seq=24)
     got = jax.jit(jax.grad(remat_loss))(params)
     for name, value in expected.items():
         assert np.linalg.norm(got[name] - value) <= 1e-6 * np.linalg.norm(value), name
 
 
-def gradient_temp_bytes(remat: str) -> int:
+def _stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled parameters ("layers.3.attn.q_proj") in the scanned layout ("layers.attn.q_proj" [L, ...])."""
+    out = {name: value for name, value in params.items() if not name.startswith("layers.")}
+    for name in params:
+        if name.startswith("layers.0."):
+            rest = name.removeprefix("layers.0.")
+            out[f"layers.{rest}"] = jnp.stack([params[f"layers.{i}.{rest}"] for i in range(num_layers)])
+    return out
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_match_unrolled_layers(remat):
+    """Scanned layers of three attention kinds (global with scaled RoPE, sliding with its own RoPE base,
+    switched per layer) give the unrolled model's loss and gradients."""
+    cfg = dataclasses.replace(
+        SMALL,
+        num_layers=5,
+        sliding_window=7,
+        local_rope_theta=100.0,
+        rope_scaling=RopeScaling("linear", 4.0),
+        layer_types=(
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ),
+        remat=remat,
+    )
+    assert len(cfg.attention_kinds) == 2 and cfg.layer_kind_ids == (0, 1, 0, 0, 1)
+    loss, unrolled = _loss_and_params(cfg, rows=2, seq=40)
+    scanned_loss, _ = _loss_and_params(dataclasses.replace(cfg, scan_layers=True), rows=2, seq=40)
+    expected_value, expected = jax.jit(jax.value_and_grad(loss))(unrolled)
+    value, got = jax.jit(jax.value_and_grad(scanned_loss))(_stack_layers(unrolled, cfg.num_layers))
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    for name, g in _stack_layers(expected, cfg.num_layers).items():
+        assert np.linalg.norm(got[name] - g) <= 1e-6 * np.linalg.norm(g), name
+
+
+def gradient_temp_bytes(remat: str, scan_layers: bool) -> int:
     """XLA's temporary memory for the gradient of a 6-layer model on 2 rows of 512 tokens."""
-    loss, params = _loss_and_params(dataclasses.replace(SMALL, num_layers=6, remat=remat), rows=2, seq=512)
+    cfg = dataclasses.replace(SMALL, num_layers=6, remat=remat, scan_layers=scan_layers)
+    loss, params = _loss_and_params(cfg, rows=2, seq=512)
     return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_full_remat_needs_less_memory():
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_full_remat_needs_less_memory(scan_layers):
     """Measured in a child process: XLA:CPU's default scheduler favours parallelism over memory and
     runs every recomputation early, which hides what remat saves; the memory-minimising one shows it."""
     script = (
         f"import json, sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
         "from test_attention import gradient_temp_bytes; "
-        "print(json.dumps({r: gradient_temp_bytes(r) for r in ('none', 'full')}))"
+        f"print(json.dumps({{r: gradient_temp_bytes(r, {scan_layers}) for r in ('none', 'full')}}))"
     )
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
@@ -230,10 +273,13 @@ def test_no_sharding_constraints_without_a_mesh():
     assert "sharding_constraint" not in str(jax.make_jaxpr(loss)(params))
 
 
-@pytest.mark.parametrize("mesh_context", ["set_mesh", "abstract_mesh_inside_jit"])
-def test_activation_sharding_keeps_the_gradients(mesh_context):
+@pytest.mark.parametrize(
+    "mesh_context, scan_layers",
+    [("set_mesh", False), ("abstract_mesh_inside_jit", False), ("abstract_mesh_inside_jit", True)],
+)
+def test_activation_sharding_keeps_the_gradients(mesh_context, scan_layers):
     """On fsdp=4 x tensor=2 with activations pinned (and remat on), the same loss and gradients."""
-    cfg = dataclasses.replace(SMALL, num_layers=2, remat="full")
+    cfg = dataclasses.replace(SMALL, num_layers=2, remat="full", scan_layers=scan_layers)
     loss, params = _loss_and_params(cfg, rows=4, seq=32)
     expected_loss, expected = jax.jit(jax.value_and_grad(loss))(params)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})

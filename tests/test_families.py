@@ -1,8 +1,9 @@
 """Every supported family against its own transformers implementation (float32, CPU).
 
 For each family a tiny random model is saved with transformers; jsft loads it on one device and on a
-{fsdp: 4, tensor: 2} mesh of simulated devices, and must reproduce transformers' logits on a padded
-batch and on a packed row, its loss on a masked batch, and export every weight back bit-identically.
+{fsdp: 4, tensor: 2} mesh of simulated devices, with layers unrolled and scanned, and must reproduce
+transformers' logits on a padded batch and on a packed row, its loss on a masked batch, and export every
+weight back bit-identically.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ ROW = 20
 PADDED_LENGTHS = (20, 13, 6)  # rows 0-2: one sequence each, right-padded; the window (5) is shorter
 PACKED_LENGTHS = (9, 7, 3)  # row 3: three sequences packed, then one padding token
 PROMPT = 3  # the loss ignores each padded row's first tokens, as SFT ignores prompts
-MESHES = {"one_device": None, "fsdp4_tensor2": {"data": 1, "fsdp": 4, "tensor": 2}}
+FSDP4_TENSOR2 = {"data": 1, "fsdp": 4, "tensor": 2}
+# name -> (mesh shape or None for one device, scan_layers)
+SETTINGS = {
+    "one_device": (None, False),
+    "one_device_scanned": (None, True),
+    "fsdp4_tensor2": (FSDP4_TENSOR2, False),
+    "fsdp4_tensor2_scanned": (FSDP4_TENSOR2, True),
+}
 VOCAB = 98
 
 
@@ -99,17 +107,17 @@ def reference(request, tmp_path_factory) -> Reference:
 _runs: dict[tuple, tuple] = {}
 
 
-def _jsft(ref: Reference, mesh_name: str, dtype: str = "float32"):
+def _jsft(ref: Reference, setting: str, dtype: str = "float32"):
     """(layout, params, logits [4, ROW, vocab]) of jsft on `ref`'s batch, computed once per setting."""
-    key = (ref.folder, mesh_name, dtype)
+    key = (ref.folder, setting, dtype)
     if key not in _runs:
-        shape = MESHES[mesh_name]
+        shape, scan_layers = SETTINGS[setting]
         mesh = (
             sharding.make_mesh(shape)
             if shape
             else sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
         )
-        cfg, _ = models.config_from_folder(ref.folder, dtype, dtype)
+        cfg, _ = models.config_from_folder(ref.folder, dtype, dtype, scan_layers=scan_layers)
         layout = models.Layout(cfg)
         params = models.load_params(ref.folder, layout, mesh)
         forward = jax.jit(lambda p, ids, pos, seg: layout.merge(p)(ids, pos, seg).astype(np.float32))
@@ -127,23 +135,23 @@ def _assert_logits_match(ref: Reference, logits: np.ndarray, atol: float) -> Non
         start += len(expected)
 
 
-@pytest.mark.parametrize("mesh_name", MESHES)
-def test_logits_match_transformers(reference, mesh_name):
-    _, _, logits = _jsft(reference, mesh_name)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_logits_match_transformers(reference, setting):
+    _, _, logits = _jsft(reference, setting)
     _assert_logits_match(reference, logits, ATOL)
 
 
-@pytest.mark.parametrize("mesh_name", MESHES)
-def test_masked_loss_matches_transformers(reference, mesh_name):
-    _, _, logits = _jsft(reference, mesh_name)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_masked_loss_matches_transformers(reference, setting):
+    _, _, logits = _jsft(reference, setting)
     targets, mask = reference.input_ids[:3, 1:], reference.loss_mask[:, 1:]
     total = loss.token_loss_sum(logits[:3, :-1], targets, mask)
     assert abs(float(total) / mask.sum() - reference.loss) <= LOSS_ATOL
 
 
-@pytest.mark.parametrize("mesh_name", MESHES)
-def test_export_round_trip_is_bit_identical(reference, mesh_name):
-    layout, params, _ = _jsft(reference, mesh_name)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_export_round_trip_is_bit_identical(reference, setting):
+    layout, params, _ = _jsft(reference, setting)
     exported = models.to_hf_tensors(params, layout)
     original = dict(hf.iter_tensors(reference.folder))
     assert sorted(exported) == sorted(original)
@@ -151,10 +159,27 @@ def test_export_round_trip_is_bit_identical(reference, mesh_name):
         assert exported[name].dtype == tensor.dtype and np.array_equal(exported[name], tensor), name
 
 
-def test_sharded_load_splits_every_matrix(reference):
+def test_scanned_layers_are_stacked(reference):
+    """Scanned: one parameter per kind of weight, layer axis first, equal to the unrolled layers."""
+    _, unrolled, _ = _jsft(reference, "one_device")
+    _, stacked, _ = _jsft(reference, "one_device_scanned")
+    assert len(stacked) < len(unrolled)
+    for name, value in stacked.items():
+        if name.startswith("layers."):
+            layers = [unrolled[name.replace("layers.", f"layers.{i}.", 1)] for i in range(value.shape[0])]
+            np.testing.assert_array_equal(value, np.stack(layers), err_msg=name)
+        else:
+            np.testing.assert_array_equal(value, unrolled[name], err_msg=name)
+
+
+@pytest.mark.parametrize("setting", ["fsdp4_tensor2", "fsdp4_tensor2_scanned"])
+def test_sharded_load_splits_every_matrix(reference, setting):
     """On the mesh no device holds a whole weight matrix: loading never makes replicated copies."""
-    _, params, _ = _jsft(reference, "fsdp4_tensor2")
-    assert params["layers.0.attn.q_proj"].sharding.spec == P("fsdp", "tensor", None)
+    _, params, _ = _jsft(reference, setting)
+    if SETTINGS[setting][1]:
+        assert params["layers.attn.q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
+    else:
+        assert params["layers.0.attn.q_proj"].sharding.spec == P("fsdp", "tensor", None)
     for name, array in params.items():
         if name.endswith("_proj") or name in ("embed", "lm_head"):
             assert {s.data.size for s in array.addressable_shards} == {array.size // 8}, name
@@ -223,10 +248,11 @@ def test_unsupported_features_are_clear_errors():
         ModelConfig.from_hf(dict(transformers.LlamaConfig().to_dict(), hidden_act="relu"))
 
 
-def test_activation_sharding_keeps_the_logits(reference):
+@pytest.mark.parametrize("setting", ["fsdp4_tensor2", "fsdp4_tensor2_scanned"])
+def test_activation_sharding_keeps_the_logits(reference, setting):
     """Under the mesh context the activations are pinned to their logical axes; the logits stay the same."""
-    layout, params, unpinned = _jsft(reference, "fsdp4_tensor2")
-    with jax.set_mesh(sharding.make_mesh(MESHES["fsdp4_tensor2"])):
+    layout, params, unpinned = _jsft(reference, setting)
+    with jax.set_mesh(sharding.make_mesh(FSDP4_TENSOR2)):
         forward = jax.jit(lambda p, ids, pos, seg: layout.merge(p)(ids, pos, seg))
         args = (params, reference.input_ids, reference.positions, reference.segment_ids)
         assert "sharding_constraint" in forward.lower(*args).as_text()

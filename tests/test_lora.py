@@ -44,6 +44,32 @@ def test_merge_is_w_plus_scaled_a_times_b():
     np.testing.assert_array_equal(merged["layers.1.attn.k_proj"], base["layers.1.attn.k_proj"])
 
 
+def test_scanned_factors_stack_the_per_layer_factors():
+    """With scanned layers each factor gains the layer axis; the merge equals the unrolled one per layer."""
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "down_proj"))
+    cfg, hf_config = models.config_from_folder(str(TINY_MODEL), scan_layers=True)
+    stacked = models.Layout(cfg, hf_config["model_type"])
+    unrolled = _layout()
+    num_layers = cfg.num_layers
+    shapes = spec.shapes(stacked)
+    assert shapes["layers.attn.o_proj.lora_a"].shape == (num_layers, cfg.num_heads, cfg.head_dim, 4)
+    assert shapes["layers.attn.o_proj.lora_b"].shape == (num_layers, 4, cfg.hidden_size)
+    rng = np.random.default_rng(0)
+    factors = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in shapes.items()}
+    merged = spec.merge(models.load_params(str(TINY_MODEL), stacked, mesh), factors)
+    per_layer = {
+        name.replace("layers.", f"layers.{i}.", 1): value[i]
+        for name, value in factors.items()
+        for i in range(num_layers)
+    }
+    expected = spec.merge(models.load_params(str(TINY_MODEL), unrolled, mesh), per_layer)
+    for name, value in merged.items():
+        if name.startswith("layers."):
+            layers = [expected[name.replace("layers.", f"layers.{i}.", 1)] for i in range(num_layers)]
+            np.testing.assert_allclose(value, np.stack(layers), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
 def test_bad_targets_are_a_clear_error():
     cfg = config.default_config().lora
     cfg.rank, cfg.targets = 4, "q_proj,qkv"
@@ -83,7 +109,8 @@ def test_lora_run_trains_factors_and_exports_the_merged_model(tmp_path):
         check=True,
         cwd=ROOT,
     )
-    layout = _layout()
+    layout, _ = checkpoint.saved_layout(mngr, 30)
+    assert layout.cfg.scan_layers  # the default
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     spec = LoraSpec.from_config(cfg.lora)
     factors, _, _ = checkpoint.restore_for_export(mngr, 30, spec.shapes(layout), spec.shardings(layout, mesh))

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_DATA
 
-from jsft import checkpoint, models, sharding
+from jsft import checkpoint, sharding
 
 STEPS = 24
 EVERY = 4
@@ -86,8 +86,7 @@ def _start_and_signal(out, sig, after_step: int) -> subprocess.Popen:
 
 def _final_params(out, step=STEPS) -> dict[str, np.ndarray]:
     mngr = checkpoint.manager(str(out / "checkpoints"), read_only=True)
-    cfg, hf_config = models.config_from_folder(str(ROOT / "tools" / "tiny" / "model"))
-    layout = models.Layout(cfg, hf_config["model_type"])
+    layout, _ = checkpoint.saved_layout(mngr, step)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     import jax
 

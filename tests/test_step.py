@@ -105,8 +105,8 @@ def test_mean_loss_and_gradient_equal_a_numpy_reference(hf_llama):
     assert float(metrics["grad_norm"]) == pytest.approx(reference_norm, rel=1e-4)
 
 
-def _sharded_run(hf_folder, mesh_shape: dict, devices, steps: int = 3):
-    cfg, _ = models.config_from_folder(str(hf_folder))
+def _sharded_run(hf_folder, mesh_shape: dict, devices, scan_layers: bool, steps: int = 3):
+    cfg, _ = models.config_from_folder(str(hf_folder), scan_layers=scan_layers)
     layout = models.Layout(cfg)
     mesh = sharding.make_mesh(mesh_shape, devices)
     optim_cfg = default_config().optim
@@ -125,15 +125,16 @@ def _sharded_run(hf_folder, mesh_shape: dict, devices, steps: int = 3):
 
 
 @pytest.mark.parametrize(
-    "mesh_shape",
+    "mesh_shape, scan_layers",
     [
-        {"data": 8, "fsdp": 1, "tensor": 1},
-        {"data": 1, "fsdp": 4, "tensor": 2},
-        {"data": 1, "fsdp": 8, "tensor": 1},
+        ({"data": 8, "fsdp": 1, "tensor": 1}, False),
+        ({"data": 1, "fsdp": 4, "tensor": 2}, False),
+        ({"data": 1, "fsdp": 8, "tensor": 1}, False),
+        ({"data": 1, "fsdp": 4, "tensor": 2}, True),
     ],
-    ids=["data8", "fsdp4_tensor2", "fsdp8"],
+    ids=["data8", "fsdp4_tensor2", "fsdp8", "fsdp4_tensor2_scanned"],
 )
-def test_sharding_does_not_change_the_numbers(tmp_path, mesh_shape):
+def test_sharding_does_not_change_the_numbers(tmp_path, mesh_shape, scan_layers):
     # sizes divisible by the mesh axes, so that every layout really splits the weights
     from conftest import make_hf_llama
 
@@ -148,11 +149,12 @@ def test_sharding_does_not_change_the_numbers(tmp_path, mesh_shape):
     )
     assert len(jax.devices()) == 8
     single_losses, single_params, _ = _sharded_run(
-        folder, {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]
+        folder, {"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1], scan_layers
     )
-    losses, params, state = _sharded_run(folder, mesh_shape, jax.devices())
+    losses, params, state = _sharded_run(folder, mesh_shape, jax.devices(), scan_layers)
     if mesh_shape["fsdp"] > 1:  # the weights really are split
-        assert not state["params"]["layers.0.mlp.gate_proj"].sharding.is_fully_replicated
+        gate = "layers.mlp.gate_proj" if scan_layers else "layers.0.mlp.gate_proj"
+        assert not state["params"][gate].sharding.is_fully_replicated
     assert np.all(np.isfinite(losses))
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
     assert_params_close(params, single_params)

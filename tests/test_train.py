@@ -66,8 +66,6 @@ def test_export_loads_in_transformers_with_matching_logits(tiny_run, tmp_path):
     assert tokenizer.chat_template == transformers.AutoTokenizer.from_pretrained(TINY_MODEL).chat_template
     original = transformers.AutoModelForCausalLM.from_pretrained(TINY_MODEL).eval()
 
-    from jsft import models
-
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "reverse: abc"}], add_generation_prompt=True, return_dict=True
     )["input_ids"]
@@ -77,8 +75,7 @@ def test_export_loads_in_transformers_with_matching_logits(tiny_run, tmp_path):
     from jsft import checkpoint, sharding
 
     mngr = checkpoint.manager(str(out / "checkpoints"), read_only=True)
-    cfg, hf_config = models.config_from_folder(str(TINY_MODEL))
-    layout = models.Layout(cfg, hf_config["model_type"])
+    layout, _ = checkpoint.saved_layout(mngr, 20)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     params, _, _ = checkpoint.restore_for_export(mngr, 20, layout.shapes, layout.shardings(mesh))
     ours = np.asarray(layout.merge(params)(np.asarray([ids], np.int32)))

@@ -46,9 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     chunk = args.chunk or f"auto ({loss.LOGITS_BUDGET_BYTES // 2**20} MiB of logits)"
     print(f"batch {args.batch} x seq {args.seq}, hidden {args.hidden}, chunk {chunk}; temp MiB of loss+grad")
-    print(
-        "(the chunked scan carries the [hidden, vocab] kernel gradient; 'beyond it' excludes it)"
-    )
+    print("(the chunked scan carries the [hidden, vocab] kernel gradient; 'beyond it' excludes it)")
     print(f"{'vocab':>8} {'plain':>10} {'chunked':>10} {'beyond it':>10} {'[B,T,V] f32':>12}")
     for vocab in (8_192, 32_768, 131_072, 262_144):
         plain, chunked = measure(args.batch, args.seq, args.hidden, vocab, args.chunk)

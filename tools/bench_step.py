@@ -1,7 +1,7 @@
 """Times jsft's jitted train step on a random Llama against the same step in PyTorch transformers.
 
     python tools/bench_step.py [--hidden=512 --layers=8 --heads=8 --seq=1024 --batch=4 ...]
-        [--peak_flops=1.2e11] [--skip_torch]
+        [--peak_flops=1.2e11] [--skip_torch] [--no-scan_layers]
 
 Both sides train the same architecture on the same unpacked batch (loss on every token) with AdamW of
 the same lr/betas/eps and no clipping or weight decay. Reported per side: the median step time after
@@ -44,6 +44,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak_flops", type=float, default=None, help="peak FLOP/s per device (CPU)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument(
+        "--scan_layers", action=argparse.BooleanOptionalAction, default=True, help="model.scan_layers"
+    )
     return parser.parse_args()
 
 
@@ -86,7 +89,9 @@ def bench_jsft(
     args: argparse.Namespace, config: transformers.LlamaConfig
 ) -> tuple[list[float], float, float]:
     """(step seconds, compile seconds, FLOPs per step as XLA counts them)."""
-    cfg = models.ModelConfig.from_hf(config.to_dict(), dtype=models.dtype_of(args.dtype))
+    cfg = models.ModelConfig.from_hf(
+        config.to_dict(), dtype=models.dtype_of(args.dtype), scan_layers=args.scan_layers
+    )
     layout = models.Layout(cfg)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     optim_cfg = default_config().optim
@@ -170,7 +175,8 @@ def main() -> None:
     print(
         f"Llama: {cfg.num_params() / 1e6:.1f}M parameters, hidden {args.hidden}, {args.layers} layers, "
         f"{args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}; "
-        f"batch {args.batch} x seq {args.seq}, {args.dtype}; device {jax.devices()[0].device_kind}, "
+        f"batch {args.batch} x seq {args.seq}, {args.dtype}, "
+        f"{'scanned' if args.scan_layers else 'unrolled'} layers; device {jax.devices()[0].device_kind}, "
         f"peak {'unknown' if peak is None else f'{peak / 1e9:.0f} GFLOP/s'}",
         flush=True,
     )
@@ -178,8 +184,8 @@ def main() -> None:
     jsft_times, compile_seconds, xla_flops = bench_jsft(args, config)
     print(
         f"jsft: compile {compile_seconds:.1f} s; XLA counts {xla_flops / 1e9:.1f} GFLOP per step "
-        f"({xla_flops / model_flops:.2f}x the model count; XLA counts a loop body once, so a loss split "
-        "into n chunks shows 1/n of its LM head)",
+        f"({xla_flops / model_flops:.2f}x the model count; XLA counts a loop body once, so scanned layers "
+        "count as one and a loss split into n chunks shows 1/n of its LM head)",
         flush=True,
     )
     jsft_rate = report("jsft", jsft_times, tokens, model_flops, peak)

@@ -13,7 +13,6 @@ itself, so it is never passed through or written by jsft.
 from __future__ import annotations
 
 import argparse
-import base64
 import glob
 import json
 import os
@@ -45,17 +44,9 @@ def convert(
     step = max(steps) if step is None else step
     if step not in steps:
         raise JsftError(f"step {step} is not in {checkpoint_dir}; kept steps: {sorted(steps)}")
-    files = {
-        name: base64.b64decode(text)
-        for name, text in checkpoint.read_json_item(mngr, step, "hf")["files"].items()
-    }
+    files = checkpoint.hf_files(mngr, step)
     meta = checkpoint.read_json_item(mngr, step, "meta")
-    hf_config = json.loads(files["config.json"])
-    train_cfg = meta["config"]
-    cfg = models.ModelConfig.from_hf(
-        hf_config, param_dtype=models.dtype_of(train_cfg["model"]["param_dtype"])
-    )
-    layout = models.Layout(cfg, hf_config["model_type"])
+    layout, train_cfg = checkpoint.saved_layout(mngr, step)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     lora = LoraSpec.from_config(ml_collections.ConfigDict(train_cfg["lora"]))
     if lora:  # the checkpoint holds the factors; fold them into the base weights of the model folder

@@ -1,8 +1,9 @@
 """Models built from Hugging Face folders.
 
-The hot loop works on a flat dict of arrays keyed by parameter name ("layers.0.attn.q_proj"), the
-same names the HF name maps use. `Layout` holds everything else about the model (its NNX graph,
-shapes, logical axes) and turns such a dict back into a module inside jitted code.
+The hot loop works on a flat dict of arrays keyed by parameter name ("layers.0.attn.q_proj", or
+"layers.attn.q_proj" stacked over all layers when they are scanned), the same names the HF name maps
+use. `Layout` holds everything else about the model (its NNX graph, shapes, logical axes) and turns
+such a dict back into a module inside jitted code.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Layout:
     def __init__(self, cfg: ModelConfig, model_type: str | None = None):
         self.cfg = cfg
         self.model_type = model_type or cfg.model_type
+        self.names = NameMap(self.model_type, stacked=cfg.scan_layers)
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
@@ -73,10 +75,13 @@ def config_from_folder(
     param_dtype: str = "float32",
     attention: str = "auto",
     remat: str = "none",
+    scan_layers: bool = False,
 ) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, parsed config.json); `attention` and `remat` are the `model` config group's choices."""
+    """(ModelConfig, parsed config.json); the keyword choices are the `model` config group's."""
     hf_config = hf.read_config(path)
-    cfg = ModelConfig.from_hf(hf_config, dtype_of(dtype), dtype_of(param_dtype), attention, remat)
+    cfg = ModelConfig.from_hf(
+        hf_config, dtype_of(dtype), dtype_of(param_dtype), attention, remat, scan_layers
+    )
     return cfg, hf_config
 
 
@@ -85,11 +90,11 @@ def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
 
     Each tensor stays memory-mapped; every device's shard is sliced from the file, cast to the param
     dtype and copied alone, so host memory holds one shard beyond what is already placed, never a whole
-    replicated copy per device.
+    replicated copy per device. Stacked (scanned) parameters gather each device's shard from the
+    memory maps of all their layers.
     """
-    names = NameMap(layout.model_type)
-    shardings = layout.shardings(mesh)
-    params: Params = {}
+    names, num_layers = layout.names, layout.cfg.num_layers
+    views: dict[str, np.ndarray | dict[int, np.ndarray]] = {}
     for hf_name, tensor in hf.iter_tensors(path):
         found = names.to_jsft(hf_name)
         if found is None:
@@ -98,25 +103,40 @@ def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
             ):
                 continue
             raise hf.ModelFolderError(f"{path}: tensor {hf_name} has no place in a {layout.model_type} model")
-        name, transform = found
+        name, transform, layer = found
         target = layout.shapes.get(name)
-        if target is None:
+        if target is None or (layer is not None and layer >= num_layers):
             raise hf.ModelFolderError(
                 f"{path}: tensor {hf_name} does not fit this config ({name} does not exist)"
             )
-        expected = transform.hf_shape(target.shape)
+        shape = target.shape[1:] if layer is not None else target.shape
+        expected = transform.hf_shape(shape)
         if tensor.shape != expected:
             raise hf.ModelFolderError(
                 f"{path}: tensor {hf_name} has shape {tensor.shape}, expected {expected} for {name}"
             )
-        view = transform.to_jsft(tensor, target.shape)
-        params[name] = jax.make_array_from_callback(
-            target.shape, shardings[name], functools.partial(_shard, view, target.dtype)
-        )
-    missing = sorted(set(layout.shapes) - set(params))
+        view = transform.to_jsft(tensor, shape)
+        if layer is None:
+            views[name] = view
+        else:
+            views.setdefault(name, {})[layer] = view
+    missing = [
+        names.to_hf(name, layer)[0]
+        for name in layout.shapes
+        for layer in (range(num_layers) if names.is_stacked(name) else [None])
+        if name not in views or (layer is not None and layer not in views[name])
+    ]
     if missing:
-        hf_missing = [names.to_hf(n)[0] for n in missing]
-        raise hf.ModelFolderError(f"{path}: missing tensors {', '.join(hf_missing)}")
+        raise hf.ModelFolderError(f"{path}: missing tensors {', '.join(missing)}")
+    shardings = layout.shardings(mesh)
+    params: Params = {}
+    for name, target in layout.shapes.items():
+        view = views[name]
+        if names.is_stacked(name):
+            read = functools.partial(_stacked_shard, [view[i] for i in range(num_layers)], target.dtype)
+        else:
+            read = functools.partial(_shard, view, target.dtype)
+        params[name] = jax.make_array_from_callback(target.shape, shardings[name], read)
     return params
 
 
@@ -127,6 +147,11 @@ def _shard(view: np.ndarray, dtype, index: tuple[slice, ...]) -> np.ndarray:
     copying a transposed view of the file directly is about 1.5x slower.
     """
     return np.ascontiguousarray(np.array(view[index], order="K"), dtype=dtype)
+
+
+def _stacked_shard(layers: list[np.ndarray], dtype, index: tuple[slice, ...]) -> np.ndarray:
+    """One device's block of a stacked parameter: its slice of each layer's tensor, stacked."""
+    return np.stack([_shard(view, dtype, index[1:]) for view in layers[index[0]]])
 
 
 def load_pretrained(
@@ -145,12 +170,15 @@ def load_pretrained(
 
 def to_hf_tensors(params: Params, layout: Layout, dtype=None) -> dict[str, np.ndarray]:
     """Host copies of `params` under their HF names and layouts (in `dtype` if given)."""
-    names = NameMap(layout.model_type)
+    names = layout.names
     out = {}
     for name, value in params.items():
-        hf_name, transform = names.to_hf(name)
         host = np.asarray(jax.device_get(value))
-        out[hf_name] = np.ascontiguousarray(transform.to_hf(host.astype(dtype) if dtype else host))
+        host = host.astype(dtype) if dtype else host
+        per_layer = enumerate(host) if names.is_stacked(name) else [(None, host)]
+        for layer, tensor in per_layer:
+            hf_name, transform = names.to_hf(name, layer)
+            out[hf_name] = np.ascontiguousarray(transform.to_hf(tensor))
     return out
 
 

@@ -75,6 +75,19 @@ class RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionKind:
+    """What may differ between the layers of one model: the attention window and the RoPE settings.
+
+    Static for compiled code: a model with several kinds (Gemma's local and global layers) runs each
+    layer's kind as its own branch (`decoder.Decoder`), so backends with static masks work unchanged.
+    """
+
+    sliding_window: int | None
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -107,6 +120,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32  # storage dtype
     attention_impl: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
     remat: str = "none"  # one of REMAT_CHOICES
+    scan_layers: bool = False  # layers as one `lax.scan` over stacked parameters (compile time flat in depth)
 
     def __post_init__(self):
         for name, value, choices in (
@@ -118,6 +132,24 @@ class ModelConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.layer_types) and self.layer_types[layer] == SLIDING_ATTENTION
+
+    def attention_kind(self, layer: int) -> AttentionKind:
+        if not self.is_sliding(layer):
+            return AttentionKind(None, self.rope_theta, self.rope_scaling)
+        if self.local_rope_theta:  # Gemma 3: sliding layers have their own RoPE base, unscaled
+            return AttentionKind(self.sliding_window, self.local_rope_theta, None)
+        return AttentionKind(self.sliding_window, self.rope_theta, self.rope_scaling)
+
+    @property
+    def attention_kinds(self) -> tuple[AttentionKind, ...]:
+        """The distinct kinds, in the order of their first layer."""
+        return tuple(dict.fromkeys(self.attention_kind(i) for i in range(self.num_layers)))
+
+    @property
+    def layer_kind_ids(self) -> tuple[int, ...]:
+        """Each layer's index into `attention_kinds`."""
+        kinds = self.attention_kinds
+        return tuple(kinds.index(self.attention_kind(i)) for i in range(self.num_layers))
 
     @property
     def query_scale(self) -> float:
@@ -131,6 +163,7 @@ class ModelConfig:
         param_dtype: Any = jnp.float32,
         attention_impl: str = "auto",
         remat: str = "none",
+        scan_layers: bool = False,
     ) -> ModelConfig:
         """Builds the config from a parsed HF `config.json`; unsupported features are clear errors."""
         model_type = hf.get("model_type")
@@ -197,6 +230,7 @@ class ModelConfig:
             param_dtype=param_dtype,
             attention_impl=attention_impl,
             remat=remat,
+            scan_layers=scan_layers,
         )
 
     def num_params(self) -> int:

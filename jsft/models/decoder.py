@@ -18,7 +18,7 @@ from flax import nnx
 
 from jsft import sharding
 from jsft.models.attention import apply_rope, attend, resolve_attention_impl, rope_frequencies, soft_cap
-from jsft.models.config import ModelConfig
+from jsft.models.config import AttentionKind, ModelConfig
 
 _init = nnx.initializers.normal(stddev=0.02)
 
@@ -65,13 +65,13 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, sliding: bool, implementation: str, *, rngs: nnx.Rngs):
+    """Self-attention; its window and RoPE (`AttentionKind`) come with each call, not with the weights,
+    so one set of stacked weights serves local and global layers alike."""
+
+    def __init__(self, cfg: ModelConfig, implementation: str, *, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
         self.implementation = implementation  # resolved: "xla", "cudnn" or "splash"
-        self.sliding_window = cfg.sliding_window if sliding else None
-        self.rope_theta = cfg.local_rope_theta if sliding and cfg.local_rope_theta else cfg.rope_theta
-        self.rope_scaling = None if sliding and cfg.local_rope_theta else cfg.rope_scaling
         self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
         self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
@@ -90,7 +90,9 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm((h, hd), ("heads", "head_dim"), cfg, rngs=rngs)
             self.k_norm = RMSNorm((kv, hd), ("kv_heads", "head_dim"), cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, kind: AttentionKind
+    ) -> jax.Array:
         cfg, dt = self.cfg, self.cfg.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
@@ -103,7 +105,7 @@ class Attention(nnx.Module):
             )
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_frequencies(cfg.head_dim, self.rope_theta, self.rope_scaling)
+        inv_freq = rope_frequencies(cfg.head_dim, kind.rope_theta, kind.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         q = sharding.constrain(q, ("batch", "sequence", "heads", "head_dim"))
         k = sharding.constrain(k, ("batch", "sequence", "kv_heads", "head_dim"))
@@ -116,7 +118,7 @@ class Attention(nnx.Module):
             segment_ids,
             scale=cfg.query_scale,
             logit_softcap=cfg.attn_logit_softcap,
-            sliding_window=self.sliding_window,
+            sliding_window=kind.sliding_window,
         )
         out = sharding.constrain(out, ("batch", "sequence", "heads", "head_dim"))
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
@@ -143,22 +145,46 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Attention then MLP, residual branches normalised before (Llama), after (OLMo 2) or both (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, attention: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, attention: str, *, rngs: nnx.Rngs):
         def norm() -> RMSNorm:
             return RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
 
         before, after = cfg.norm_before_sublayers, cfg.norm_after_sublayers
         self.pre_attn_norm = norm() if before else None
-        self.attn = Attention(cfg, cfg.is_sliding(layer), attention, rngs=rngs)
+        self.attn = Attention(cfg, attention, rngs=rngs)
         self.post_attn_norm = norm() if after else None
         self.pre_mlp_norm = norm() if before else None
         self.mlp = MLP(cfg, rngs=rngs)
         self.post_mlp_norm = norm() if after else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        x = x + _maybe(self.post_attn_norm, self.attn(_maybe(self.pre_attn_norm, x), positions, segment_ids))
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, kind: AttentionKind
+    ) -> jax.Array:
+        attn_out = self.attn(_maybe(self.pre_attn_norm, x), positions, segment_ids, kind)
+        x = x + _maybe(self.post_attn_norm, attn_out)
         x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x)))
         return sharding.constrain(x, HIDDEN_AXES)
+
+
+def _block_runner(kind: AttentionKind, remat: str):
+    """`run(block, x, positions, segment_ids)` for one unrolled layer of `kind`, under its remat policy."""
+
+    def run(block: Block, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        return block(x, positions, segment_ids, kind)
+
+    return run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
+
+
+def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs) -> Block:
+    """One Block with `num_layers` independently initialised copies of each parameter, stacked on a
+    leading axis named "layers" (never sharded: each device holds its shard of every layer)."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, attention, rngs=rngs)
+
+    return create(rngs)
 
 
 def _maybe(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
@@ -170,13 +196,20 @@ class Decoder(nnx.Module):
 
     The attention backend is resolved for the first device when the model is built (errors then, not
     at the first step); each block runs under `jax.checkpoint` with `REMAT_POLICIES[cfg.remat]`.
+
+    With `cfg.scan_layers`, `layers` is one Block whose parameters carry a leading "layers" axis, run
+    by `lax.scan`: one layer is compiled, whatever the depth. Otherwise `layers` is a list of blocks,
+    unrolled into the program (more compile time, and XLA may schedule across layer boundaries).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
         attention = resolve_attention_impl(cfg)
-        self.layers = nnx.List([Block(cfg, i, attention, rngs=rngs) for i in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.layers = _stacked_blocks(cfg, attention, rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, attention, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(
@@ -195,12 +228,37 @@ class Decoder(nnx.Module):
         if self.cfg.scale_embeddings:  # HF rounds sqrt(hidden) to the weights' dtype first
             x = x * np.float32(self.cfg.hidden_size**0.5).astype(x.dtype)
         x = sharding.constrain(x.astype(self.cfg.dtype), HIDDEN_AXES)
-        run_block = Block.__call__
-        if self.cfg.remat != "none":
-            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.cfg.remat])
-        for layer in self.layers:
-            x = run_block(layer, x, positions, segment_ids)
+        if self.cfg.scan_layers:
+            x = self._scan_layers(x, positions, segment_ids)
+        else:
+            for block, kind in zip(self.layers, self._layer_kinds(), strict=True):
+                x = _block_runner(kind, self.cfg.remat)(block, x, positions, segment_ids)
         return self.final_norm(x)
+
+    def _layer_kinds(self) -> list[AttentionKind]:
+        kinds = self.cfg.attention_kinds
+        return [kinds[i] for i in self.cfg.layer_kind_ids]
+
+    def _scan_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """All layers as one scan over the stacked parameters; a model with several attention kinds
+        picks each layer's branch with `lax.switch` on its kind index (only that branch runs)."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def branch(kind: AttentionKind):
+            return lambda state, x: nnx.merge(graphdef, state)(x, positions, segment_ids, kind)
+
+        branches = [branch(kind) for kind in self.cfg.attention_kinds]
+
+        def layer(x: jax.Array, state: nnx.State, kind_id: jax.Array) -> jax.Array:
+            if len(branches) == 1:
+                return branches[0](state, x)
+            return jax.lax.switch(kind_id, branches, state, x)
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
+        kind_ids = jnp.asarray(self.cfg.layer_kind_ids, jnp.int32)
+        x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, (stacked, kind_ids))
+        return x
 
     def output_kernel(self) -> jax.Array:
         """[hidden, vocab] projection to logits (the transposed embedding when tied).

@@ -108,26 +108,37 @@ def _pattern(template: str) -> re.Pattern:
 
 
 class NameMap:
-    """Translates names both ways with one table."""
+    """Translates names both ways with one table.
 
-    def __init__(self, model_type: str):
-        table = NAME_MAPS[model_type]
+    With `stacked` (scanned layers), every layer's tensor maps to one jsft parameter "layers.<rest>"
+    with a leading layer axis, and the layer index travels beside the name.
+    """
+
+    def __init__(self, model_type: str, stacked: bool = False):
+        table = [
+            (hf, jsft.replace("layers.{i}.", "layers.") if stacked else jsft, t)
+            for hf, jsft, t in NAME_MAPS[model_type]
+        ]
+        self.stacked = stacked
         self._to_jsft = [(_pattern(hf), jsft, t) for hf, jsft, t in table]
         self._to_hf = [(_pattern(jsft), hf, t) for hf, jsft, t in table]
 
-    @staticmethod
-    def _lookup(rules, name: str) -> tuple[str, Transform] | None:
-        for pattern, target, transform in rules:
-            m = pattern.match(name)
+    def to_jsft(self, hf_name: str) -> tuple[str, Transform, int | None] | None:
+        """(jsft name, transform, layer index when stacked else None), or None for an unknown name."""
+        for pattern, target, transform in self._to_jsft:
+            m = pattern.match(hf_name)
             if m:
-                return target.format(**m.groupdict()), transform
+                layer = int(m["i"]) if self.stacked and "i" in m.groupdict() else None
+                return target.format(**m.groupdict()), transform, layer
         return None
 
-    def to_jsft(self, hf_name: str) -> tuple[str, Transform] | None:
-        return self._lookup(self._to_jsft, hf_name)
+    def to_hf(self, jsft_name: str, layer: int | None = None) -> tuple[str, Transform]:
+        """The HF name of a parameter (of its `layer`, for a stacked one) and the transform to HF."""
+        for pattern, target, transform in self._to_hf:
+            m = pattern.match(jsft_name)
+            if m:
+                return target.format(**(m.groupdict() if layer is None else {"i": layer})), transform
+        raise KeyError(f"no Hugging Face name for jsft parameter {jsft_name!r}")
 
-    def to_hf(self, jsft_name: str) -> tuple[str, Transform]:
-        found = self._lookup(self._to_hf, jsft_name)
-        if found is None:
-            raise KeyError(f"no Hugging Face name for jsft parameter {jsft_name!r}")
-        return found
+    def is_stacked(self, jsft_name: str) -> bool:
+        return self.stacked and jsft_name.startswith("layers.")
