@@ -1,12 +1,19 @@
 """Cross-entropy over assistant tokens, computed in sequence chunks.
 
 The [batch, seq, vocab] float32 logits are the largest tensor of an SFT step for 128k-256k vocabularies;
-here each chunk of the sequence is projected, scored and discarded (and recomputed in the backward
-pass). The chunk length is chosen so a chunk's logits fit a fixed budget, so peak memory stays flat
-as the vocabulary or the sequence grows.
+here each chunk of the sequence is projected, scored and discarded. The chunk length is chosen so a
+chunk's logits fit a fixed budget, so peak memory stays flat as the vocabulary or the sequence grows.
+
+The loss is a scalar, so its gradients with respect to the hidden states and the output kernel are
+known up to the incoming scale while the logits of a chunk are still at hand: the forward pass computes
+them right away (autodiff of the chunk's loss) and the backward pass only scales them. The logits are
+then computed once instead of again in the backward pass: three [hidden, vocab] matmuls per token
+instead of four.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -60,12 +67,41 @@ def chunked_loss_sum(
     def split(x):
         return x.reshape(batch, chunks, chunk_size, *x.shape[2:]).swapaxes(0, 1)
 
-    @jax.checkpoint
+    return _loss_over_chunks(split(hidden), kernel, split(targets), split(mask), z_loss, softcap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _loss_over_chunks(hidden, kernel, targets, mask, z_loss, softcap):
+    """The summed loss of chunks [chunks, batch, chunk, ...]; without gradients (evaluation)."""
+
     def one_chunk(total, xs):
         h, t, m = xs
         return total + token_loss_sum(h @ kernel, t, m, z_loss, softcap), None
 
-    total, _ = jax.lax.scan(
-        one_chunk, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(mask))
-    )
+    total, _ = jax.lax.scan(one_chunk, jnp.zeros((), jnp.float32), (hidden, targets, mask))
     return total
+
+
+def _loss_and_gradients(hidden, kernel, targets, mask, z_loss, softcap):
+    """The loss and, per unit of incoming gradient, its gradients for hidden (per chunk) and kernel."""
+
+    def chunk_loss(h, k, t, m):
+        return token_loss_sum(h @ k, t, m, z_loss, softcap)
+
+    def one_chunk(carry, xs):
+        total, d_kernel = carry
+        h, t, m = xs
+        value, (d_h, d_k) = jax.value_and_grad(chunk_loss, argnums=(0, 1))(h, kernel, t, m)
+        return (total + value, d_kernel + d_k.astype(jnp.float32)), d_h
+
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+    (total, d_kernel), d_hidden = jax.lax.scan(one_chunk, zeros, (hidden, targets, mask))
+    return total, (d_hidden, d_kernel.astype(kernel.dtype))
+
+
+def _backward(z_loss, softcap, gradients, g):
+    d_hidden, d_kernel = gradients
+    return (g * d_hidden).astype(d_hidden.dtype), (g * d_kernel).astype(d_kernel.dtype), None, None
+
+
+_loss_over_chunks.defvjp(_loss_and_gradients, _backward)

@@ -13,7 +13,10 @@ from jsft import loss, models, optim, sharding, step
 from jsft.config import default_config
 
 
-def test_chunked_loss_equals_plain_loss_and_gradient():
+@pytest.mark.parametrize("z_loss, softcap", [(0.0, None), (1e-2, 3.0)])
+def test_chunked_loss_equals_plain_loss_and_gradient(z_loss, softcap):
+    """Including z-loss, soft-capping, a padded last chunk and an incoming gradient other than 1 (the
+    chunked loss computes its gradients in the forward pass and only scales them in the backward)."""
     rng = np.random.default_rng(0)
     hidden = jnp.asarray(rng.normal(size=(2, 37, 16)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)
@@ -21,10 +24,10 @@ def test_chunked_loss_equals_plain_loss_and_gradient():
     mask = jnp.asarray(rng.random((2, 37)) < 0.6, jnp.int32)
 
     def plain(h, k):
-        return loss.token_loss_sum(h @ k, targets, mask)
+        return 2.5 * loss.token_loss_sum(h @ k, targets, mask, z_loss, softcap)
 
     def chunked(h, k):
-        return loss.chunked_loss_sum(h, k, targets, mask, chunk_size=8)
+        return 2.5 * loss.chunked_loss_sum(h, k, targets, mask, chunk_size=8, z_loss=z_loss, softcap=softcap)
 
     np.testing.assert_allclose(chunked(hidden, kernel), plain(hidden, kernel), rtol=1e-6)
     for g_chunked, g_plain in zip(
