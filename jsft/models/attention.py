@@ -51,11 +51,18 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return jnp.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotates [batch, seq, heads, head_dim] by position, in the half-split layout HF models use."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [batch, seq, 1, head_dim] of each position's rotation angles, in `dtype`.
+
+    Computed once per forward pass and shared by every layer of the same RoPE settings.
+    """
     freqs = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
     angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates [batch, seq, heads, head_dim] by `rope_tables`, in the half-split layout HF models use."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -134,6 +141,9 @@ def blocked_attention(
     kv_heads = k.shape[2]
     qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    # Materialise the heads-major copies once: otherwise XLA fuses their producers (RoPE, cos and sin
+    # included) into every block's slice and recomputes them per block (measured: +0.3 s per layer).
+    qh, kh, vh = jax.lax.optimization_barrier((qh, kh, vh))
     outputs = []
     for start in range(0, t, block):
         end = min(start + block, t)

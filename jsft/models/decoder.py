@@ -17,7 +17,14 @@ import numpy as np
 from flax import nnx
 
 from jsft import sharding
-from jsft.models.attention import apply_rope, attend, resolve_attention_impl, rope_frequencies, soft_cap
+from jsft.models.attention import (
+    apply_rope,
+    attend,
+    resolve_attention_impl,
+    rope_frequencies,
+    rope_tables,
+    soft_cap,
+)
 from jsft.models.config import AttentionKind, ModelConfig
 
 _init = nnx.initializers.normal(stddev=0.02)
@@ -64,9 +71,12 @@ class RMSNorm(nnx.Module):
         return (self.offset + self.scale[...]).astype(x.dtype) * normed.astype(x.dtype)
 
 
+RopeTables = tuple[jax.Array, jax.Array]  # (cos, sin), see `attention.rope_tables`
+
+
 class Attention(nnx.Module):
-    """Self-attention; its window and RoPE (`AttentionKind`) come with each call, not with the weights,
-    so one set of stacked weights serves local and global layers alike."""
+    """Self-attention; its window (`AttentionKind`) and RoPE tables come with each call, not with the
+    weights, so one set of stacked weights serves local and global layers alike."""
 
     def __init__(self, cfg: ModelConfig, implementation: str, *, rngs: nnx.Rngs):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
@@ -91,7 +101,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm((kv, hd), ("kv_heads", "head_dim"), cfg, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, kind: AttentionKind
+        self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, kind: AttentionKind
     ) -> jax.Array:
         cfg, dt = self.cfg, self.cfg.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
@@ -105,8 +115,7 @@ class Attention(nnx.Module):
             )
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_frequencies(cfg.head_dim, kind.rope_theta, kind.rope_scaling)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q = sharding.constrain(q, ("batch", "sequence", "heads", "head_dim"))
         k = sharding.constrain(k, ("batch", "sequence", "kv_heads", "head_dim"))
         v = sharding.constrain(v, ("batch", "sequence", "kv_heads", "head_dim"))
@@ -158,19 +167,19 @@ class Block(nnx.Module):
         self.post_mlp_norm = norm() if after else None
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, kind: AttentionKind
+        self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, kind: AttentionKind
     ) -> jax.Array:
-        attn_out = self.attn(_maybe(self.pre_attn_norm, x), positions, segment_ids, kind)
+        attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind)
         x = x + _maybe(self.post_attn_norm, attn_out)
         x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x)))
         return sharding.constrain(x, HIDDEN_AXES)
 
 
 def _block_runner(kind: AttentionKind, remat: str):
-    """`run(block, x, positions, segment_ids)` for one unrolled layer of `kind`, under its remat policy."""
+    """`run(block, x, rope, segment_ids)` for one unrolled layer of `kind`, under its remat policy."""
 
-    def run(block: Block, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        return block(x, positions, segment_ids, kind)
+    def run(block: Block, x: jax.Array, rope: RopeTables, segment_ids: jax.Array) -> jax.Array:
+        return block(x, rope, segment_ids, kind)
 
     return run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
 
@@ -228,26 +237,34 @@ class Decoder(nnx.Module):
         if self.cfg.scale_embeddings:  # HF rounds sqrt(hidden) to the weights' dtype first
             x = x * np.float32(self.cfg.hidden_size**0.5).astype(x.dtype)
         x = sharding.constrain(x.astype(self.cfg.dtype), HIDDEN_AXES)
+        kinds = self.cfg.attention_kinds
+        # One (cos, sin) pair per kind, materialised once: left to itself XLA fuses cos and sin into
+        # every consumer and recomputes them there (measured: 42 cosines for one layer's fwd+bwd).
+        ropes = jax.lax.optimization_barrier(
+            [
+                rope_tables(
+                    positions, rope_frequencies(self.cfg.head_dim, k.rope_theta, k.rope_scaling), x.dtype
+                )
+                for k in kinds
+            ]
+        )
         if self.cfg.scan_layers:
-            x = self._scan_layers(x, positions, segment_ids)
+            x = self._scan_layers(x, ropes, segment_ids)
         else:
-            for block, kind in zip(self.layers, self._layer_kinds(), strict=True):
-                x = _block_runner(kind, self.cfg.remat)(block, x, positions, segment_ids)
+            for block, kind_id in zip(self.layers, self.cfg.layer_kind_ids, strict=True):
+                run = _block_runner(kinds[kind_id], self.cfg.remat)
+                x = run(block, x, ropes[kind_id], segment_ids)
         return self.final_norm(x)
 
-    def _layer_kinds(self) -> list[AttentionKind]:
-        kinds = self.cfg.attention_kinds
-        return [kinds[i] for i in self.cfg.layer_kind_ids]
-
-    def _scan_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def _scan_layers(self, x: jax.Array, ropes: list[RopeTables], segment_ids: jax.Array) -> jax.Array:
         """All layers as one scan over the stacked parameters; a model with several attention kinds
         picks each layer's branch with `lax.switch` on its kind index (only that branch runs)."""
         graphdef, stacked = nnx.split(self.layers)
 
-        def branch(kind: AttentionKind):
-            return lambda state, x: nnx.merge(graphdef, state)(x, positions, segment_ids, kind)
+        def branch(kind: AttentionKind, rope: RopeTables):
+            return lambda state, x: nnx.merge(graphdef, state)(x, rope, segment_ids, kind)
 
-        branches = [branch(kind) for kind in self.cfg.attention_kinds]
+        branches = [branch(kind, rope) for kind, rope in zip(self.cfg.attention_kinds, ropes, strict=True)]
 
         def layer(x: jax.Array, state: nnx.State, kind_id: jax.Array) -> jax.Array:
             if len(branches) == 1:
