@@ -131,7 +131,7 @@ def saved_layout(mngr: ocp.CheckpointManager, step: int) -> tuple[models.Layout,
     cfg = models.ModelConfig.from_hf(
         hf_config,
         param_dtype=models.dtype_of(run_cfg["model"]["param_dtype"]),
-        scan_layers=run_cfg["model"]["scan_layers"],
+        scan_layers=run_cfg["model"].get("scan_layers", False),  # steps saved before the key: unrolled
     )
     return models.Layout(cfg, hf_config["model_type"]), run_cfg
 
