@@ -36,13 +36,13 @@ def test_chunked_loss_equals_plain_loss_and_gradient(z_loss, softcap):
         np.testing.assert_allclose(g_chunked, g_plain, rtol=1e-5, atol=1e-6)
 
 
-def _setup(hf_folder, grad_accum_steps, loss_reduction="mean", clip=1.0):
+def _setup(hf_folder, grad_accum_steps, loss_reduction="mean", clip=1.0, optimizer=None):
     cfg, hf_config = models.config_from_folder(str(hf_folder))
     layout = models.Layout(cfg)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     optim_cfg = default_config().optim
     optim_cfg.lr, optim_cfg.warmup_ratio, optim_cfg.clip_grad_norm = 1e-3, 0.0, clip
-    optimizer = optim.make_optimizer(optim_cfg, 10)
+    optimizer = optimizer or optim.make_optimizer(optim_cfg, 10)
     shardings = step.state_shardings(layout, optimizer, mesh)
     state = step.init_state(models.load_params(str(hf_folder), layout, mesh), optimizer, shardings)
     train_step = step.make_train_step(
@@ -74,15 +74,24 @@ def _batch(seed=0, rows=8, seq=24):
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 def test_accumulation_does_not_change_the_update(hf_llama, loss_reduction):
+    """Micro-batch 8 x 1 and 2 x 4 give the same loss and gradient.
+
+    Plain SGD makes a step's parameter change the accumulated gradient itself (times -lr), so the
+    changes are compared directly (under Adam a near-zero gradient element moves by about lr * sign(g),
+    which summation order may flip; the sharding test below checks AdamW). Tolerance: float32 summation
+    order alone moves some of these gradients by 2.4e-5 relative (`mean`; the same batch with its rows
+    reversed, no accumulation), and accumulation by 4 by as much (2.4e-5; `sum`: 0.9e-5 both).
+    """
     results = []
     for accum in (1, 4):
-        _, state, train_step = _setup(hf_llama, accum, loss_reduction)
-        for s in range(2):
-            state, metrics = train_step(state, _batch(seed=s))
-        results.append((jax.device_get(state["params"]), float(metrics["loss"])))
-    (p1, l1), (p4, l4) = results
+        _, state, train_step = _setup(hf_llama, accum, loss_reduction, clip=0.0, optimizer=optax.sgd(1e-3))
+        start = jax.device_get(state["params"])
+        state, metrics = train_step(state, _batch(seed=1))
+        end = jax.device_get(state["params"])
+        results.append(({k: end[k] - start[k] for k in end}, float(metrics["loss"])))
+    (change1, l1), (change4, l4) = results
     assert np.isfinite(l1) and l1 == pytest.approx(l4, rel=1e-5)
-    assert_params_close(p4, p1)
+    assert_params_close(change4, change1, rtol=5e-5)
 
 
 def test_mean_loss_and_gradient_equal_a_numpy_reference(hf_llama):
