@@ -8,6 +8,7 @@ with metrics, held-out evaluation and checkpoints, until the last step or a stop
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -41,30 +42,32 @@ def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize()
 
 
-class StopSignal:
-    """Turns SIGTERM (preemption, scancel, kill) into a request to save and exit at a step boundary.
+class StepBoundary:
+    """What all processes do at the end of a step: stop (SIGTERM: preemption, scancel, kill) and/or
+    save (a time-based checkpoint is due), decided together.
 
-    With several processes they must agree on the step: JAX's preemption sync point covers notices
-    that reach the coordination service (TPU maintenance events), and an all-gather of the SIGTERM
-    flag covers the rest.
+    With several processes the decisions must agree, or some would enter a checkpoint save the others
+    never join: JAX's preemption sync point covers notices that reach the coordination service (TPU
+    maintenance events), and one all-gather of each process's (SIGTERM seen, save due by its clock)
+    covers the rest.
     """
 
     def __init__(self):
-        self.requested = False
+        self.stop_requested = False
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.stop_requested = True
 
-    def __call__(self, step: int) -> bool:
+    def __call__(self, step: int, save_due: bool) -> tuple[bool, bool]:
+        """(stop, save) for all processes."""
         if jax.process_count() == 1:
-            return self.requested
-        try:
-            if multihost_utils.reached_preemption_sync_point(step):
-                return True
-        except RuntimeError:  # the preemption service is off
-            pass
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+            return self.stop_requested, save_due
+        preempted = False
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the preemption service is off
+            preempted = multihost_utils.reached_preemption_sync_point(step)
+        flags = multihost_utils.process_allgather(np.asarray([self.stop_requested, save_due]))
+        return preempted or bool(np.any(flags[:, 0])), bool(np.any(flags[:, 1]))
 
 
 def open_checkpoints(cfg: ml_collections.ConfigDict):
@@ -288,7 +291,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
 
     if eval_data is not None:
         summary["eval_loss_start"] = run_eval()
-    stop_requested = StopSignal()
+    boundary = StepBoundary()
     while current < total_steps:
         batch = next(train_iter)
         metrics_log.count_tokens(
@@ -328,14 +331,12 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         if cfg.log.eval_every_steps and eval_data is not None and current % cfg.log.eval_every_steps == 0:
             summary["eval_loss_end"] = run_eval()
         minutes = cfg.checkpoint.every_minutes
-        if stop_requested(current):
+        stop, save_due = boundary(current, bool(minutes) and time.monotonic() - last_save > 60 * minutes)
+        if stop:
             save()
             summary["stopped"] = True
             break
-        if current < total_steps and (
-            current % cfg.checkpoint.every_steps == 0
-            or (minutes and time.monotonic() - last_save > 60 * minutes)
-        ):
+        if current < total_steps and (current % cfg.checkpoint.every_steps == 0 or save_due):
             save()
     metrics_log.close()
     if mngr.latest_step() != current:

@@ -51,6 +51,8 @@ def test_two_processes_reach_the_parameters_of_one(tmp_path):
 
 
 def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
+    """Also: process 1 alone finds a time-based save due after every step (as if its clock ran ahead);
+    both processes must then save together, or the run would hang in a save only one of them joins."""
     from conftest import TINY_DATA
 
     port = portpicker.pick_unused_port()
@@ -71,6 +73,8 @@ def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
                 "--config.mesh.num_processes=2",
                 f"--config.mesh.process_id={i}",
                 f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+                "--config.checkpoint.keep=10",
+                f"--config.checkpoint.every_minutes={1e-6 if i == 1 else 0.0}",
             ],
             env=_env(2),
             cwd=ROOT,
@@ -85,6 +89,14 @@ def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
         assert proc.returncode == 0, err[-3000:]
     steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 6  # process 0 alone writes metrics
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     for step in (3, 6):
         shards = sorted(p.name for p in (out / "checkpoints" / str(step) / "data").glob("process_*.json"))
         assert shards == ["process_0-of-2.json", "process_1-of-2.json"]
