@@ -1,0 +1,116 @@
+"""Per-device memory of a config's train step, from the compiled program, on simulated devices.
+
+    python tools/bench_memory.py --config=configs/tulu.py --devices=64 [--config.model.remat=full ...]
+        [--hf_config=path/to/config.json]
+
+Compiles (never runs) the train step of the config's model and batch over `--devices` simulated CPU
+devices laid out by the config's mesh, and prints XLA's memory analysis per device: the state
+(parameters, optimizer moments), the batch, and the temporaries (activations kept for the backward
+pass, gradients, the loss's logit chunks). The model comes from `--hf_config`, or from
+`model.path`/config.json, or is Llama 3.1 8B's architecture when the folder is not here (Tulu 3).
+
+The CPU compiler stands in for the accelerator's: sizes of parameters, moments and batches are exact;
+temporaries are XLA:CPU's schedule of the same program, an upper estimate of an accelerator's: XLA:CPU
+computes bfloat16 matmuls in float32, so matmul outputs kept for the backward pass count double.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+LLAMA_31_8B = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": False,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=64)
+    parser.add_argument("--hf_config", default="")
+    args, config_args = parser.parse_known_args()
+    # The memory-minimising scheduler: XLA:CPU's default one favours concurrency and inflates temporaries.
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={args.devices} "
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    )
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+    import jax
+
+    from jsft import config, models, optim, sharding, step
+
+    cfg = config.load_or_exit([sys.argv[0], *config_args])
+    folder_config = os.path.join(cfg.model.path, "config.json")
+    if args.hf_config:
+        with open(args.hf_config) as f:
+            hf_config = json.load(f)
+    elif os.path.isfile(folder_config):
+        with open(folder_config) as f:
+            hf_config = json.load(f)
+    else:
+        hf_config = LLAMA_31_8B
+    dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
+    model_cfg = models.ModelConfig.from_hf(
+        hf_config,
+        models.dtype_of(dtype),
+        models.dtype_of(cfg.model.param_dtype),
+        "xla",
+        cfg.model.remat,
+        cfg.model.scan_layers,
+    )
+    layout = models.Layout(model_cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    optimizer = optim.make_optimizer(cfg.optim, 1000)
+    shardings = step.state_shardings(layout, optimizer, mesh)
+    state = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), layout.shapes)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+    rows, seq = cfg.train.global_batch_size, cfg.data.max_seq_length
+    token = jax.ShapeDtypeStruct((rows, seq), jax.numpy.int32, sharding=sharding.batch_sharding(mesh))
+    batch = dict.fromkeys(("input_ids", "target_ids", "loss_mask", "segment_ids", "positions"), token)
+    train_step = step.make_train_step(
+        layout,
+        optimizer,
+        shardings,
+        mesh,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        loss_reduction=cfg.train.loss_reduction,
+    )
+    print(
+        f"{model_cfg.num_params() / 1e9:.2f}B parameters ({cfg.model.param_dtype}), compute {dtype}, "
+        f"remat {cfg.model.remat}, {'scanned' if cfg.model.scan_layers else 'unrolled'} layers; "
+        f"mesh {dict(mesh.shape)}; global batch {rows} x {seq}, accumulation {cfg.train.grad_accum_steps}",
+        flush=True,
+    )
+    memory = train_step.lower(state, batch).compile().memory_analysis()
+    gib = 2**30
+    total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    print(
+        f"per device: state + batch {memory.argument_size_in_bytes / gib:.2f} GiB, "
+        f"temporaries {memory.temp_size_in_bytes / gib:.2f} GiB, "
+        f"peak about {(total + memory.temp_size_in_bytes) / gib:.2f} GiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
