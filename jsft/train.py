@@ -109,6 +109,25 @@ def open_checkpoints(cfg: ml_collections.ConfigDict):
     return mngr, (cfg.checkpoint.step if cfg.checkpoint.step >= 0 else None)
 
 
+def check_saved_layout(mngr, layout: models.Layout, lora: LoraSpec | None) -> None:
+    """Refuses checkpoints whose trained parameters have other names or shapes than this run's (layers
+    scanned or not, LoRA settings, another architecture), even under `checkpoint.force_resume`: they
+    cannot restore, and must not be mistaken for damaged steps and moved aside."""
+    step_id = mngr.latest_step()
+    saved, saved_cfg = checkpoint.saved_layout(mngr, step_id)
+    saved_lora = LoraSpec.from_config(ml_collections.ConfigDict(saved_cfg["lora"]))
+    before = {k: v.shape for k, v in step.trainable_shapes(saved, saved_lora).items()}
+    now = {k: v.shape for k, v in step.trainable_shapes(layout, lora).items()}
+    if before != now:
+        differing = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise JsftError(
+            f"checkpoint step {step_id} in {mngr.directory} holds parameters laid out differently from this "
+            f"run's ({len(differing)} differ, e.g. {differing[0]}: {before.get(differing[0])} saved, "
+            f"{now.get(differing[0])} now); model.scan_layers, lora or the architecture changed. Resume "
+            "with the checkpoint's settings, or use a new output_dir"
+        )
+
+
 def hf_assets(model_path: str, tokenizer, chat_template: str | None) -> dict:
     """config.json and the tokenizer files (with the chat template used in training), base64-encoded."""
     if chat_template is not None:
@@ -239,6 +258,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
 
     state = None
     if resuming:
+        check_saved_layout(mngr, layout, lora)
         trainable = step.trainable_shapes(layout, lora)
         abstract = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), trainable)
         restored_step, state = checkpoint.restore_latest_good(

@@ -187,3 +187,9 @@ def test_changed_config_is_refused(reference, tmp_path):
     assert "differs from the one" in refused.stderr and "optim.lr" in refused.stderr
     fresh = _run(tmp_path, "--config.train.max_steps=4", "--config.checkpoint.resume=False")
     assert fresh.returncode != 0 and "already holds checkpoints" in fresh.stderr
+    # Forcing a change of the parameter layout is refused too, and leaves every checkpoint in place.
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    for change in ("--config.model.scan_layers=False", "--config.lora.rank=4"):
+        forced = _run(tmp_path, "--config.train.max_steps=4", change, "--config.checkpoint.force_resume=True")
+        assert forced.returncode != 0 and "laid out differently" in forced.stderr, forced.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
