@@ -19,10 +19,13 @@ import time
 import zlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import transformers
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jsft import checkpoint, config, data, flops, models, optim, sharding, step
 from jsft.errors import JsftError
@@ -48,13 +51,21 @@ class StepBoundary:
 
     With several processes the decisions must agree, or some would enter a checkpoint save the others
     never join: JAX's preemption sync point covers notices that reach the coordination service (TPU
-    maintenance events), and one all-gather of each process's (SIGTERM seen, save due by its clock)
-    covers the rest.
+    maintenance events), and a reduction over every process's (SIGTERM seen, save due by its clock)
+    covers the rest. That reduction runs on the devices behind the step, and its result is read one
+    step later, by when it is done: the host never waits for the running step, so it keeps queueing
+    work ahead of the devices. Requests therefore take effect one step after they are seen.
     """
 
     def __init__(self):
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._handle)
+        self._pending: jax.Array | None = None  # the reduction of the previous step's flags
+        if jax.process_count() > 1:
+            devices = np.array([jax.local_devices(process_index=p) for p in range(jax.process_count())])
+            mesh = Mesh(devices, ("process", "local"))
+            self._rows = NamedSharding(mesh, P("process"))
+            self._any = jax.jit(lambda flags: jnp.any(flags, axis=0), out_shardings=NamedSharding(mesh, P()))
 
     def _handle(self, signum, frame) -> None:
         self.stop_requested = True
@@ -66,8 +77,14 @@ class StepBoundary:
         preempted = False
         with contextlib.suppress(RuntimeError):  # RuntimeError: the preemption service is off
             preempted = multihost_utils.reached_preemption_sync_point(step)
-        flags = multihost_utils.process_allgather(np.asarray([self.stop_requested, save_due]))
-        return preempted or bool(np.any(flags[:, 0])), bool(np.any(flags[:, 1]))
+        flags = jax.make_array_from_process_local_data(
+            self._rows, np.asarray([[self.stop_requested, save_due]]), (jax.process_count(), 2)
+        )
+        previous, self._pending = self._pending, self._any(flags)
+        if previous is None:
+            return preempted, False
+        stop, save = np.asarray(jax.device_get(previous))
+        return preempted or bool(stop), bool(save)
 
 
 def open_checkpoints(cfg: ml_collections.ConfigDict):

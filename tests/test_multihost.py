@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import portpicker
@@ -50,14 +53,11 @@ def test_two_processes_reach_the_parameters_of_one(tmp_path):
     )
 
 
-def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
-    """Also: process 1 alone finds a time-based save due after every step (as if its clock ran ahead);
-    both processes must then save together, or the run would hang in a save only one of them joins."""
+def _start_two_process_run(out, *extra: str, per_process=lambda i: ()) -> list[subprocess.Popen]:
     from conftest import TINY_DATA
 
     port = portpicker.pick_unused_port()
-    out = tmp_path / "run"
-    procs = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
@@ -67,14 +67,12 @@ def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
                 f"--config.output_dir={out}",
                 f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 1000),)",
                 "--config.data.eval_mixer=()",
-                "--config.train.max_steps=6",
-                "--config.checkpoint.every_steps=3",
                 "--config.log.every_steps=1",
                 "--config.mesh.num_processes=2",
                 f"--config.mesh.process_id={i}",
                 f"--config.mesh.coordinator_address=127.0.0.1:{port}",
-                "--config.checkpoint.keep=10",
-                f"--config.checkpoint.every_minutes={1e-6 if i == 1 else 0.0}",
+                *extra,
+                *per_process(i),
             ],
             env=_env(2),
             cwd=ROOT,
@@ -84,19 +82,47 @@ def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
         )
         for i in range(2)
     ]
+
+
+def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
+    """Also: process 1 alone finds a time-based save due after every step (as if its clock ran ahead);
+    both processes must then save together, or the run would hang in a save only one of them joins."""
+    out = tmp_path / "run"
+    procs = _start_two_process_run(
+        out,
+        "--config.train.max_steps=6",
+        "--config.checkpoint.every_steps=3",
+        "--config.checkpoint.keep=10",
+        per_process=lambda i: [f"--config.checkpoint.every_minutes={1e-6 if i == 1 else 0.0}"],
+    )
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
     steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 6  # process 0 alone writes metrics
-    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
-        1,
-        2,
-        3,
-        4,
-        5,
-        6,
-    ]
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [2, 3, 4, 5, 6]  # requests take effect one step after they are seen
     for step in (3, 6):
         shards = sorted(p.name for p in (out / "checkpoints" / str(step) / "data").glob("process_*.json"))
         assert shards == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice that reaches one process only: both save the same step and exit cleanly."""
+    out = tmp_path / "run"
+    procs = _start_two_process_run(
+        out, "--config.train.max_steps=400", "--config.checkpoint.every_steps=1000"
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    saved = [re.search(r"stop requested: saved step (\d+)", err) for err in errors]
+    assert all(saved), errors
+    step = int(saved[0][1])
+    assert int(saved[1][1]) == step < 400
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [step]
