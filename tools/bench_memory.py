@@ -95,6 +95,7 @@ def main() -> None:
         mesh,
         grad_accum_steps=cfg.train.grad_accum_steps,
         loss_reduction=cfg.train.loss_reduction,
+        z_loss=cfg.train.z_loss,
     )
     print(
         f"{model_cfg.num_params() / 1e9:.2f}B parameters ({cfg.model.param_dtype}), compute {dtype}, "
