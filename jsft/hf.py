@@ -1,6 +1,6 @@
-"""Hugging Face model folders: config.json and safetensors in, the same out.
+"""Hugging Face model folders: config.json and safetensors in, the same out; Hub ids fetched into the cache.
 
-Only safetensors are read (never pickle). Tensors are memory-mapped one at a time, so reading a
+Only safetensors are read or fetched (never pickle). Tensors are memory-mapped one at a time, so reading a
 checkpoint holds at most one tensor in host memory beyond what has been placed on devices. The
 reader is our own (a few lines over the documented header format) because `safetensors`' numpy
 backend cannot return bfloat16, the dtype most checkpoints ship in.
@@ -8,13 +8,18 @@ backend cannot return bfloat16, the dtype most checkpoints ship in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 from collections.abc import Iterator
 
+import filelock
+import huggingface_hub
 import ml_dtypes
 import numpy as np
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.numpy import save_file
 
 from jsft.errors import JsftError
@@ -44,9 +49,92 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+# What a Hub id fetches besides the weights: exact top-level names, so pickles (`*.bin`, `*.pt`,
+# `original/*.pth`) and duplicate weight files (`consolidated.safetensors`) never match.
+HUB_METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    SAFETENSORS_INDEX,
+    *TOKENIZER_FILES,
+)
+
 
 class ModelFolderError(JsftError):
     """A model folder that cannot be read, named in one line."""
+
+
+def resolve_model(path: str, revision: str | None = None) -> str:
+    """The local folder of `model.path`: a folder as given, or a Hub id's snapshot in the Hugging Face cache.
+
+    A Hub id fetches only `HUB_METADATA_FILES` and the safetensors the index names (or
+    `model.safetensors`): never pickles. The token is huggingface_hub's own (HF_TOKEN or `hf auth
+    login`), so jsft never sees or writes it; with HF_HUB_OFFLINE=1 a warm cache is read without any
+    network. The processes of one host take turns through a file lock in the cache, so one downloads
+    and the others find the files there; each host fills its own cache (HF_HOME).
+    """
+    if os.path.isdir(path):
+        if revision:
+            raise ModelFolderError(
+                f"model.revision={revision!r} is for Hub ids, but model.path {path} is a local folder"
+            )
+        return path
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ModelFolderError(
+            f"model folder {path} does not exist, and it is not a Hub id (org/name)"
+        ) from None
+    name = f"{path}@{revision}" if revision else path
+    try:
+        with _host_lock(path):
+            folder = huggingface_hub.snapshot_download(
+                path, revision=revision, allow_patterns=list(HUB_METADATA_FILES)
+            )
+            weights = _weight_files(folder, name)
+            # The commit just resolved, so a branch that moves meanwhile cannot mix two commits.
+            folder = huggingface_hub.snapshot_download(
+                path, revision=os.path.basename(folder), allow_patterns=weights
+            )
+    except OSError as e:  # huggingface_hub's HTTP, offline and incomplete-cache errors are all OSErrors
+        raise ModelFolderError(f"cannot fetch Hub model {name}: {_one_line(e)}") from None
+    missing = [w for w in weights if not os.path.isfile(os.path.join(folder, w))]
+    if missing:
+        where = (
+            "the Hugging Face cache (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else "the Hub"
+        )
+        raise ModelFolderError(
+            f"Hub model {name} has no safetensors weights in {where} (missing {', '.join(missing[:3])}); "
+            "jsft never loads pickle weights (*.bin, *.pt)"
+        )
+    return folder
+
+
+def _weight_files(folder: str, name: str) -> list[str]:
+    """The safetensors files a fetched snapshot needs: the shards its index lists, or `model.safetensors`."""
+    index = os.path.join(folder, SAFETENSORS_INDEX)
+    if not os.path.isfile(index):
+        return [SAFETENSORS_SINGLE]
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    bad = [s for s in shards if not s.endswith(".safetensors")]
+    if bad:
+        raise ModelFolderError(f"Hub model {name}: {SAFETENSORS_INDEX} names non-safetensors files {bad[:3]}")
+    return shards
+
+
+def _host_lock(repo_id: str) -> contextlib.AbstractContextManager:
+    """One lock per repo in this host's cache; none offline, where nothing is written (read-only caches)."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return contextlib.nullcontext()
+    lock_dir = os.path.join(hub_constants.HF_HUB_CACHE, ".locks", "jsft")
+    os.makedirs(lock_dir, exist_ok=True)
+    return filelock.FileLock(os.path.join(lock_dir, repo_id.replace("/", "--") + ".lock"))
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def read_config(path: str) -> dict:
@@ -62,12 +150,12 @@ def read_config(path: str) -> dict:
 
 def safetensors_files(path: str) -> list[str]:
     """The weight files of a folder: `model.safetensors`, or the shards listed in its index."""
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(path, s) for s in shards]
-    single = os.path.join(path, "model.safetensors")
+    single = os.path.join(path, SAFETENSORS_SINGLE)
     if os.path.isfile(single):
         return [single]
     if any(n.endswith(".bin") or n.endswith(".pt") for n in os.listdir(path)):

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.typing import DTypeLike
 
 from jsft import hf, sharding
+from jsft.errors import JsftError
 from jsft.models.attention import soft_cap
 from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder
@@ -25,9 +27,17 @@ from jsft.models.names import IGNORED_HF_TENSORS, NameMap
 Params = dict[str, jax.Array]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPE_NAMES = tuple(_DTYPES)  # the choices of model.dtype (besides "auto") and model.param_dtype
 
 
-def dtype_of(name: str):
+def dtype_of(dtype: str | DTypeLike) -> type:
+    """jnp.float32 or jnp.bfloat16 from a name or a dtype (jnp.float32, np.float32), as transformers takes."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise JsftError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
     return _DTYPES[name]
 
 
@@ -71,28 +81,30 @@ class Layout:
 
 def config_from_folder(
     path: str,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
+    dtype: str | DTypeLike = "float32",
+    param_dtype: str | DTypeLike = "float32",
     attention: str = "auto",
     remat: str = "none",
     scan_layers: bool = False,
+    revision: str | None = None,
 ) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, parsed config.json); the keyword choices are the `model` config group's."""
-    hf_config = hf.read_config(path)
+    """(ModelConfig, parsed config.json) of a folder or Hub id; keyword choices are the `model` group's."""
+    hf_config = hf.read_config(hf.resolve_model(path, revision))
     cfg = ModelConfig.from_hf(
         hf_config, dtype_of(dtype), dtype_of(param_dtype), attention, remat, scan_layers
     )
     return cfg, hf_config
 
 
-def load_params(path: str, layout: Layout, mesh: Mesh) -> Params:
-    """Reads a folder's safetensors tensor by tensor straight into arrays sharded over `mesh`.
+def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = None) -> Params:
+    """Reads a folder's (or Hub id's) safetensors tensor by tensor straight into arrays sharded over `mesh`.
 
     Each tensor stays memory-mapped; every device's shard is sliced from the file, cast to the param
     dtype and copied alone, so host memory holds one shard beyond what is already placed, never a whole
     replicated copy per device. Stacked (scanned) parameters gather each device's shard from the
     memory maps of all their layers.
     """
+    path = hf.resolve_model(path, revision)
     names, num_layers = layout.names, layout.cfg.num_layers
     views: dict[str, np.ndarray | dict[int, np.ndarray]] = {}
     for hf_name, tensor in hf.iter_tensors(path):
@@ -156,12 +168,18 @@ def _stacked_shard(layers: list[np.ndarray], dtype, index: tuple[slice, ...]) ->
 
 def load_pretrained(
     path: str,
-    dtype: str = "float32",
-    param_dtype: str | None = None,
+    dtype: str | DTypeLike = "float32",
+    param_dtype: str | DTypeLike | None = None,
     mesh: Mesh | None = None,
     attention: str = "auto",
+    revision: str | None = None,
 ) -> Decoder:
-    """The NNX model of a Hugging Face folder, parameters placed on `mesh` (default: one device)."""
+    """The NNX model of a Hugging Face folder or Hub id, parameters placed on `mesh` (default: one device).
+
+    `dtype` (compute) and `param_dtype` (storage, default `dtype`) take a name or a dtype, as in
+    transformers' `from_pretrained(dtype=...)`.
+    """
+    path = hf.resolve_model(path, revision)
     cfg, hf_config = config_from_folder(path, dtype, param_dtype or dtype, attention)
     layout = Layout(cfg, hf_config["model_type"])
     mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
