@@ -28,7 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.output_dir = "runs/default"
     c.model = ml_collections.ConfigDict(
         {
-            "path": "",  # a Hugging Face model folder (config.json, *.safetensors, tokenizer files)
+            "path": "",  # a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or Hub id
+            "revision": "",  # with a Hub id: a branch, tag or commit ("" = the default branch)
             "dtype": "auto",  # compute dtype of activations: auto = bfloat16 on GPU/TPU, float32 on CPU
             "param_dtype": "float32",  # storage dtype of parameters and optimizer moments
             "attention": "auto",  # auto | xla | cudnn | splash (auto: cudnn on NVIDIA, splash on TPU)
@@ -152,6 +153,49 @@ def _unknown_key_error(name: str, known: Sequence[str], where: str) -> ConfigErr
     return ConfigError(f"unknown config key '{name}' in {where}{hint}")
 
 
+# Keys whose value is a comma-separated list of choices rather than one.
+LIST_VALUED_KEYS = ("lora.targets",)
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every choice-valued key and the values it takes: the one table `validate` checks.
+
+    Names implemented elsewhere are imported from their one definition, here rather than at the top
+    so that config files load without JAX and those modules may import this one.
+    """
+    from jsft import lora, models
+    from jsft.data.chat import TRAIN_ON
+    from jsft.data.pipeline import PACKERS
+    from jsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES
+
+    return {
+        "model.dtype": ("auto", *models.DTYPE_NAMES),
+        "model.param_dtype": models.DTYPE_NAMES,
+        "model.attention": ATTENTION_IMPLEMENTATIONS,
+        "model.remat": REMAT_CHOICES,
+        "data.packer": tuple(PACKERS),
+        "data.train_on": TRAIN_ON,
+        "train.loss_reduction": ("mean", "sum"),
+        "optim.schedule": ("linear", "cosine", "constant"),
+        "lora.targets": tuple(lora.INPUT_AXES),
+    }
+
+
+def _check_choices(cfg: ml_collections.ConfigDict, where: str) -> None:
+    given = _paths(cfg)
+    for key, allowed in choices().items():
+        value = given[key]
+        if key in LIST_VALUED_KEYS:
+            names = [n.strip() for n in value.split(",") if n.strip()] if isinstance(value, str) else [value]
+            if not names:
+                raise ConfigError(f"{key} is empty: name one or more of {', '.join(allowed)} ({where})")
+        else:
+            names = [value]
+        for name in names:
+            if name not in allowed:
+                raise ConfigError(f"{key}: {name!r} is not one of {', '.join(allowed)} ({where})")
+
+
 def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     """Checks that `cfg` has exactly the schema's keys and sensible values."""
     known = _paths(default_config())
@@ -162,8 +206,13 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     for name in known:
         if name not in given:
             raise ConfigError(f"config key '{name}' is missing in {where}")
+    _check_choices(cfg, where)
     checks = [
-        (cfg.model.path != "", "model.path is empty: set it to a Hugging Face model folder"),
+        (cfg.model.path != "", "model.path is empty: set it to a Hugging Face model folder or Hub id"),
+        (
+            isinstance(cfg.model.revision, str),
+            f"model.revision must be a string (branch, tag or commit), got {cfg.model.revision!r}",
+        ),
         (len(cfg.data.mixer) > 0, "data.mixer is empty: give at least one (source, amount) pair"),
         (cfg.data.max_seq_length > 1, "data.max_seq_length must be at least 2"),
         (cfg.train.global_batch_size > 0, "train.global_batch_size must be positive"),
@@ -174,15 +223,8 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}",
         ),
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs or train.max_steps above 0"),
-        (cfg.train.loss_reduction in ("mean", "sum"), "train.loss_reduction must be 'mean' or 'sum'"),
-        (
-            cfg.optim.schedule in ("linear", "cosine", "constant"),
-            "optim.schedule: linear, cosine or constant",
-        ),
         (0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)"),
         (cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 turns clipping off)"),
-        (cfg.model.dtype in ("auto", "float32", "bfloat16"), "model.dtype must be auto, float32 or bfloat16"),
-        (cfg.model.param_dtype in ("float32", "bfloat16"), "model.param_dtype must be float32 or bfloat16"),
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
         (cfg.log.every_steps > 0, "log.every_steps must be positive"),

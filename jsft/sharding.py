@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jsft.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -33,21 +35,24 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices of all processes; one size may be -1 (the rest)."""
+    """A (data, fsdp, tensor) mesh over all devices of all processes; one size may be -1 (the rest).
+
+    A mesh that does not fit the devices is a one-line ConfigError naming the mesh and the device count.
+    """
     devices = jax.devices() if devices is None else devices
     sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
     shape_text = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {shape_text}: at most one axis may be -1")
+        raise ConfigError(f"mesh {shape_text}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh {shape_text}: sizes must be positive or -1")
+        raise ConfigError(f"mesh {shape_text}: sizes must be positive or -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh {shape_text} does not fit {len(devices)} devices")
+            raise ConfigError(f"mesh {shape_text} does not fit {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {shape_text} needs {math.prod(sizes)} devices, but there are {len(devices)}")
+        raise ConfigError(f"mesh {shape_text} needs {math.prod(sizes)} devices, but there are {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

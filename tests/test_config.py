@@ -5,10 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import ROOT
 
-from jsft import config
+from jsft import config, models, optim, sharding
+
+TINY = f"{ROOT}/configs/tiny.py"
 
 
 def _load(*args):
@@ -44,7 +47,7 @@ def test_tulu_config_is_the_published_recipe():
         ),
         (["--config.nope=1"], "unknown config key 'nope'"),
         (["--config.optim.lr=abc"], "bad config override"),
-        (["--config.train.loss_reduction=median"], "train.loss_reduction must be 'mean' or 'sum'"),
+        (["--config.train.loss_reduction=median"], "train.loss_reduction: 'median' is not one of mean, sum"),
         (["--config.train.grad_accum_steps=3"], "not divisible by train.grad_accum_steps=3"),
     ],
 )
@@ -97,3 +100,113 @@ def test_batch_that_does_not_split_over_the_mesh_is_one_line(tmp_path):
     )  # tests run on 8 simulated devices: 12 rows do not split over them
     assert out.returncode != 0
     assert "must split evenly over data x fsdp = 8 devices" in out.stderr.strip().splitlines()[-1]
+
+
+def test_choice_table_declares_every_choice_valued_key():
+    table = config.choices()
+    assert table["data.packer"] == ("first_fit", "best_fit")
+    assert table["model.dtype"] == ("auto", "float32", "bfloat16")
+    assert table["model.param_dtype"] == ("float32", "bfloat16")
+    assert table["model.attention"] == ("auto", "xla", "cudnn", "splash")
+    assert set(table["model.remat"]) == {"none", "full", "minimal", "dots_saveable"}
+    assert table["lora.targets"] == (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    expected = {"data.packer", "data.train_on", "model.attention", "model.remat", "optim.schedule"}
+    expected |= {"train.loss_reduction", "model.dtype", "model.param_dtype", "lora.targets"}
+    assert expected <= set(table)
+
+
+@pytest.mark.parametrize("key", sorted(config.choices()))
+def test_bad_choice_is_one_line_naming_key_value_and_choices(key):
+    value = "q_proj,nope" if key in config.LIST_VALUED_KEYS else "nope"
+    with pytest.raises(config.ConfigError) as err:
+        _load(f"--config={TINY}", f"--config.{key}={value}")
+    allowed = ", ".join(config.choices()[key])
+    assert str(err.value) == f"{key}: 'nope' is not one of {allowed} ({TINY})"
+
+
+def test_every_declared_choice_is_accepted_and_implemented():
+    cfg = _load(f"--config={TINY}")
+    for key, allowed in config.choices().items():
+        group, name = key.split(".")
+        default = cfg[group][name]
+        for choice in allowed:
+            cfg[group][name] = choice
+            config.validate(cfg)
+        cfg[group][name] = default
+    for schedule in config.choices()["optim.schedule"]:
+        cfg.optim.schedule = schedule
+        warmup_end = round(cfg.optim.warmup_ratio * 100)  # linear warmup, then the schedule from lr
+        assert float(optim.make_schedule(cfg.optim, 100)(warmup_end)) == pytest.approx(cfg.optim.lr)
+    for dtype in config.choices()["model.param_dtype"]:
+        assert models.dtype_of(dtype).dtype.name == dtype
+
+
+def test_lora_targets_are_a_comma_separated_list_of_known_kernels():
+    cfg = _load(f"--config={TINY}", "--config.lora.targets= q_proj , v_proj")
+    assert cfg.lora.targets == " q_proj , v_proj"
+    with pytest.raises(config.ConfigError, match="lora.targets is empty: name one or more of q_proj, k_proj"):
+        _load(f"--config={TINY}", "--config.lora.targets= , ")
+
+
+def test_model_revision_is_a_string(tmp_path):
+    cfg = _load(f"--config={TINY}", "--config.model.revision=0123456789abcdef0123456789abcdef01234567")
+    assert cfg.model.revision == "0123456789abcdef0123456789abcdef01234567"
+    file = tmp_path / "none_revision.py"
+    file.write_text(
+        "from jsft.config import default_config\n"
+        "def get_config():\n    c = default_config()\n    c.model.path = 'org/name'\n"
+        "    c.data.mixer = (('rows.jsonl', 1.0),)\n    c.model.revision = None\n    return c\n"
+    )
+    with pytest.raises(config.ConfigError) as err:
+        _load(f"--config={file}")
+    assert str(err.value) == f"model.revision must be a string (branch, tag or commit), got None ({file})"
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
+    assert len(jax.devices()) == 8
+    with pytest.raises(config.ConfigError) as err:
+        sharding.make_mesh({"data": 3, "fsdp": 1, "tensor": 1})
+    assert str(err.value) == "mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, but there are 8"
+    with pytest.raises(config.ConfigError, match="^mesh data=-1 x fsdp=3 x tensor=1 does not fit 8 devices$"):
+        sharding.make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
+
+
+@pytest.mark.parametrize(
+    "override, last_line",
+    [
+        (
+            "--config.data.packer=firstfit",
+            f"jsft: config error: data.packer: 'firstfit' is not one of first_fit, best_fit ({TINY})",
+        ),
+        (
+            "--config.mesh.data=3",
+            "jsft: error: mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, but there are 8",
+        ),
+    ],
+)
+def test_cli_stops_on_bad_choices_and_meshes_before_loading_anything(tmp_path, override, last_line):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jsft.train",
+            f"--config={TINY}",
+            f"--config.output_dir={tmp_path}/run",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == last_line
+    assert "Traceback" not in out.stderr
+    assert "encoding" not in out.stderr and "mixer" not in out.stderr  # no data was read
