@@ -11,19 +11,27 @@ fails to restore (a truncated file) is moved aside, never deleted, and the previ
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
+import signal
 import time
 
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jsft import models
+from jsft import config, models
+from jsft import step as step_lib
 from jsft.errors import JsftError
+from jsft.lora import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,82 +44,243 @@ def manager(directory: str, keep: int | None = None, read_only: bool = False) ->
     return ocp.CheckpointManager(os.path.abspath(directory) if local else directory, options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iter, meta: dict, hf_assets: dict) -> None:
-    """Starts an asynchronous save; arrays are copied off the devices before this returns."""
-    meta = dict(meta, step=step, nonfinite_streak=int(jax.device_get(state["nonfinite_streak"])))
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]),
-            opt_state=ocp.args.StandardSave(state["opt_state"]),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-            meta=ocp.args.JsonSave(meta),
-            hf=ocp.args.JsonSave(hf_assets),
-        ),
-        force=True,
-    )
+class StopAgreement:
+    """Whether all processes stop (SIGTERM: preemption, scancel, kill) and/or save (a time-based
+    checkpoint is due) at the end of a step, decided together.
+
+    With several processes the decisions must agree, or some would enter a checkpoint save the others
+    never join: JAX's preemption sync point covers notices that reach the coordination service (TPU
+    maintenance events), and a reduction over every process's (SIGTERM seen, save due by its clock)
+    covers the rest. That reduction runs on the devices behind the step, and its result is read one
+    step later, by when it is done: the host never waits for the running step, so it keeps queueing
+    work ahead of the devices. Requests therefore take effect one step after they are seen.
+    """
+
+    def __init__(self):
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        self._pending: jax.Array | None = None  # the reduction of the previous step's flags
+        if jax.process_count() > 1:
+            devices = np.array([jax.local_devices(process_index=p) for p in range(jax.process_count())])
+            mesh = Mesh(devices, ("process", "local"))
+            self._rows = NamedSharding(mesh, P("process"))
+            self._any = jax.jit(lambda flags: jnp.any(flags, axis=0), out_shardings=NamedSharding(mesh, P()))
+
+    def _handle(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def __call__(self, step: int, save_due: bool) -> tuple[bool, bool]:
+        """(stop, save) for all processes."""
+        if jax.process_count() == 1:
+            return self.stop_requested, save_due
+        preempted = False
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the preemption service is off
+            preempted = multihost_utils.reached_preemption_sync_point(step)
+        flags = jax.make_array_from_process_local_data(
+            self._rows, np.asarray([[self.stop_requested, save_due]]), (jax.process_count(), 2)
+        )
+        previous, self._pending = self._pending, self._any(flags)
+        if previous is None:
+            return preempted, False
+        stop, save = np.asarray(jax.device_get(previous))
+        return preempted or bool(stop), bool(save)
+
+
+class Checkpointer:
+    """The checkpoints of one training run under `<output_dir>/checkpoints`.
+
+    It decides everything about them: whether the run may start here (checked on construction, before
+    any heavy work: `checkpoint.overwrite`, and for a resume the saved config and process count), which
+    step to resume from (`checkpoint.step`, else the newest one that restores, moving damaged ones
+    aside) after checking its parameter layout, and when to save: every `checkpoint.every_steps`,
+    every `checkpoint.every_minutes` (agreed by all processes), on a stop request, and at the end.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict):
+        self.cfg = cfg
+        self.directory = os.path.join(cfg.output_dir, "checkpoints")
+        if not cfg.checkpoint.resume:
+            self._move_previous_run_aside()
+        self.mngr = manager(self.directory, keep=cfg.checkpoint.keep)
+        self.resuming = cfg.checkpoint.resume and bool(self.mngr.all_steps())
+        self.stopped = False
+        self.data_iter = None
+        self._run_meta: dict = {}
+        self._hf_assets: dict = {}
+        self._agreement: StopAgreement | None = None
+        self._last_save = time.monotonic()
+        if self.resuming:
+            self._check_resumable()
+
+    def _move_previous_run_aside(self) -> None:
+        if not (os.path.isdir(self.directory) and os.listdir(self.directory)):
+            return
+        if not self.cfg.checkpoint.overwrite:
+            raise JsftError(
+                f"{self.directory} already holds checkpoints; resume with checkpoint.resume=True "
+                "or start over with checkpoint.overwrite=True"
+            )
+        aside = f"{self.directory}.old-{int(time.time())}"
+        if jax.process_index() == 0:
+            os.rename(self.directory, aside)
+            metrics_file = os.path.join(self.cfg.output_dir, "metrics.jsonl")
+            if os.path.exists(metrics_file):
+                os.rename(metrics_file, f"{aside}/metrics.jsonl")
+        multihost_utils.sync_global_devices("jsft-overwrite")
+        log.info("checkpoint.overwrite: moved the previous run to %s", aside)
+
+    @property
+    def _requested_step(self) -> int:
+        return self.cfg.checkpoint.step if self.cfg.checkpoint.step >= 0 else self.mngr.latest_step()
+
+    def _check_resumable(self) -> None:
+        """Refuses a resume that would not continue the same run, before anything heavy is loaded."""
+        requested = self._requested_step
+        if requested not in self.mngr.all_steps():
+            raise JsftError(
+                f"checkpoint.step={requested} is not in {self.directory}; "
+                f"kept: {sorted(self.mngr.all_steps())}"
+            )
+        meta = read_json_item(self.mngr, requested, "meta")
+        changes = config.breaking_changes(meta["config"], self.cfg)
+        if changes and not self.cfg.checkpoint.force_resume:
+            raise JsftError(
+                f"the config differs from the one {self.directory} was trained with in {', '.join(changes)}; "
+                "resuming would not continue the same run (use a new output_dir, or "
+                "checkpoint.force_resume=True)"
+            )
+        if meta.get("process_count", 1) != jax.process_count():
+            raise JsftError(
+                f"{self.directory} was written by {meta.get('process_count', 1)} processes and this run has "
+                f"{jax.process_count()}: each process's data position is saved separately"
+            )
+
+    def attach(self, data_iter, *, total_steps: int, hf_assets: dict) -> None:
+        """What every save writes besides the train state: the data position, the run's length, the
+        Hugging Face assets that make each step exportable on its own."""
+        self.data_iter = data_iter
+        self._run_meta = {"total_steps": total_steps, "process_count": jax.process_count()}
+        self._hf_assets = hf_assets
+
+    def restore(
+        self, abstract: step_lib.TrainState, shardings: step_lib.TrainState
+    ) -> step_lib.TrainState | None:
+        """The state to resume from (its data position restored into the attached iterator), or None."""
+        if not self.resuming:
+            return None
+        self._check_layout(abstract.params)
+        if self.cfg.checkpoint.step >= 0:
+            return self._restore(self.cfg.checkpoint.step, abstract, shardings)
+        for candidate in sorted(self.mngr.all_steps(), reverse=True):
+            try:
+                return self._restore(candidate, abstract, shardings)
+            except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+                aside = self._quarantine(candidate)
+                log.warning(
+                    "checkpoint step %d cannot be restored (%s); moved it to %s",
+                    candidate,
+                    _first_line(e),
+                    aside,
+                )
+        return None
+
+    def _check_layout(self, trainable: dict[str, jax.ShapeDtypeStruct]) -> None:
+        """Refuses checkpoints whose trained parameters have other names or shapes than this run's (layers
+        scanned or not, LoRA settings, another architecture), even under `checkpoint.force_resume`: they
+        cannot restore, and must not be mistaken for damaged steps and moved aside."""
+        step_id = self._requested_step
+        saved, saved_cfg = saved_layout(self.mngr, step_id)
+        saved_lora = LoraSpec.from_config(ml_collections.ConfigDict(saved_cfg["lora"]))
+        before = {k: v.shape for k, v in step_lib.trainable_shapes(saved, saved_lora).items()}
+        now = {k: v.shape for k, v in trainable.items()}
+        if before != now:
+            differing = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise JsftError(
+                f"checkpoint step {step_id} in {self.directory} holds parameters laid out differently from "
+                f"this run's ({len(differing)} differ, e.g. {differing[0]}: {before.get(differing[0])} "
+                f"saved, {now.get(differing[0])} now); model.scan_layers, lora or the architecture changed. "
+                "Resume with the checkpoint's settings, or use a new output_dir"
+            )
+
+    def _restore(
+        self, step: int, abstract: step_lib.TrainState, shardings: step_lib.TrainState
+    ) -> step_lib.TrainState:
+        restored = self.mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(abstract.params, shardings.params)),
+                opt_state=ocp.args.StandardRestore(_abstract(abstract.opt_state, shardings.opt_state)),
+                data=grain.checkpoint.CheckpointRestore(self.data_iter),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        meta = restored["meta"]
+        log.info("resumed from step %d in %s", step, self.directory)
+        return step_lib.TrainState(
+            params=restored["params"],
+            opt_state=restored["opt_state"],
+            step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), shardings.step),
+            nonfinite_streak=jax.device_put(
+                jnp.asarray(meta.get("nonfinite_streak", 0), jnp.int32), shardings.nonfinite_streak
+            ),
+        )
+
+    def _quarantine(self, step: int) -> str:
+        """Renames a damaged step folder out of the manager's sight (kept for inspection, not deleted)."""
+        source = os.path.join(str(self.mngr.directory), str(step))
+        target = os.path.join(str(self.mngr.directory), f"corrupt-{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        multihost_utils.sync_global_devices(f"jsft-quarantine-{step}")
+        self.mngr.reload()
+        return target
+
+    def save(self, step: int, state: step_lib.TrainState) -> None:
+        """Starts an asynchronous save; arrays are copied off the devices before this returns."""
+        meta = dict(
+            self._run_meta,
+            step=step,
+            nonfinite_streak=int(jax.device_get(state.nonfinite_streak)),
+            config=json.loads(self.cfg.to_json()),
+        )
+        self.mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                data=grain.checkpoint.CheckpointSave(self.data_iter),
+                meta=ocp.args.JsonSave(meta),
+                hf=ocp.args.JsonSave(self._hf_assets),
+            ),
+            force=True,
+        )
+        self._last_save = time.monotonic()
+
+    def after_step(self, step: int, state: step_lib.TrainState) -> bool:
+        """Saves if a save is due; True when the run must stop here (a stop request, saved)."""
+        if self._agreement is None:  # SIGTERM is caught from the first step on
+            self._agreement = StopAgreement()
+        minutes = self.cfg.checkpoint.every_minutes
+        timed = bool(minutes) and time.monotonic() - self._last_save > 60 * minutes
+        stop, save_due = self._agreement(step, timed)
+        if stop:
+            self.save(step, state)
+            self.stopped = True
+        elif step < self._run_meta["total_steps"] and (
+            step % self.cfg.checkpoint.every_steps == 0 or save_due
+        ):
+            self.save(step, state)
+        return stop
+
+    def finish(self, step: int, state: step_lib.TrainState) -> None:
+        """Saves the last step (unless saved already) and waits until every save is on disk."""
+        if self.mngr.latest_step() != step:
+            self.save(step, state)
+        self.mngr.wait_until_finished()
 
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, shardings: dict, data_iter) -> dict:
-    """The train state of `step` on `shardings` (any mesh: Orbax reshards); restores `data_iter` too."""
-    restored = mngr.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract_state["params"], shardings["params"])),
-            opt_state=ocp.args.StandardRestore(
-                _abstract(abstract_state["opt_state"], shardings["opt_state"])
-            ),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-    meta = restored["meta"]
-
-    def scalar(value, sharding):
-        return jax.device_put(jnp.asarray(value, jnp.int32), sharding)
-
-    return {
-        "params": restored["params"],
-        "opt_state": restored["opt_state"],
-        "step": scalar(meta["step"], shardings["step"]),
-        "nonfinite_streak": scalar(meta.get("nonfinite_streak", 0), shardings["nonfinite_streak"]),
-    }
-
-
-def restore_latest_good(
-    mngr: ocp.CheckpointManager, abstract_state: dict, shardings: dict, data_iter, step: int | None = None
-) -> tuple[int | None, dict | None]:
-    """(step, state) of `step`, or of the newest step that restores; corrupt newer steps are moved aside."""
-    if step is not None:
-        if step not in mngr.all_steps():
-            raise JsftError(
-                f"checkpoint step {step} is not in {mngr.directory}; kept: {sorted(mngr.all_steps())}"
-            )
-        return step, restore(mngr, step, abstract_state, shardings, data_iter)
-    for candidate in sorted(mngr.all_steps(), reverse=True):
-        try:
-            return candidate, restore(mngr, candidate, abstract_state, shardings, data_iter)
-        except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-            aside = quarantine(mngr, candidate)
-            log.warning(
-                "checkpoint step %d cannot be restored (%s); moved it to %s", candidate, _first_line(e), aside
-            )
-    return None, None
-
-
-def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
-    """Renames a damaged step folder out of the manager's sight (kept for inspection, not deleted)."""
-    source = os.path.join(str(mngr.directory), str(step))
-    target = os.path.join(str(mngr.directory), f"corrupt-{step}-{int(time.time())}")
-    if jax.process_index() == 0:
-        os.rename(source, target)
-    multihost_utils.sync_global_devices(f"jsft-quarantine-{step}")
-    mngr.reload()
-    return target
 
 
 def read_json_item(mngr: ocp.CheckpointManager, step: int, item: str) -> dict:
@@ -133,7 +302,7 @@ def saved_layout(mngr: ocp.CheckpointManager, step: int) -> tuple[models.Layout,
         param_dtype=models.dtype_of(run_cfg["model"]["param_dtype"]),
         scan_layers=run_cfg["model"].get("scan_layers", False),  # steps saved before the key: unrolled
     )
-    return models.Layout(cfg, hf_config["model_type"]), run_cfg
+    return models.Layout(cfg), run_cfg
 
 
 def restore_for_export(mngr: ocp.CheckpointManager, step: int, abstract_params: dict, shardings: dict):

@@ -105,3 +105,29 @@ def _backward(z_loss, softcap, gradients, g):
 
 
 _loss_over_chunks.defvjp(_loss_and_gradients, _backward)
+
+
+def gradient_temp_bytes(batch: int, seq: int, hidden: int, vocab: int, chunk_size: int | None) -> dict:
+    """XLA's temporary memory for the loss and its gradient, {"plain": ..., "chunked": ...} bytes.
+
+    Compiled, never run, so any size can be measured on CPU: the plain loss holds all [B, T, V] logits,
+    the chunked one a budget's worth (the benchmark in tools/ and the memory test both read this).
+    """
+    shapes = [
+        jax.ShapeDtypeStruct((batch, seq, hidden), jnp.float32),
+        jax.ShapeDtypeStruct((hidden, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+        jax.ShapeDtypeStruct((batch, seq), jnp.int32),
+    ]
+
+    def plain(h, k, t, m):
+        return token_loss_sum(h @ k, t, m)
+
+    def chunked(h, k, t, m):
+        return chunked_loss_sum(h, k, t, m, chunk_size=chunk_size)
+
+    def temp_bytes(fn) -> int:
+        compiled = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*shapes).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    return {"plain": temp_bytes(plain), "chunked": temp_bytes(chunked)}

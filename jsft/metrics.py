@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 
 import jax
+import numpy as np
+import optax
 import tqdm
+
+from jsft import flops
+from jsft.trainer import StepInfo
 
 
 class MetricsLog:
@@ -17,22 +23,6 @@ class MetricsLog:
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not self.enabled, unit="step")
-        self._window_start = time.perf_counter()
-        self._window_tokens = 0
-        self._window_positions = 0
-
-    def count_tokens(self, tokens: int, positions: int) -> None:
-        """`tokens` of data (padding excluded) in a step that computed over `positions` (rows x length)."""
-        self._window_tokens += tokens
-        self._window_positions += positions
-
-    def rates(self) -> tuple[float, float]:
-        """(tokens, positions) per second since the last call; MFU counts positions, padding included."""
-        now = time.perf_counter()
-        elapsed = max(now - self._window_start, 1e-9)
-        rates = self._window_tokens / elapsed, self._window_positions / elapsed
-        self._window_start, self._window_tokens, self._window_positions = now, 0, 0
-        return rates
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -47,3 +37,75 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
+    """A checksum of this process's batch, logged so resumed runs can be checked for skipped data."""
+    return zlib.crc32(b"".join(np.ascontiguousarray(batch[k]).tobytes() for k in sorted(batch)))
+
+
+class StepLogger:
+    """The training log's two hooks: `count` after every step (progress, tokens seen) and `write` on
+    logged steps (one metrics line: loss, lr, grad norm, token rates, MFU where the peak is known)."""
+
+    def __init__(
+        self,
+        metrics_log: MetricsLog,
+        schedule: optax.Schedule,
+        *,
+        positions_per_step: int,
+        flops_per_token: float,
+        peak_flops: float | None,
+    ):
+        self.log, self.schedule = metrics_log, schedule
+        self.positions_per_step = positions_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.last_loss: float | None = None
+        self._window_start = time.perf_counter()
+        self._window_tokens = self._window_positions = 0
+
+    @classmethod
+    def for_run(cls, cfg, trainer, metrics_log: MetricsLog) -> StepLogger:
+        """The logger of a run: MFU counts every position of the config's batch."""
+        return cls(
+            metrics_log,
+            trainer.schedule,
+            positions_per_step=cfg.train.global_batch_size * cfg.data.max_seq_length,
+            flops_per_token=flops.flops_per_token(trainer.layout.cfg, cfg.data.max_seq_length),
+            peak_flops=flops.device_peak_flops(override=cfg.log.peak_flops or None),
+        )
+
+    def count(self, info: StepInfo) -> None:
+        """Data tokens (padding excluded) of every process; MFU counts all positions, padding included."""
+        self._window_tokens += int(np.count_nonzero(info.batch["segment_ids"])) * jax.process_count()
+        self._window_positions += self.positions_per_step
+        self.log.progress(1)
+
+    def _rates(self) -> tuple[float, float]:
+        """(tokens, positions) per second since the last logged step."""
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        rates = self._window_tokens / elapsed, self._window_positions / elapsed
+        self._window_start, self._window_tokens, self._window_positions = now, 0, 0
+        return rates
+
+    def write(self, info: StepInfo) -> None:
+        values = jax.device_get(info.metrics)
+        tokens_per_sec, positions_per_sec = self._rates()
+        record = {
+            "step": info.step,
+            "loss": float(values["loss"]),
+            "lr": float(self.schedule(info.step - 1)),
+            "grad_norm": float(values["grad_norm"]),
+            "trained_tokens": int(values["trained_tokens"]),
+            "tokens_per_sec": tokens_per_sec,
+            "batch_fingerprint": batch_fingerprint(info.batch),
+        }
+        if self.peak_flops:
+            per_device = positions_per_sec / jax.device_count()
+            record["mfu"] = flops.mfu(per_device, self.flops_per_token, self.peak_flops)
+        if values["skipped"]:
+            record["skipped_nonfinite"] = True
+        self.log.write(record)
+        self.log.progress(0, loss=record["loss"], tok_s=tokens_per_sec)
+        self.last_loss = record["loss"]

@@ -92,3 +92,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def single_device_mesh() -> Mesh:
+    """The mesh of the first device alone: for loading, export and tools that do not shard."""
+    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)

@@ -1,8 +1,6 @@
-"""The jitted train and eval steps: pure functions of (state, batch) pytrees with explicit shardings.
+"""The jitted train and eval steps: pure functions of (`TrainState`, batch) pytrees with explicit shardings.
 
-`state` is {"params": {name: array}, "opt_state": optax state, "step": int32, "nonfinite_streak": int32}
-where "params" is what the optimizer trains: all weights, or with LoRA the low-rank factors, the frozen
-weights then riding along as "base".
+`jsft.trainer.Trainer` builds them once per run; nothing else should call the builders here.
 Gradients are accumulated over micro-batches with a scan inside the step. With `loss_reduction="mean"`
 the summed token losses of the whole global batch are divided once by its trained-token count, so
 neither the number of micro-batches nor the sharding changes the gradient. A step whose loss or
@@ -16,14 +14,31 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from jsft import loss, sharding
 from jsft.lora import LoraSpec
 from jsft.models import Layout, Params
 
-State = dict
 Batch = dict[str, jax.Array]
+BATCH_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
+
+
+@struct.dataclass
+class TrainState:
+    """What a run carries from step to step; init, the step, save and restore all use this one type.
+
+    `params` is what the optimizer trains: all weights, or with LoRA the low-rank factors. `base` holds
+    LoRA's frozen weights (read from the model folder, never checkpointed) and is None otherwise.
+    `nonfinite_streak` counts the consecutive steps skipped for a non-finite loss or gradient.
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    step: jax.Array
+    nonfinite_streak: jax.Array
+    base: Params | None = None
 
 
 def _opt_state_shardings(abstract_opt_state, param_shardings: dict[str, NamedSharding], mesh: Mesh):
@@ -44,34 +59,31 @@ def trainable_shapes(layout: Layout, lora: LoraSpec | None) -> dict[str, jax.Sha
 
 def state_shardings(
     layout: Layout, optimizer: optax.GradientTransformation, mesh: Mesh, lora: LoraSpec | None = None
-) -> State:
+) -> TrainState:
+    """A `TrainState` of shardings: parameters by their logical axes, moments like their parameter."""
     params = lora.shardings(layout, mesh) if lora else layout.shardings(mesh)
     abstract_opt = jax.eval_shape(optimizer.init, trainable_shapes(layout, lora))
-    out = {
-        "params": params,
-        "opt_state": _opt_state_shardings(abstract_opt, params, mesh),
-        "step": sharding.replicated(mesh),
-        "nonfinite_streak": sharding.replicated(mesh),
-    }
-    if lora:
-        out["base"] = layout.shardings(mesh)
-    return out
+    return TrainState(
+        params=params,
+        opt_state=_opt_state_shardings(abstract_opt, params, mesh),
+        step=sharding.replicated(mesh),
+        nonfinite_streak=sharding.replicated(mesh),
+        base=layout.shardings(mesh) if lora else None,
+    )
 
 
 def init_state(
-    params: Params, optimizer: optax.GradientTransformation, shardings: State, base: Params | None = None
-) -> State:
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
+    params: Params, optimizer: optax.GradientTransformation, shardings: TrainState, base: Params | None = None
+) -> TrainState:
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
     # two distinct arrays: the step donates its state, and one buffer may not be donated twice
-    state = {
-        "params": params,
-        "opt_state": opt_state,
-        "step": jnp.zeros((), jnp.int32),
-        "nonfinite_streak": jnp.zeros((), jnp.int32),
-    }
-    if base is not None:
-        state["base"] = base
-    return state
+    return TrainState(
+        params=params,
+        opt_state=opt_state,
+        step=jnp.zeros((), jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+        base=base,
+    )
 
 
 def model_params(params: Params, base: Params | None, lora: LoraSpec | None) -> Params:
@@ -106,14 +118,14 @@ def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
 def make_train_step(
     layout: Layout,
     optimizer: optax.GradientTransformation,
-    shardings: State,
+    shardings: TrainState,
     mesh: Mesh,
     *,
     grad_accum_steps: int,
     loss_reduction: str,
     z_loss: float = 0.0,
     lora: LoraSpec | None = None,
-) -> Callable[[State, Batch], tuple[State, dict]]:
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     batch_sharding = sharding.batch_sharding(mesh)
 
     def micro_batches(x: jax.Array) -> jax.Array:
@@ -124,8 +136,8 @@ def make_train_step(
             x, NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
         )
 
-    def train_step(state: State, batch: Batch) -> tuple[State, dict]:
-        params, base = state["params"], state.get("base")
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        params, base = state.params, state.base
         trained_tokens = jnp.sum(batch["loss_mask"])
 
         def micro_loss(p: Params, micro: Batch) -> jax.Array:
@@ -143,25 +155,25 @@ def make_train_step(
         scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
         finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
 
         def keep_if_not_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
-        new_state = {
-            "params": keep_if_not_finite(optax.apply_updates(params, updates), params),
-            "opt_state": keep_if_not_finite(opt_state, state["opt_state"]),
-            "step": state["step"] + 1,
-            "nonfinite_streak": jnp.where(finite, 0, state["nonfinite_streak"] + 1),
-        }
-        if base is not None:
-            new_state["base"] = base
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
+        new_state = state.replace(
+            params=keep_if_not_finite(optax.apply_updates(params, updates), params),
+            opt_state=keep_if_not_finite(opt_state, state.opt_state),
+            step=state.step + 1,
+            nonfinite_streak=streak,
+        )
         metrics = {
             "loss": loss_sum / tokens,  # mean token loss (plus z-loss), whatever the reduction optimised
             "grad_norm": grad_norm,
             "trained_tokens": trained_tokens,
             "skipped": jnp.logical_not(finite),
+            "nonfinite_streak": streak,
         }
         return new_state, metrics
 
@@ -174,9 +186,9 @@ def make_train_step(
 
 
 def make_eval_step(
-    layout: Layout, shardings: State, mesh: Mesh, lora: LoraSpec | None = None
+    layout: Layout, shardings: TrainState, mesh: Mesh, lora: LoraSpec | None = None
 ) -> Callable[[Params, Params | None, Batch], dict]:
-    """`eval_step(state["params"], state.get("base"), batch)` -> summed loss and trained tokens."""
+    """`eval_step(state.params, state.base, batch)` -> summed loss and trained tokens."""
 
     def eval_step(params: Params, base: Params | None, batch: Batch) -> dict:
         loss_sum = _loss_sum(layout, model_params(params, base, lora), batch)
@@ -184,6 +196,6 @@ def make_eval_step(
 
     return jax.jit(
         _under_mesh(eval_step, mesh),
-        in_shardings=(shardings["params"], shardings.get("base"), sharding.batch_sharding(mesh)),
+        in_shardings=(shardings.params, shardings.base, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

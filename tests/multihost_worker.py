@@ -18,29 +18,25 @@ def main(model_dir: str, out: str, num_processes: int, process_id: int, port: in
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
-    from jsft import models, optim, sharding, step
+    from jsft import models, sharding
     from jsft.config import default_config
-    from jsft.train import device_batch
+    from jsft.trainer import Trainer
 
-    cfg, hf_config = models.config_from_folder(model_dir)
-    layout = models.Layout(cfg, hf_config["model_type"])
+    model_cfg, _ = models.config_from_folder(model_dir)
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    optim_cfg = default_config().optim
-    optim_cfg.lr, optim_cfg.warmup_ratio = 1e-3, 0.0
-    optimizer = optim.make_optimizer(optim_cfg, 10)
-    shardings = step.state_shardings(layout, optimizer, mesh)
-    state = step.init_state(models.load_params(model_dir, layout, mesh), optimizer, shardings)
-    train_step = step.make_train_step(
-        layout, optimizer, shardings, mesh, grad_accum_steps=2, loss_reduction="mean"
-    )
+    cfg = default_config()
+    cfg.optim.lr, cfg.optim.warmup_ratio = 1e-3, 0.0
+    cfg.train.grad_accum_steps = 2
+    trainer = Trainer(cfg, models.Layout(model_cfg), mesh, total_steps=10)
+    state = trainer.fresh_state(models.load_params(model_dir, trainer.layout, mesh))
     rows, seq = 8, 32
     local = rows // jax.process_count()
     losses = []
     for s in range(3):
         rng = np.random.default_rng(s)
         batch = {
-            "input_ids": rng.integers(1, cfg.vocab_size, (rows, seq)).astype(np.int32),
-            "target_ids": rng.integers(1, cfg.vocab_size, (rows, seq)).astype(np.int32),
+            "input_ids": rng.integers(1, model_cfg.vocab_size, (rows, seq)).astype(np.int32),
+            "target_ids": rng.integers(1, model_cfg.vocab_size, (rows, seq)).astype(np.int32),
             "loss_mask": (rng.random((rows, seq)) < 0.5).astype(np.int32),
             "segment_ids": np.repeat(np.array([[1] * 20 + [2] * 12]), rows, 0).astype(np.int32),
             "positions": np.repeat(np.array([list(range(20)) + list(range(12))]), rows, 0).astype(np.int32),
@@ -48,11 +44,11 @@ def main(model_dir: str, out: str, num_processes: int, process_id: int, port: in
         mine = {
             k: v[jax.process_index() * local : (jax.process_index() + 1) * local] for k, v in batch.items()
         }
-        state, metrics = train_step(state, device_batch(mine, mesh))
+        state, metrics = trainer.train_step(state, trainer.device_batch(mine))
         losses.append(float(metrics["loss"]))
     from jax.experimental import multihost_utils
 
-    params = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in state["params"].items()}
+    params = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in state.params.items()}
     if jax.process_index() == 0:
         np.savez(out, losses=np.asarray(losses), **params)
 

@@ -181,7 +181,7 @@ def test_impossible_choices_are_clear_errors(hf_llama):
 def _loss_and_params(cfg: ModelConfig, rows: int, seq: int):
     """(loss of params, params) for `cfg` on one device: a weighted sum of the final hidden states."""
     layout = models.Layout(cfg)
-    params = layout.init(0, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    params = layout.init(0, sharding.single_device_mesh())
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (rows, seq)), jnp.int32)
     segments = jnp.asarray(_packed_segments(rows, seq, 0))
@@ -240,7 +240,8 @@ def test_scanned_layers_match_unrolled_layers(remat):
     scanned_loss, _ = _loss_and_params(dataclasses.replace(cfg, scan_layers=True), rows=2, seq=40)
     expected_value, expected = jax.jit(jax.value_and_grad(loss))(unrolled)
     value, got = jax.jit(jax.value_and_grad(scanned_loss))(_stack_layers(unrolled, cfg.num_layers))
-    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    # float32 reordering alone (scan vs unrolled fusions) moves the loss by up to 1.2e-6 (AVX-512)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     for name, g in _stack_layers(expected, cfg.num_layers).items():
         assert np.linalg.norm(got[name] - g) <= 1e-6 * np.linalg.norm(g), name
 

@@ -115,7 +115,7 @@ def _jsft(ref: Reference, setting: str, dtype: str = "float32"):
         mesh = (
             sharding.make_mesh(shape)
             if shape
-            else sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+            else sharding.single_device_mesh()
         )
         cfg, _ = models.config_from_folder(ref.folder, dtype, dtype, scan_layers=scan_layers)
         layout = models.Layout(cfg)

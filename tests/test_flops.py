@@ -5,13 +5,13 @@ from __future__ import annotations
 import types
 
 import jax
-import jax.numpy as jnp
 import pytest
 
-from jsft import flops, models, optim, sharding, step
+from jsft import flops, models, sharding
 from jsft.config import default_config
 from jsft.models import attention
 from jsft.models.config import ModelConfig
+from jsft.trainer import Trainer
 
 
 def _config(**overrides) -> ModelConfig:
@@ -87,19 +87,11 @@ def test_count_matches_xla_cost_analysis_of_the_train_step(sizes, seq, batch):
     so the step must run its scans once: one micro-batch, and logits small enough for one loss chunk.
     """
     cfg = _config(**sizes)
-    layout = models.Layout(cfg)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    optim_cfg = default_config().optim
-    optim_cfg.warmup_ratio, optim_cfg.schedule = 0.0, "constant"
-    optimizer = optim.make_optimizer(optim_cfg, 10)
-    shardings = step.state_shardings(layout, optimizer, mesh)
-    abstract_state = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), layout.shapes)
-    train_step = step.make_train_step(
-        layout, optimizer, shardings, mesh, grad_accum_steps=1, loss_reduction="mean"
-    )
-    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    batch_spec = dict.fromkeys(("input_ids", "target_ids", "loss_mask", "segment_ids", "positions"), tokens)
-    cost = train_step.lower(abstract_state, batch_spec).compile().cost_analysis()
+    train_cfg = default_config()
+    train_cfg.optim.warmup_ratio, train_cfg.optim.schedule = 0.0, "constant"
+    train_cfg.train.global_batch_size = batch
+    trainer = Trainer(train_cfg, models.Layout(cfg), sharding.single_device_mesh(), total_steps=10)
+    cost = trainer.compile_train_step(batch, seq).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # older jax returns one dict per program
     full = flops.flops_per_token(cfg, seq) * batch * seq
     causal = flops.flops_per_token(cfg, seq, causal=True) * batch * seq

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -18,12 +17,12 @@ from jsft.lora import LoraSpec
 
 def _layout():
     cfg, hf_config = models.config_from_folder(str(TINY_MODEL))
-    return models.Layout(cfg, hf_config["model_type"])
+    return models.Layout(cfg)
 
 
 def test_merge_is_w_plus_scaled_a_times_b():
     layout = _layout()
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    mesh = sharding.single_device_mesh()
     spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "down_proj"))
     base = models.load_params(str(TINY_MODEL), layout, mesh)
     factors = spec.init(0, layout, mesh)
@@ -46,10 +45,10 @@ def test_merge_is_w_plus_scaled_a_times_b():
 
 def test_scanned_factors_stack_the_per_layer_factors():
     """With scanned layers each factor gains the layer axis; the merge equals the unrolled one per layer."""
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    mesh = sharding.single_device_mesh()
     spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "down_proj"))
     cfg, hf_config = models.config_from_folder(str(TINY_MODEL), scan_layers=True)
-    stacked = models.Layout(cfg, hf_config["model_type"])
+    stacked = models.Layout(cfg)
     unrolled = _layout()
     num_layers = cfg.num_layers
     shapes = spec.shapes(stacked)
@@ -111,7 +110,7 @@ def test_lora_run_trains_factors_and_exports_the_merged_model(tmp_path):
     )
     layout, _ = checkpoint.saved_layout(mngr, 30)
     assert layout.cfg.scan_layers  # the default
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    mesh = sharding.single_device_mesh()
     spec = LoraSpec.from_config(cfg.lora)
     factors, _, _ = checkpoint.restore_for_export(mngr, 30, spec.shapes(layout), spec.shardings(layout, mesh))
     ids = np.arange(1, 20, dtype=np.int32)[None]

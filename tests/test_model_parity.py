@@ -81,7 +81,7 @@ def test_export_round_trip_is_bit_identical(hf_llama):
     from jsft import hf
 
     cfg, hf_config = models.config_from_folder(str(hf_llama))
-    layout = models.Layout(cfg, hf_config["model_type"])
+    layout = models.Layout(cfg)
     mesh = models.sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     exported = models.to_hf_tensors(models.load_params(str(hf_llama), layout, mesh), layout)
     original = dict(hf.iter_tensors(str(hf_llama)))

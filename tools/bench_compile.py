@@ -2,7 +2,7 @@
 
     python tools/bench_compile.py [--layers 2 4 8 16 32] [--hidden 256 --seq 256 --batch 2]
 
-Compiles (never runs) `step.make_train_step` for a random Llama of each depth, once with
+Compiles (never runs) the `Trainer`'s train step for a random Llama of each depth, once with
 `scan_layers=True` (one layer body in the program, whatever the depth) and once unrolled, and prints
 seconds to lower and compile plus the optimised program's size in HLO instructions.
 """
@@ -13,11 +13,11 @@ import argparse
 import time
 
 import jax
-import numpy as np
 import transformers
 
-from jsft import models, optim, sharding, step
+from jsft import models, sharding
 from jsft.config import default_config
+from jsft.trainer import Trainer
 
 
 def compile_seconds(layers: int, scan: bool, args: argparse.Namespace) -> tuple[float, int]:
@@ -31,19 +31,12 @@ def compile_seconds(layers: int, scan: bool, args: argparse.Namespace) -> tuple[
         num_key_value_heads=args.hidden // 64,
         max_position_embeddings=args.seq,
     )
-    cfg = models.ModelConfig.from_hf(config.to_dict(), scan_layers=scan, remat=args.remat)
-    layout = models.Layout(cfg)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    optimizer = optim.make_optimizer(default_config().optim, 10)
-    shardings = step.state_shardings(layout, optimizer, mesh)
-    abstract_state = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), layout.shapes)
-    tokens = jax.ShapeDtypeStruct((args.batch, args.seq), np.int32)
-    batch = {k: tokens for k in ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")}
-    train_step = step.make_train_step(
-        layout, optimizer, shardings, mesh, grad_accum_steps=1, loss_reduction="mean"
-    )
+    model_cfg = models.ModelConfig.from_hf(config.to_dict(), scan_layers=scan, remat=args.remat)
+    cfg = default_config()
+    cfg.train.global_batch_size = args.batch
+    trainer = Trainer(cfg, models.Layout(model_cfg), sharding.single_device_mesh(), total_steps=10)
     start = time.perf_counter()
-    compiled = train_step.lower(abstract_state, batch).compile()
+    compiled = trainer.compile_train_step(args.batch, args.seq)
     seconds = time.perf_counter() - start
     instructions = sum(line.strip().startswith(("%", "ROOT")) for line in compiled.as_text().splitlines())
     return seconds, instructions

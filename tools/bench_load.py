@@ -93,7 +93,7 @@ def measure(folder: str, dtype: str, mesh_sizes: list[int]) -> dict:
     jax.devices()
     baseline = current_rss_bytes()
     cfg, hf_config = models.config_from_folder(folder, dtype, dtype)
-    layout = models.Layout(cfg, hf_config["model_type"])
+    layout = models.Layout(cfg)
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_sizes, strict=True)))
     start = time.perf_counter()
     params = models.load_params(folder, layout, mesh)

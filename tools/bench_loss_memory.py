@@ -9,32 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
-
 from jsft import loss
-
-
-def temp_bytes(fn, *shapes) -> int:
-    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
-    return jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-
-def measure(batch: int, seq: int, hidden: int, vocab: int, chunk: int | None) -> tuple[int, int]:
-    shapes = [
-        ((batch, seq, hidden), jnp.float32),
-        ((hidden, vocab), jnp.float32),
-        ((batch, seq), jnp.int32),
-        ((batch, seq), jnp.int32),
-    ]
-
-    def plain(h, k, t, m):
-        return loss.token_loss_sum(h @ k, t, m)
-
-    def chunked(h, k, t, m):
-        return loss.chunked_loss_sum(h, k, t, m, chunk_size=chunk)
-
-    return temp_bytes(plain, *shapes), temp_bytes(chunked, *shapes)
 
 
 def main() -> None:
@@ -49,7 +24,8 @@ def main() -> None:
     print("(the chunked scan carries the [hidden, vocab] kernel gradient; 'beyond it' excludes it)")
     print(f"{'vocab':>8} {'plain':>10} {'chunked':>10} {'beyond it':>10} {'[B,T,V] f32':>12}")
     for vocab in (8_192, 32_768, 131_072, 262_144):
-        plain, chunked = measure(args.batch, args.seq, args.hidden, vocab, args.chunk)
+        measured = loss.gradient_temp_bytes(args.batch, args.seq, args.hidden, vocab, args.chunk)
+        plain, chunked = measured["plain"], measured["chunked"]
         logits, kernel = args.batch * args.seq * vocab * 4, args.hidden * vocab * 4
         row = [plain, chunked, chunked - kernel, logits]
         print(f"{vocab:>8} " + " ".join(f"{v / 2**20:>10.1f}" for v in row[:3]) + f" {logits / 2**20:>12.1f}")

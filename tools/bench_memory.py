@@ -56,9 +56,8 @@ def main() -> None:
     )
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-    import jax
-
-    from jsft import config, models, optim, sharding, step
+    from jsft import config, models, sharding
+    from jsft.trainer import Trainer
 
     cfg = config.load_or_exit([sys.argv[0], *config_args])
     folder_config = os.path.join(cfg.model.path, "config.json")
@@ -79,31 +78,16 @@ def main() -> None:
         cfg.model.remat,
         cfg.model.scan_layers,
     )
-    layout = models.Layout(model_cfg)
     mesh = sharding.make_mesh(cfg.mesh)
-    optimizer = optim.make_optimizer(cfg.optim, 1000)
-    shardings = step.state_shardings(layout, optimizer, mesh)
-    state = jax.eval_shape(lambda p: step.init_state(p, optimizer, shardings), layout.shapes)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+    trainer = Trainer(cfg, models.Layout(model_cfg), mesh, total_steps=1000)
     rows, seq = cfg.train.global_batch_size, cfg.data.max_seq_length
-    token = jax.ShapeDtypeStruct((rows, seq), jax.numpy.int32, sharding=sharding.batch_sharding(mesh))
-    batch = dict.fromkeys(("input_ids", "target_ids", "loss_mask", "segment_ids", "positions"), token)
-    train_step = step.make_train_step(
-        layout,
-        optimizer,
-        shardings,
-        mesh,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        loss_reduction=cfg.train.loss_reduction,
-        z_loss=cfg.train.z_loss,
-    )
     print(
         f"{model_cfg.num_params() / 1e9:.2f}B parameters ({cfg.model.param_dtype}), compute {dtype}, "
         f"remat {cfg.model.remat}, {'scanned' if cfg.model.scan_layers else 'unrolled'} layers; "
         f"mesh {dict(mesh.shape)}; global batch {rows} x {seq}, accumulation {cfg.train.grad_accum_steps}",
         flush=True,
     )
-    memory = train_step.lower(state, batch).compile().memory_analysis()
+    memory = trainer.compile_train_step(rows, seq).memory_analysis()
     gib = 2**30
     total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     print(

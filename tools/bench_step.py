@@ -20,8 +20,9 @@ import jax
 import numpy as np
 import transformers
 
-from jsft import flops, models, optim, sharding, step
+from jsft import flops, models, sharding
 from jsft.config import default_config
+from jsft.trainer import Trainer
 
 LEARNING_RATE, BETAS, EPS = 1e-4, (0.9, 0.999), 1e-8
 
@@ -89,18 +90,18 @@ def bench_jsft(
     args: argparse.Namespace, config: transformers.LlamaConfig
 ) -> tuple[list[float], float, float]:
     """(step seconds, compile seconds, FLOPs per step as XLA counts them)."""
-    cfg = models.ModelConfig.from_hf(
+    model_cfg = models.ModelConfig.from_hf(
         config.to_dict(), dtype=models.dtype_of(args.dtype), scan_layers=args.scan_layers
     )
-    layout = models.Layout(cfg)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    optim_cfg = default_config().optim
-    optim_cfg.lr, (optim_cfg.b1, optim_cfg.b2), optim_cfg.eps = LEARNING_RATE, BETAS, EPS
-    optim_cfg.schedule, optim_cfg.warmup_ratio, optim_cfg.clip_grad_norm = "constant", 0.0, 0.0
-    optim_cfg.weight_decay = 0.0
-    optimizer = optim.make_optimizer(optim_cfg, args.warmup + args.steps)
-    shardings = step.state_shardings(layout, optimizer, mesh)
-    state = step.init_state(layout.init(0, mesh), optimizer, shardings)
+    cfg = default_config()
+    cfg.train.global_batch_size = args.batch
+    cfg.optim.lr, (cfg.optim.b1, cfg.optim.b2), cfg.optim.eps = LEARNING_RATE, BETAS, EPS
+    cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.clip_grad_norm = "constant", 0.0, 0.0
+    cfg.optim.weight_decay = 0.0
+    trainer = Trainer(
+        cfg, models.Layout(model_cfg), sharding.single_device_mesh(), total_steps=args.warmup + args.steps
+    )
+    state = trainer.random_state()
     input_ids, target_ids = random_tokens(args)
     positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), input_ids.shape)
     batch = {
@@ -110,12 +111,9 @@ def bench_jsft(
         "segment_ids": np.ones_like(input_ids),
         "positions": np.ascontiguousarray(positions),
     }
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    train_step = step.make_train_step(
-        layout, optimizer, shardings, mesh, grad_accum_steps=1, loss_reduction="mean"
-    )
+    batch = trainer.device_batch(batch)
     start = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
+    compiled = trainer.train_step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]

@@ -44,9 +44,9 @@ def dtype_of(dtype: str | DTypeLike) -> type:
 class Layout:
     """The model's structure without its values: split once, merged inside jitted functions."""
 
-    def __init__(self, cfg: ModelConfig, model_type: str | None = None):
+    def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
-        self.model_type = model_type or cfg.model_type
+        self.model_type = cfg.model_type
         self.names = NameMap(self.model_type, stacked=cfg.scan_layers)
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
@@ -181,8 +181,8 @@ def load_pretrained(
     """
     path = hf.resolve_model(path, revision)
     cfg, hf_config = config_from_folder(path, dtype, param_dtype or dtype, attention)
-    layout = Layout(cfg, hf_config["model_type"])
-    mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    layout = Layout(cfg)
+    mesh = mesh or sharding.single_device_mesh()
     return layout.merge(load_params(path, layout, mesh))
 
 

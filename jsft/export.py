@@ -1,0 +1,173 @@
+"""A jsft checkpoint step as a Hugging Face model folder, and its upload to the Hub.
+
+The folder holds safetensors weights, config.json, generation_config.json and the tokenizer files with
+the chat template used in training, all taken from the checkpoint itself, so any kept step converts
+even if the original model folder is gone (LoRA steps read their frozen base from it). `push_to_hub`
+uploads exactly the files `export_files` vouches for; huggingface_hub reads the token (HF_TOKEN or a
+prior `hf auth login`) itself, so it is never passed through or written by jsft.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import ml_collections
+
+from jsft import checkpoint, hf, models, sharding
+from jsft.errors import JsftError
+from jsft.lora import LoraSpec
+
+DTYPES = ("float32", "bfloat16")
+
+
+def convert(
+    checkpoint_dir: str,
+    output_dir: str,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    if not os.path.isdir(checkpoint_dir):
+        raise JsftError(f"checkpoint folder {checkpoint_dir} does not exist")
+    mngr = checkpoint.manager(checkpoint_dir, read_only=True)
+    steps = mngr.all_steps()
+    if not steps:
+        raise JsftError(f"no checkpoints in {checkpoint_dir}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise JsftError(f"step {step} is not in {checkpoint_dir}; kept steps: {sorted(steps)}")
+    files = checkpoint.hf_files(mngr, step)
+    meta = checkpoint.read_json_item(mngr, step, "meta")
+    layout, train_cfg = checkpoint.saved_layout(mngr, step)
+    mesh = sharding.single_device_mesh()
+    lora = LoraSpec.from_config(ml_collections.ConfigDict(train_cfg["lora"]))
+    if lora:  # the checkpoint holds the factors; fold them into the base weights of the model folder
+        factors, _, _ = checkpoint.restore_for_export(
+            mngr, step, lora.shapes(layout), lora.shardings(layout, mesh)
+        )
+        params = lora.merge(models.load_params(train_cfg["model"]["path"], layout, mesh), factors)
+    else:
+        params, _, _ = checkpoint.restore_for_export(mngr, step, layout.shapes, layout.shardings(mesh))
+    dtype = dtype or train_cfg["model"]["param_dtype"]
+    tensors = models.to_hf_tensors(params, layout, models.dtype_of(dtype))
+    readme = model_card(train_cfg, step, meta.get("total_steps"))
+    return write_folder(output_dir, tensors, files, readme, dtype, max_shard_bytes)
+
+
+def write_folder(
+    output_dir: str,
+    tensors: dict,
+    files: dict[str, bytes],
+    readme: str,
+    dtype: str,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    """Writes a Hugging Face folder: weights, `files` (config.json gets `dtype`; a generation_config.json
+    is derived if absent) and README.md. An earlier export's weight files there are replaced."""
+    os.makedirs(output_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(output_dir, "model*.safetensors*")):
+        os.remove(stale)
+    hf.save_tensors(tensors, output_dir, max_shard_bytes)
+    hf_config = json.loads(files["config.json"])
+    hf_config["dtype"] = dtype
+    hf_config.pop("torch_dtype", None)
+    files = {**files, "config.json": json.dumps(hf_config, indent=2).encode()}
+    files.setdefault("generation_config.json", json.dumps(generation_config(hf_config), indent=2).encode())
+    for name, content in files.items():
+        with open(os.path.join(output_dir, name), "wb") as f:
+            f.write(content)
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write(readme)
+    return output_dir
+
+
+def generation_config(hf_config: dict) -> dict:
+    """What transformers derives from config.json when a model folder has no generation_config.json."""
+    tokens = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_config}
+    return {"_from_model_config": True, **tokens}
+
+
+def export_files(folder: str) -> list[str]:
+    """The files of an exported folder, after checking it is complete and consistent.
+
+    This is what `push_to_hub` uploads: config.json of a supported model, every weight file its index
+    names and no other, tokenizer files with a chat template, generation_config.json and README.md.
+    """
+    files = sorted(
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
+    models.ModelConfig.from_hf(hf.read_config(folder))
+    weights = {os.path.relpath(f, folder) for f in hf.safetensors_files(folder)}
+    stray = sorted(f for f in files if f.endswith(".safetensors") and f not in weights)
+    absent = sorted(weights - set(files))
+    if stray or absent:
+        raise JsftError(
+            f"{folder}: weight files {stray or absent} are {'not in the index' if stray else 'missing'}"
+        )
+    needed = ["generation_config.json", "tokenizer_config.json", "README.md"]
+    missing = [name for name in needed if name not in files]
+    if missing:
+        raise JsftError(f"{folder}: missing {', '.join(missing)}")
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        has_template = "chat_template" in json.load(f)
+    if not has_template and not {"chat_template.jinja", "chat_template.json"} & set(files):
+        raise JsftError(f"{folder}: the tokenizer files have no chat template")
+    pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    if pickles:
+        raise JsftError(f"{folder}: refusing to upload pickle files {pickles}")
+    return files
+
+
+def check_repo_id(text: str) -> str:
+    """`text` if it is an ORG/NAME model repo id the Hub accepts; checked before any converting."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError as e:
+        raise JsftError(f"--push_to_hub={text}: {e}") from e
+    if text.count("/") != 1:
+        raise JsftError(f"--push_to_hub={text!r} is not of the form ORG/NAME")
+    return text
+
+
+def push_to_hub(folder: str, repo_id: str) -> str:
+    """Uploads the checked export folder to the Hub model repo `repo_id` (created if needed): its URL."""
+    import huggingface_hub
+
+    files = export_files(folder)
+    api = huggingface_hub.HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            allow_patterns=files,
+            commit_message="Upload model fine-tuned with jsft",
+        )
+    except OSError as e:  # huggingface_hub's HTTP and offline errors are OSErrors
+        raise JsftError(f"push to {repo_id} failed: {e}") from e
+    return commit.commit_url
+
+
+def model_card(train_cfg: dict, step: int, total_steps: int | None) -> str:
+    return (
+        "---\nlibrary_name: transformers\ntags: [jsft, sft]\n---\n\n"
+        f"# Fine-tuned with jsft\n\nSupervised fine-tuning of `{train_cfg['model']['path']}`, "
+        f"exported at step {step} of {total_steps}.\n\n"
+        f"Data mixture: {train_cfg['data']['mixer']}\n\n"
+        "## Training config\n\n```json\n" + json.dumps(train_cfg, indent=2) + "\n```\n"
+    )
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+    for suffix, scale in units.items():
+        if text.upper().endswith(suffix):
+            return int(float(text[: -len(suffix)]) * scale)
+    return int(text)
