@@ -39,8 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.data = ml_collections.ConfigDict(
         {
-            # (source, amount) pairs: a local .jsonl/.json/.parquet file or folder, or a Hub data set name.
-            # An amount with a decimal point is a fraction of the source, an integer is a row count.
+            # (source, amount) or (source, amount, format) entries: a local .jsonl/.json/.parquet file or
+            # folder, or a Hub data set name. An amount with a decimal point is a fraction of the source,
+            # an integer is a row count. The format (detected when absent) is a name or a dict naming the
+            # columns, e.g. {"format": "prompt_completion", "prompt": "question"} (see jsft/data/sources.py).
             "mixer": (),
             "eval_mixer": (),  # held-out data, evaluated every log.eval_every_steps and at the end
             "chat_template": "",  # "" = the tokenizer's own; "tulu", "chatml", or a path to a Jinja file
@@ -48,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
             "packing": True,
             "max_bad_fraction": 0.01,  # more bad rows than this fraction stops the run
             "train_on": "all_assistant_turns",  # or "last_assistant_turn"
+            # an assistant turn not found in the full render: drop_row (default) or train_located (the row
+            # trains its other turns); counted either way
+            "on_unlocated_turn": "drop_row",
             "packer": "first_fit",  # or "best_fit" (Grain's packers)
             "cache_dir": "",  # encoded data cache; "" = $JSFT_CACHE or ~/.cache/jsft/data
             "num_proc": 0,  # encoding processes; 0 = one per CPU core
@@ -235,9 +240,13 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{message} ({where})")
-    for pair in list(cfg.data.mixer) + list(cfg.data.eval_mixer):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
-            raise ConfigError(f"data mixer entries must be (source, amount) pairs, got {pair!r} ({where})")
+    from jsft.data.sources import DataError, mixer_entry
+
+    for entry in list(cfg.data.mixer) + list(cfg.data.eval_mixer):
+        try:
+            mixer_entry(entry)
+        except DataError as e:
+            raise ConfigError(f"data.mixer: {e} ({where})") from None
 
 
 def load(argv: Sequence[str]) -> ml_collections.ConfigDict:

@@ -50,14 +50,16 @@ def test_mixer_gives_the_asked_counts_and_the_same_rows_for_a_seed(tmp_path, cap
     mixer = ((a, 0.25), (a, 2.5), (a, 7), (a, 90), (b, 1))
     with caplog.at_level(logging.WARNING):
         drawn = sources.mix(mixer, seed=3)
-    assert [len(i) for _, _, i in drawn] == [10, 100, 7, 90, 1]
-    assert np.bincount(drawn[1][2], minlength=40).min() == 2  # 2.5x: every row twice, half of them thrice
+    assert [len(d.indices) for d in drawn] == [10, 100, 7, 90, 1]
+    assert (
+        np.bincount(drawn[1].indices, minlength=40).min() == 2
+    )  # 2.5x: every row twice, half of them thrice
     assert "is a row count; write 1.0 for a fraction" in caplog.text and "b.jsonl" in caplog.text
     assert caplog.text.count("is a row count") == 1  # 7 of 40 rows is not ambiguous
     again = sources.mix(mixer, seed=3)
-    for (_, _, first), (_, _, second) in zip(drawn, again, strict=True):
-        np.testing.assert_array_equal(first, second)
-    assert not np.array_equal(drawn[0][2], sources.mix(mixer, seed=4)[0][2])
+    for first, second in zip(drawn, again, strict=True):
+        np.testing.assert_array_equal(first.indices, second.indices)
+    assert not np.array_equal(drawn[0].indices, sources.mix(mixer, seed=4)[0].indices)
 
 
 def test_prepare_reports_per_source_and_reads_the_cache_the_second_time(tmp_path, tokenizer, monkeypatch):
@@ -86,9 +88,12 @@ def test_prepare_reports_per_source_and_reads_the_cache_the_second_time(tmp_path
         {"chat_template": "chatml"},
         {"max_seq_length": 33},
         {"train_on": "last_assistant_turn"},
+        {"on_unlocated_turn": "train_located"},
         {"seed": 1},
     ):
         assert key(cfg.mixer, tokenizer, **{**base, **change}) != reference
+    assert key(((a, 1.0), (b, 10, "messages")), tokenizer, **base) != reference  # a format given
+    assert key(((a, 1.0), (b, 10, {"messages": "chat"})), tokenizer, **base) != reference
     write_rows(tmp_path / "b.jsonl", 21, offset=100)
     assert key(cfg.mixer, tokenizer, **base) != reference
 
@@ -113,7 +118,7 @@ def test_bad_rows_are_counted_by_reason_and_truncation_is_reported(tmp_path, tok
     assert encoded.drops == {"empty": 1, "no_assistant": 1, "bad_role": 1, "over_length": 1}
     assert encoded.stats["repairs"] == {"truncated": 1} and len(encoded) == 2
     assert max(len(e["input_ids"]) for e in encoded) == 32
-    with pytest.raises(data.DataError, match=r"4 of 6 rows are bad.*bad.jsonl row 1: empty"):
+    with pytest.raises(data.DataError, match=r"4 of 6 rows are bad.*bad.jsonl line 2: empty"):
         data.prepare(data_cfg(tmp_path, ((str(path), 1.0),), max_bad_fraction=0.5), tokenizer, seed=0)
 
 

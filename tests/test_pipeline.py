@@ -100,12 +100,14 @@ def _write_jsonl(path, rows):
 def test_rows_without_messages_are_clear_errors(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
     kwargs = dict(tokenizer=tok, max_seq_length=64, chat_template=None, seed=0, max_bad_fraction=0.01)
-    no_column = _write_jsonl(tmp_path / "a.jsonl", [{"text": "hello"}])
-    with pytest.raises(data.DataError, match=r"a.jsonl has no 'messages' column \(columns: text\)"):
-        data.encode_mixture(((no_column, 1.0),), **kwargs)
+    no_format = _write_jsonl(tmp_path / "a.jsonl", [{"question": "hello", "answer": "hi"}])
+    with pytest.raises(
+        data.DataError, match=r"a.jsonl: expected a known format but found columns question, answer"
+    ):
+        data.encode_mixture(((no_format, 1.0),), **kwargs)
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     one_bad = _write_jsonl(tmp_path / "b.jsonl", [good, {"messages": None}, good])
-    with pytest.raises(data.DataError, match=r"1 of 3 rows are bad.*b.jsonl row 1: empty"):
+    with pytest.raises(data.DataError, match=r"1 of 3 rows are bad.*b.jsonl line 2: empty"):
         data.encode_mixture(((one_bad, 1.0),), **kwargs)
     kwargs["max_bad_fraction"] = 0.5
     encoded = data.encode_mixture(((one_bad, 1.0),), **kwargs)

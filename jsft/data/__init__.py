@@ -1,6 +1,7 @@
 """Instruction data: sources and mixing, chat encoding with assistant masks, the cache, the Grain pipeline.
 
-`prepare(cfg.data, tokenizer, seed=..., mixer=...)` gives the encoded rows (cached on disk);
+`prepare(cfg.data, tokenizer, seed=..., mixer=...)` gives the encoded rows (cached on disk) of mixer
+entries `(source, amount)` or `(source, amount, format)`;
 `batches(encoded.examples, ...)` gives packed, sharded, resumable training batches.
 """
 
@@ -8,6 +9,7 @@ from jsft.data.chat import (
     BUILTIN_TEMPLATES,
     BadRow,
     ChatEncoder,
+    SetupError,
     encode_messages,
     encode_messages_incremental,
     resolve_template,
@@ -22,6 +24,7 @@ __all__ = [
     "ChatEncoder",
     "DataError",
     "EncodedData",
+    "SetupError",
     "batches",
     "count_batches",
     "encode_messages",

@@ -1,17 +1,22 @@
-"""From (source, amount) pairs to encoded rows on disk, once per data set, tokenizer and template.
+"""From mixer entries to encoded rows on disk, once per data set, tokenizer and template.
 
 `prepare` is the entry point: it hashes everything the encoded rows depend on into a cache key, and
 either maps the cached arrays (a second run, or another host sharing the cache folder) or encodes
 the mixture in parallel worker processes and writes the cache atomically. Workers are spawned, not
 forked, so a parent that has started JAX threads cannot deadlock them.
 
-Rows are stored flat: `token_ids` (int32) and `trained` (bool) of every kept row back to back, and
-`row_starts` (int64, rows + 1 entries). `EncodedData` reads them lazily as shifted examples.
+Rows are stored flat: `token_ids` (int32) and `trained` (bool) of every kept row back to back,
+`row_starts` (int64, rows + 1 entries) and `row_sources` (int32, the mixer entry of each row).
+`EncodedData` reads them lazily as shifted examples.
+
+Environment failures (a missing package, an unreadable file, a worker that cannot start) stop the
+run with their cause; only faults of a row itself are dropped and counted.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -27,14 +32,16 @@ import numpy as np
 import tqdm
 
 from jsft.data import sources
-from jsft.data.chat import BadRow, ChatEncoder, resolve_template
+from jsft.data.chat import BadRow, ChatEncoder, SetupError, one_line, resolve_template
+from jsft.errors import JsftError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the stored format or the encoding changes
+CACHE_VERSION = 2  # bump when the stored format or the encoding changes
 CHUNK_ROWS = 256  # rows per task sent to a worker process
 MIN_ROWS_PER_PROCESS = 1000  # below this, spawning workers costs more than it saves
-_ARRAYS = ("token_ids", "trained", "row_starts")
+SETUP_CHECK_ROWS = 64  # a source whose first rows all fail for one reason stops the run
+_ARRAYS = ("token_ids", "trained", "row_starts", "row_sources")
 
 
 @dataclasses.dataclass
@@ -44,6 +51,7 @@ class EncodedData(Sequence):
     token_ids: np.ndarray
     trained: np.ndarray
     row_starts: np.ndarray
+    row_sources: np.ndarray
     stats: dict
 
     def __len__(self) -> int:
@@ -88,23 +96,43 @@ class EncodedData(Sequence):
         return self.stats["total_rows"]
 
 
-# One encoder per worker process, built by `_start_worker`.
+# One encoder per worker process, built by `_start_worker`, or the error that kept it from being built.
 _worker_encoder: ChatEncoder | None = None
+_worker_error: JsftError | None = None
 
 
-def _start_worker(tokenizer, chat_template: str | None, train_on: str) -> None:
-    global _worker_encoder
-    _worker_encoder = ChatEncoder(tokenizer, chat_template, None, train_on)
+def _start_worker(tokenizer, chat_template: str | None, train_on: str, on_unlocated_turn: str) -> None:
+    """Builds the worker's encoder. Never raises: a pool respawns workers whose initializer fails
+    without end, so the error is kept and raised by the first task instead."""
+    global _worker_encoder, _worker_error
+    try:
+        _worker_encoder = ChatEncoder(tokenizer, chat_template, None, train_on, on_unlocated_turn)
+        _worker_error = None
+    except Exception as e:
+        detail = str(e) if isinstance(e, JsftError) else one_line(e)
+        _worker_encoder, _worker_error = None, SetupError(f"a tokenization worker could not start: {detail}")
 
 
-def _encode_chunk(task: tuple[list[tuple[object, object]], int]) -> dict:
-    """Encodes rows (messages, tools), truncated to `max_tokens`; reports each drop and truncation."""
-    rows, max_tokens = task
+def _encode_row(row: object, where: str, row_format: sources.RowFormat) -> dict:
+    row = sources.parse_row(row, where)
+    if not isinstance(row, dict):
+        raise BadRow("not_an_object", f"a row must be an object, got {type(row).__name__}")
+    example = row_format.convert(row)
+    if isinstance(example, sources.Document):
+        return _worker_encoder.encode_text(example.text)
+    return _worker_encoder.encode(example.messages, example.tools, example.trainable_from)
+
+
+def _encode_chunk(task: tuple[list[tuple[object, str]], sources.RowFormat, int]) -> dict:
+    """Encodes rows truncated to `max_tokens`; reports each drop, untrained turn and truncation."""
+    if _worker_error is not None:
+        raise _worker_error
+    rows, row_format, max_tokens = task
     ids, trained, lengths, drops, truncated = [], [], [], [], 0
-    fallbacks_before = _worker_encoder.fallbacks
-    for position, (messages, tools) in enumerate(rows):
+    untrained_turns = collections.Counter()
+    for position, (row, where) in enumerate(rows):
         try:
-            encoded = _worker_encoder.encode(messages, tools)
+            encoded = _encode_row(row, where, row_format)
         except BadRow as e:
             drops.append((position, e.reason, str(e)))
             continue
@@ -114,6 +142,7 @@ def _encode_chunk(task: tuple[list[tuple[object, object]], int]) -> dict:
             reason = "over_length" if len(encoded["input_ids"]) > max_tokens else "no_trained_token"
             drops.append((position, reason, f"no trained token in the first {max_tokens} tokens"))
             continue
+        untrained_turns.update(encoded["untrained_turns"])
         truncated += len(encoded["input_ids"]) > max_tokens
         ids.append(row_ids)
         trained.append(row_trained)
@@ -123,23 +152,107 @@ def _encode_chunk(task: tuple[list[tuple[object, object]], int]) -> dict:
         "trained": np.concatenate(trained) if trained else np.zeros(0, bool),
         "lengths": np.array(lengths, np.int64),
         "drops": drops,
+        "untrained_turns": dict(untrained_turns),
         "truncated": truncated,
         "trained_tokens": int(sum(t[1:].sum() for t in trained)),
-        "fallbacks": _worker_encoder.fallbacks - fallbacks_before,
     }
 
 
-def _row_tasks(ds, indices: np.ndarray, max_tokens: int):
-    """Chunks of (messages, tools) rows, read from the data set in order."""
-    selected = ds.select(indices)
-    for batch in selected.iter(batch_size=CHUNK_ROWS):
-        columns = list(batch)
-        rows = [{c: batch[c][j] for c in columns} for j in range(len(batch[columns[0]]))]
-        yield [(sources.row_messages(r), r.get("tools")) for r in rows], max_tokens
+def _row_tasks(drawn: sources.Drawn, max_tokens: int):
+    """Chunks of raw rows with their labels, read in the order drawn."""
+    for rows in drawn.rows.rows(drawn.indices, CHUNK_ROWS):
+        yield rows, drawn.format, max_tokens
+
+
+def _chunk_results(tasks, num_proc: int, initargs: tuple):
+    """`_encode_chunk` of each task in order, in `num_proc` spawned processes (here if 1)."""
+    if num_proc == 1:
+        _start_worker(*initargs)
+        yield from map(_encode_chunk, tasks)
+        return
+    pool = concurrent.futures.ProcessPoolExecutor(
+        num_proc, multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=initargs
+    )
+    pending = collections.deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(_encode_chunk, task))
+            if len(pending) > 2 * num_proc:  # bounded: rows are read as the workers need them
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except concurrent.futures.process.BrokenProcessPool as e:
+        raise SetupError(
+            f"a tokenization worker process died ({one_line(e)}); data.num_proc=1 encodes in this process "
+            "and shows the cause"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclasses.dataclass
+class _SourceTally:
+    """What happened to one source's rows while encoding."""
+
+    drawn: sources.Drawn
+    kept: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    seen: int = 0
+    drops: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    untrained_turns: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first_bad: str | None = None
+    early_reasons: list = dataclasses.field(default_factory=list)  # drop reasons of the first rows
+
+    def add(self, out: dict, labels: list[str]) -> None:
+        for position, reason, detail in out["drops"]:
+            self.drops[reason] += 1
+            self.first_bad = self.first_bad or f"{labels[position]}: {detail}"
+            if self.seen + position < SETUP_CHECK_ROWS:
+                self.early_reasons.append((reason, detail, labels[position]))
+        self.untrained_turns.update(out["untrained_turns"])
+        self.kept += len(out["lengths"])
+        self.tokens += len(out["ids"]) - len(out["lengths"])  # counted after the shift
+        self.trained_tokens += out["trained_tokens"]
+        self.truncated += out["truncated"]
+        self.seen += len(labels)
+        self.check_setup()
+
+    def check_setup(self) -> None:
+        """The first rows of a source all failing for one reason is the setup's fault, not the rows'."""
+        early = self.early_reasons
+        if (
+            self.seen >= SETUP_CHECK_ROWS
+            and len(early) == SETUP_CHECK_ROWS
+            and len({r for r, _, _ in early}) == 1
+        ):
+            reason, detail, where = early[0]
+            raise SetupError(
+                f"the first {SETUP_CHECK_ROWS} rows of {self.drawn.source} (format "
+                f"{self.drawn.format.describe()}) all fail with {reason}, so the setup is wrong (template, "
+                f"tokenizer, row format, max_seq_length), not the rows; first: {where}: {detail}"
+            )
+
+    def report(self, lengths: np.ndarray) -> dict:
+        return {
+            "source": self.drawn.source,
+            "format": self.drawn.format.describe(),
+            "rows_in_source": len(self.drawn.rows),
+            "rows_drawn": len(self.drawn.indices),
+            "rows_kept": self.kept,
+            "drops": dict(self.drops),
+            "untrained_turns": dict(self.untrained_turns),
+            "truncated": self.truncated,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "trained_share": round(self.trained_tokens / max(self.tokens, 1), 4),
+            "length_percentiles": length_percentiles(lengths),
+        }
 
 
 def encode_mixture(
@@ -151,76 +264,56 @@ def encode_mixture(
     max_bad_fraction: float,
     *,
     train_on: str = "all_assistant_turns",
+    on_unlocated_turn: str = "drop_row",
     num_proc: int = 1,
 ) -> EncodedData:
-    """Encodes every drawn row, in `num_proc` processes; bad rows are counted by reason.
+    """Encodes every drawn row, in `num_proc` processes; bad rows and untrained turns are counted by reason.
 
     Rows are truncated on the right to one token more than a training row holds (the shift to
-    (input, target) pairs drops one). More bad rows than `max_bad_fraction` is an error.
+    (input, target) pairs drops one). More bad rows than `max_bad_fraction` is an error, and so is a
+    source whose first rows all fail for one reason (`SETUP_CHECK_ROWS`).
     """
     started = time.perf_counter()
     chat_template = resolve_template(chat_template)
+    initargs = (tokenizer, chat_template, train_on, on_unlocated_turn)
+    ChatEncoder(tokenizer, chat_template, None, train_on, on_unlocated_turn)  # bad settings fail here, once
     max_tokens = max_seq_length + 1
     drawn = sources.mix(mixer, seed)
-    total = sum(len(indices) for _, _, indices in drawn)
+    total = sum(len(d.indices) for d in drawn)
     num_proc = max(1, min(num_proc or default_num_proc(), total // MIN_ROWS_PER_PROCESS))
+    tallies = [_SourceTally(d) for d in drawn]
     ids, trained, lengths, row_sources = [], [], [], []
-    drops, truncated, fallbacks, first_bad = collections.Counter(), 0, 0, None
-    per_source = []
 
-    if num_proc > 1:
-        pool = multiprocessing.get_context("spawn").Pool(
-            num_proc, initializer=_start_worker, initargs=(tokenizer, chat_template, train_on)
+    def tasks():
+        for source_index, d in enumerate(drawn):
+            for task in _row_tasks(d, max_tokens):
+                labels.append((source_index, [where for _, where in task[0]]))
+                yield task
+
+    labels = collections.deque()  # (source index, row labels) of each task sent, in order
+    with tqdm.tqdm(total=total, desc="encoding", leave=False, mininterval=2.0) as bar:
+        for out in _chunk_results(tasks(), num_proc, initargs):
+            source_index, chunk_labels = labels.popleft()
+            tallies[source_index].add(out, chunk_labels)
+            ids.append(out["ids"])
+            trained.append(out["trained"])
+            lengths.append(out["lengths"])
+            row_sources.append(np.full(len(out["lengths"]), source_index, np.int32))
+            bar.update(len(chunk_labels))
+
+    drops = sum((t.drops for t in tallies), collections.Counter())
+    first_bad = next((t.first_bad for t in tallies if t.first_bad), None)
+    for tally in tallies:
+        log.info(
+            "source %s: %d rows drawn of %d, %d kept, %d tokens (%d trained)%s",
+            tally.drawn.source,
+            len(tally.drawn.indices),
+            len(tally.drawn.rows),
+            tally.kept,
+            tally.tokens,
+            tally.trained_tokens,
+            f"; drops {dict(tally.drops)}" if tally.drops else "",
         )
-        run = pool.imap
-    else:
-        pool = None
-        _start_worker(tokenizer, chat_template, train_on)
-        run = map
-    try:
-        with tqdm.tqdm(total=total, desc="encoding", leave=False, mininterval=2.0) as bar:
-            for source_index, (source, ds, indices) in enumerate(drawn):
-                kept = kept_tokens = kept_trained = 0
-                offset = 0
-                for out in run(_encode_chunk, _row_tasks(ds, indices, max_tokens)):
-                    for position, reason, detail in out["drops"]:
-                        drops[reason] += 1
-                        first_bad = first_bad or f"{source} row {indices[offset + position]}: {detail}"
-                    offset += len(out["lengths"]) + len(out["drops"])
-                    ids.append(out["ids"])
-                    trained.append(out["trained"])
-                    lengths.append(out["lengths"])
-                    row_sources.append(np.full(len(out["lengths"]), source_index, np.int32))
-                    truncated += out["truncated"]
-                    fallbacks += out["fallbacks"]
-                    kept += len(out["lengths"])
-                    kept_tokens += len(out["ids"]) - len(out["lengths"])  # counted after the shift
-                    kept_trained += out["trained_tokens"]
-                    bar.update(len(out["lengths"]) + len(out["drops"]))
-                per_source.append(
-                    {
-                        "source": source,
-                        "rows_in_source": len(ds),
-                        "rows_drawn": len(indices),
-                        "rows_kept": kept,
-                        "tokens": kept_tokens,
-                        "trained_tokens": kept_trained,
-                    }
-                )
-                log.info(
-                    "source %s: %d rows drawn of %d, %d kept, %d tokens (%d trained)",
-                    source,
-                    len(indices),
-                    len(ds),
-                    kept,
-                    kept_tokens,
-                    kept_trained,
-                )
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-
     if drops:
         log.warning(
             "dropped %d of %d rows: %s (first: %s)", sum(drops.values()), total, dict(drops), first_bad
@@ -228,20 +321,24 @@ def encode_mixture(
     check_bad_fraction({"total_rows": total, "drops": drops, "first_bad": first_bad}, max_bad_fraction)
     row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if not len(row_lengths):
-        raise sources.DataError(f"no trainable rows in {[s for s, _ in mixer]}")
+        raise sources.DataError(f"no trainable rows in {[d.source for d in drawn]}")
+    row_source_ids = np.concatenate(row_sources)
+    untrained_turns = sum((t.untrained_turns for t in tallies), collections.Counter())
+    truncated = sum(t.truncated for t in tallies)
     stats = {
         "total_rows": total,
         "drops": dict(drops),
+        "untrained_turns": dict(untrained_turns),
         "first_bad": first_bad,
         "repairs": {"truncated": truncated} if truncated else {},
-        "sources": per_source,
-        "fallbacks_to_incremental": fallbacks,
+        "sources": [t.report(row_lengths[row_source_ids == i] - 1) for i, t in enumerate(tallies)],
         "encode_seconds": round(time.perf_counter() - started, 3),
     }
     data = EncodedData(
         token_ids=np.concatenate(ids).astype(np.int32),
         trained=np.concatenate(trained).astype(bool),
         row_starts=np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64),
+        row_sources=row_source_ids,
         stats=stats,
     )
     data.stats.update(summary(data))
@@ -258,15 +355,20 @@ def check_bad_fraction(stats: dict, max_bad_fraction: float) -> None:
         )
 
 
+def length_percentiles(lengths: np.ndarray) -> dict[str, int]:
+    if not len(lengths):
+        return {}
+    return {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99, 100)}
+
+
 def summary(data: EncodedData) -> dict:
     """Rows, tokens, trained tokens and length percentiles (example lengths after the shift)."""
     lengths = data.lengths
-    percentiles = (50, 90, 99, 100)
     return {
         "rows": len(data),
         "tokens": data.tokens,
         "trained_tokens": data.trained_tokens,
-        "length_percentiles": {f"p{p}": int(np.percentile(lengths, p)) for p in percentiles},
+        "length_percentiles": length_percentiles(lengths),
         "mean_length": round(float(lengths.mean()), 1),
     }
 
@@ -289,16 +391,27 @@ def template_text(tokenizer, chat_template: str | None) -> str:
         raise sources.DataError(f"{e} Set data.chat_template to 'tulu', 'chatml' or a Jinja file.") from None
 
 
-def cache_key(mixer, tokenizer, *, chat_template, max_seq_length: int, train_on: str, seed: int) -> str:
+def cache_key(
+    mixer,
+    tokenizer,
+    *,
+    chat_template,
+    max_seq_length: int,
+    train_on: str,
+    seed: int,
+    on_unlocated_turn: str = "drop_row",
+) -> str:
     """The hash of everything the encoded rows depend on (sources by content, amounts by type too)."""
+    entries = [sources.mixer_entry(e) for e in mixer]
     parts = {
         "version": CACHE_VERSION,
-        "sources": [(sources.fingerprint(s), repr(a)) for s, a in mixer],
+        "sources": [(sources.fingerprint(s), repr(a), json.dumps(f, sort_keys=True)) for s, a, f in entries],
         "seed": seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template_text(tokenizer, chat_template),
         "max_seq_length": max_seq_length,
         "train_on": train_on,
+        "on_unlocated_turn": on_unlocated_turn,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -335,6 +448,8 @@ def load(folder: str) -> EncodedData:
 def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None = None) -> EncodedData:
     """The encoded rows of `mixer` (default `data_cfg.mixer`), from the cache or encoded into it.
 
+    Mixer entries are `(source, amount)` or `(source, amount, format)` (see `sources`).
+
     `data_cfg` is the config's `data` group. Every process may call this: the cache is written
     atomically, so concurrent builders cannot corrupt it, and a finished cache is only read.
     """
@@ -343,6 +458,7 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
         chat_template=data_cfg.chat_template,
         max_seq_length=data_cfg.max_seq_length,
         train_on=data_cfg.train_on,
+        on_unlocated_turn=data_cfg.on_unlocated_turn,
         seed=seed,
     )
     folder = os.path.join(
@@ -361,6 +477,7 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
         seed,
         data_cfg.max_bad_fraction,
         train_on=data_cfg.train_on,
+        on_unlocated_turn=data_cfg.on_unlocated_turn,
         num_proc=data_cfg.num_proc,
     )
     data.stats["cache_folder"] = folder

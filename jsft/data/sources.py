@@ -1,40 +1,311 @@
-"""Conversation sources and the mixer that draws from them.
+"""Data sources, their row formats, and the mixer that draws from them.
 
 A source is a local .jsonl/.json/.parquet file or folder, or a Hugging Face Hub data set name
-(`name`, `name:split` or `name:config:split`), read with `datasets`. Rows use the `messages` format
-(a list of {role, content}, with an optional `tools` column); ShareGPT (`conversations` of
-{from, value}) and Alpaca (`instruction`, `input`, `output`) rows are converted on the fly.
+(`name`, `name:split` or `name:config:split`). JSON files are read line by line by jsft itself, so
+each row keeps exactly the structure it was written with (a columnar reader would give every tool
+call the union of all rows' argument names) and a broken line is reported by file and line number.
+
+A mixer entry is `(source, amount)` or `(source, amount, format)`. The format is detected from the
+columns when not given; give it as a name (`"prompt_completion"`) or as a dict naming the format and
+the columns that hold its fields: `{"format": "prompt_completion", "prompt": "question",
+"completion": "answer"}`. Formats and their fields (defaults are the field names):
+- messages: messages, tools (optional): a list of {role, content, ...}; role system, user,
+  assistant or tool; assistant messages may have tool_calls and reasoning_content.
+- prompt_messages: prompt, messages, tools: `prompt` is the first user turn unless `messages`
+  already starts with it (ultrachat_200k, no_robots).
+- prompt_completion: prompt, completion, tools: each a string (a user or an assistant turn) or a
+  list of messages; only the completion's assistant turns are trained.
+- sharegpt: conversations ([{from, value}], from human/gpt/system/tool/observation).
+- alpaca: instruction, input, output.
+- text: text: a plain document, every token trained (continued pretraining mixed into SFT).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 
 import datasets
 import numpy as np
 
+from jsft.data.chat import one_line
 from jsft.errors import JsftError
 
 log = logging.getLogger(__name__)
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "tool": "tool",
+    "observation": "tool",
 }
 # Integer amounts at most this large and below this fraction of their source look like a mistyped fraction.
 _AMBIGUOUS_COUNT, _AMBIGUOUS_SHARE = 10, 0.01
 
+# Format name -> (required fields, optional fields).
+FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prompt_messages": (("prompt", "messages"), ("tools",)),
+    "messages": (("messages",), ("tools",)),
+    "prompt_completion": (("prompt", "completion"), ("tools",)),
+    "sharegpt": (("conversations",), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "text": (("text",), ()),
+}  # detection tries them in this order
+
 
 class DataError(JsftError):
     """A data problem reported in one line, naming the source (and row)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A row as a chat: assistant turns from message `trainable_from` on are trained."""
+
+    messages: object
+    tools: object = None
+    trainable_from: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """A row as plain text, every token trained."""
+
+    text: object
+
+
+@dataclasses.dataclass(frozen=True)
+class RowFormat:
+    """A format and the column of each of its fields."""
+
+    name: str
+    columns: tuple[tuple[str, str], ...]  # (field, column)
+
+    def describe(self) -> str:
+        renamed = {f: c for f, c in self.columns if f != c}
+        return self.name + (f" {renamed}" if renamed else "")
+
+    def convert(self, row: dict) -> Conversation | Document:
+        """The row as a Conversation or Document; malformed values are left for the encoder to reject."""
+        fields = {field: row.get(column) for field, column in self.columns}
+        if self.name == "text":
+            return Document(fields["text"])
+        if self.name == "messages":
+            return Conversation(fields["messages"], fields["tools"])
+        if self.name == "prompt_messages":
+            return Conversation(_prompt_and_messages(fields["prompt"], fields["messages"]), fields["tools"])
+        if self.name == "prompt_completion":
+            prompt = _as_messages(fields["prompt"], "user")
+            completion = _as_messages(fields["completion"], "assistant")
+            return Conversation(prompt + completion, fields["tools"], trainable_from=len(prompt))
+        if self.name == "sharegpt":
+            return Conversation(sharegpt_messages(fields["conversations"]))
+        prompt = "\n\n".join(p for p in (fields["instruction"], fields["input"]) if isinstance(p, str) and p)
+        return Conversation(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
+        )
+
+
+def _prompt_and_messages(prompt: object, messages: object) -> object:
+    """`messages` as is when its first turn after any system messages is the prompt, else with it inserted."""
+    if not isinstance(messages, list):
+        return messages
+    leading = 0
+    while (
+        leading < len(messages)
+        and isinstance(messages[leading], dict)
+        and messages[leading].get("role") == "system"
+    ):
+        leading += 1
+    first = messages[leading] if leading < len(messages) else None
+    if isinstance(first, dict) and first.get("role") == "user" and first.get("content") == prompt:
+        return messages
+    return messages[:leading] + _as_messages(prompt, "user") + messages[leading:]
+
+
+def _as_messages(value: object, role: str) -> list:
+    """A string as one message of `role`; a list is taken as messages already."""
+    if isinstance(value, list):
+        return value
+    return [{"role": role, "content": value}]
+
+
+def sharegpt_messages(turns: object) -> object:
+    """ShareGPT `conversations` ({from, value}) in the messages format."""
+    if not isinstance(turns, list):
+        return turns
+    return [
+        {"role": _SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+        if isinstance(t, dict)
+        else t
+        for t in turns
+    ]
+
+
+def row_messages(row: dict) -> object:
+    """A messages, ShareGPT or Alpaca row's conversation in the messages format (detected by its keys)."""
+    return detect_format("row", list(row), None).convert(row).messages
+
+
+def parse_format(spec: object, where: str) -> tuple[str | None, dict[str, str]]:
+    """(format name or None to detect, {field: column}) from a mixer entry's third element."""
+    if spec is None or spec == "auto":
+        return None, {}
+    if isinstance(spec, str):
+        spec = {"format": spec}
+    if not isinstance(spec, dict):
+        raise DataError(f"{where}: the format must be a name or a dict, got {spec!r}")
+    mapping = dict(spec)
+    name = mapping.pop("format", None)
+    if name is not None and name not in FORMATS:
+        raise DataError(f"{where}: unknown format {name!r}; formats: {', '.join(FORMATS)}")
+    fields = set().union(*(set(r) | set(o) for r, o in ([FORMATS[name]] if name else FORMATS.values())))
+    for field, column in mapping.items():
+        if field not in fields:
+            raise DataError(
+                f"{where}: {field!r} is not a field of format {name or 'any'} ({', '.join(sorted(fields))})"
+            )
+        if not isinstance(column, str):
+            raise DataError(f"{where}: the column for {field!r} must be a string, got {column!r}")
+    return name, mapping
+
+
+def detect_format(source: str, columns: list[str], spec: object) -> RowFormat:
+    """The row format of a source: the one given, or the first whose required columns it has."""
+    name, mapping = parse_format(spec, f"mixer entry for {source}")
+    for candidate in [name] if name else FORMATS:
+        required, optional = FORMATS[candidate]
+        if all(mapping.get(f, f) in columns for f in required):
+            fields = required + optional
+            return RowFormat(candidate, tuple((f, mapping.get(f, f)) for f in fields))
+    wanted = " + ".join(mapping.get(f, f) for f in FORMATS[name][0]) if name else "a known format"
+    raise DataError(
+        f"data source {source}: expected {wanted} but found columns {', '.join(columns) or '(none)'}; "
+        "name the format and its columns as the mixer entry's third element, e.g. "
+        "(source, 1.0, {'format': 'prompt_completion', 'prompt': 'question', 'completion': 'answer'})"
+    )
+
+
+class JsonRows:
+    """Rows of local JSON files: JSON Lines indexed by byte offset, JSON arrays held in memory.
+
+    Lines travel as raw bytes (parsed by `parse_row` in the encoding workers) with a `file line N` label.
+    """
+
+    def __init__(self, files: list[str]):
+        self.parts: list[tuple[str, list | tuple[np.ndarray, np.ndarray]]] = []
+        for path in files:
+            try:
+                self.parts.append((path, self._read(path)))
+            except OSError as e:
+                raise DataError(f"data file {path}: cannot read it: {one_line(e)}") from None
+        self.starts = np.cumsum(
+            [0] + [len(rows if isinstance(rows, list) else rows[0]) for _, rows in self.parts]
+        )
+
+    @staticmethod
+    def _read(path: str) -> list | tuple[np.ndarray, np.ndarray]:
+        """A JSON array's rows, or (byte offsets, line numbers) of a JSON Lines file's non-blank lines."""
+        if path.endswith(".json"):
+            with open(path, "rb") as f:
+                is_array = f.read(4096).lstrip().startswith(b"[")
+            if is_array:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        return list(json.load(f))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise DataError(f"data file {path}: not valid JSON: {e}") from None
+        offsets, numbers, position = [], [], 0
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    offsets.append(position)
+                    numbers.append(number)
+                position += len(line)
+        return np.array(offsets, np.int64), np.array(numbers, np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def column_names(self) -> list[str]:
+        """The keys of the first row."""
+        if not len(self):
+            return []
+        row, where = next(self.rows(np.zeros(1, np.int64), 1))[0]
+        row = parse_row(row, where)
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        return list(row)
+
+    def rows(self, indices: np.ndarray, batch_size: int) -> Iterator[list[tuple[object, str]]]:
+        """Batches of (row, or a line's JSON bytes; where it is), in the order of `indices`."""
+        batch = []
+        with contextlib.ExitStack() as stack:
+            handles = {}
+            for index in indices:
+                part = int(np.searchsorted(self.starts, index, side="right")) - 1
+                path, rows = self.parts[part]
+                local = int(index - self.starts[part])
+                if isinstance(rows, list):
+                    batch.append((rows[local], f"{path} item {local}"))
+                else:
+                    try:
+                        if path not in handles:
+                            handles[path] = stack.enter_context(open(path, "rb"))
+                        handles[path].seek(rows[0][local])
+                        line = handles[path].readline()
+                    except OSError as e:
+                        raise DataError(f"data file {path}: cannot read it: {one_line(e)}") from None
+                    batch.append((line, f"{path} line {rows[1][local]}"))
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+
+class ArrowRows:
+    """Rows of a `datasets.Dataset` (parquet files, Hub data sets)."""
+
+    def __init__(self, ds: datasets.Dataset, name: str):
+        self.ds, self.name = ds, name
+        self.column_names = list(ds.column_names)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def rows(self, indices: np.ndarray, batch_size: int) -> Iterator[list[tuple[object, str]]]:
+        offset = 0
+        for batch in self.ds.select(indices).iter(batch_size=batch_size):
+            columns = list(batch)
+            count = len(batch[columns[0]]) if columns else 0
+            yield [
+                ({c: batch[c][j] for c in columns}, f"{self.name} row {indices[offset + j]}")
+                for j in range(count)
+            ]
+            offset += count
+
+
+def parse_row(row: object, where: str) -> object:
+    """A row from its JSON line (a broken line names its file and line), or as read."""
+    if not isinstance(row, bytes):
+        return row
+    try:
+        return json.loads(row)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8: {e.reason} at byte {e.start}") from None
 
 
 def local_files(source: str) -> list[str]:
@@ -44,7 +315,7 @@ def local_files(source: str) -> list[str]:
         if os.path.isdir(source)
         else [source]
     )
-    return [f for f in files if os.path.splitext(f)[1] in _FORMATS]
+    return [f for f in files if os.path.splitext(f)[1] in _FILE_KINDS]
 
 
 def fingerprint(source: str) -> str:
@@ -55,56 +326,40 @@ def fingerprint(source: str) -> str:
     return "local:" + hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def load_source(source: str) -> datasets.Dataset:
+def load_source(source: str) -> JsonRows | ArrowRows:
+    """The rows of a source, not yet parsed."""
     datasets.disable_progress_bars()
     if os.path.exists(source):
         files = local_files(source)
         if not files:
             raise DataError(f"data source {source}: no .jsonl, .json or .parquet files")
-        kinds = {_FORMATS[os.path.splitext(f)[1]] for f in files}
+        kinds = {_FILE_KINDS[os.path.splitext(f)[1]] for f in files}
         if len(kinds) > 1:
             raise DataError(f"data source {source}: mixes json and parquet files")
+        if kinds == {"json"}:
+            return JsonRows(files)
         try:
-            ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train")
+            return ArrowRows(datasets.load_dataset("parquet", data_files=files, split="train"), source)
         except Exception as e:
             raise DataError(f"data source {source}: cannot read it: {str(e).splitlines()[0]}") from None
-    else:
-        parts = source.split(":")
-        if len(parts) > 3:
-            raise DataError(f"data source {source}: expected name, name:split or name:config:split")
-        name, config, split = (
-            parts[0],
-            parts[1] if len(parts) == 3 else None,
-            parts[-1] if len(parts) > 1 else "",
-        )
-        try:
-            ds = datasets.load_dataset(name, config, split=split or "train")
-        except Exception as e:
-            raise DataError(f"data source {source}: not a local path, and the Hub load failed: {e}") from None
-    columns = set(ds.column_names)
-    if not ({"messages"} <= columns or {"conversations"} <= columns or {"instruction", "output"} <= columns):
-        raise DataError(
-            f"data source {source} has no 'messages' column (columns: {', '.join(ds.column_names)})"
-        )
-    return ds
+    parts = source.split(":")
+    if len(parts) > 3:
+        raise DataError(f"data source {source}: expected name, name:split or name:config:split")
+    name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else ""
+    try:
+        return ArrowRows(datasets.load_dataset(name, config, split=split or "train"), source)
+    except Exception as e:
+        raise DataError(f"data source {source}: not a local path, and the Hub load failed: {e}") from None
 
 
-def row_messages(row: dict) -> object:
-    """The row's conversation in the messages format; malformed rows are left for the encoder to reject."""
-    if "messages" in row:
-        return row["messages"]
-    if "conversations" in row:
-        turns = row["conversations"]
-        if not isinstance(turns, list):
-            return turns
-        return [
-            {"role": _SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
-            if isinstance(t, dict)
-            else t
-            for t in turns
-        ]
-    prompt = "\n\n".join(p for p in (row.get("instruction"), row.get("input")) if isinstance(p, str) and p)
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row.get("output")}]
+def mixer_entry(entry: object) -> tuple[str, int | float, object]:
+    """(source, amount, format spec or None) from a `(source, amount[, format])` entry."""
+    if not (isinstance(entry, (tuple, list)) and len(entry) in (2, 3) and isinstance(entry[0], str)):
+        raise DataError(f"mixer entries must be (source, amount) or (source, amount, format), got {entry!r}")
+    source, amount, *spec = entry
+    spec = spec[0] if spec else None
+    parse_format(spec, f"mixer entry for {source}")
+    return source, amount, spec
 
 
 def draw(num_rows: int, amount: int | float, seed: int) -> np.ndarray:
@@ -124,20 +379,44 @@ def is_ambiguous(amount: int | float, num_rows: int) -> bool:
     return is_count and amount <= _AMBIGUOUS_COUNT and amount < _AMBIGUOUS_SHARE * num_rows
 
 
-def mix(mixer, seed: int) -> list[tuple[str, datasets.Dataset, np.ndarray]]:
-    """Loads each (source, amount) pair and picks its rows; the same seed gives the same rows."""
+@dataclasses.dataclass
+class Drawn:
+    """One mixer entry, loaded: its rows, the indices drawn from them, and their format."""
+
+    source: str
+    rows: JsonRows | ArrowRows
+    indices: np.ndarray
+    format: RowFormat
+
+
+def mix(mixer, seed: int) -> list[Drawn]:
+    """Loads each entry, detects its format and picks its rows; the same seed gives the same rows.
+
+    Every entry's format is checked before any row is drawn, so a wrong one fails early.
+    """
+    entries = [mixer_entry(e) for e in mixer]
+    loaded = []
+    for source, _, spec in entries:
+        rows = load_source(source)
+        loaded.append((rows, detect_format(source, rows.column_names, spec)))
     out = []
-    for i, (source, amount) in enumerate(mixer):
-        ds = load_source(source)
-        if is_ambiguous(amount, len(ds)):
+    for i, ((source, amount, _), (rows, row_format)) in enumerate(zip(entries, loaded, strict=True)):
+        if is_ambiguous(amount, len(rows)):
             log.warning(
                 "mixer amount %r for %s (%d rows) is a row count; write %.1f for a fraction",
                 amount,
                 source,
-                len(ds),
+                len(rows),
                 amount,
             )
-        indices = draw(len(ds), amount, seed + i)
-        log.info("mixer: %s -> %d of %d rows (amount %r)", source, len(indices), len(ds), amount)
-        out.append((source, ds, indices))
+        indices = draw(len(rows), amount, seed + i)
+        log.info(
+            "mixer: %s (%s) -> %d of %d rows (amount %r)",
+            source,
+            row_format.describe(),
+            len(indices),
+            len(rows),
+            amount,
+        )
+        out.append(Drawn(source, rows, indices, row_format))
     return out
