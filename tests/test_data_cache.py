@@ -211,3 +211,52 @@ def test_prepare_command_prints_statistics(tmp_path, capsys):
     assert report["train"]["rows"] == 30 and report["train"]["drops"] == {}
     assert set(report["train"]["length_percentiles"]) == {"p50", "p90", "p99", "p100"}
     assert 0 < report["train"]["packing"]["efficiency"] <= 1
+
+
+def test_prepare_show_prints_examples_with_trained_tokens_and_per_source_statistics(tmp_path, capsys):
+    chat = write_rows(tmp_path / "a.jsonl", 30)
+    bad = {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    with open(chat, "a") as f:
+        f.write(json.dumps(bad) + "\n")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from jsft.config import default_config\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        f"    c.model.path = {str(TINY_MODEL)!r}\n"
+        f"    c.data.mixer = (({chat!r}, 1.0), ({str(docs)!r}, 1.0, 'text'))\n"
+        f"    c.data.cache_dir = {str(tmp_path / 'cache')!r}\n"
+        "    c.data.max_seq_length = 64\n"
+        "    c.data.max_bad_fraction = 0.1\n"
+        "    return c\n"
+    )
+    prepare.main(["prepare", f"--config={config_file}", "--show=3"])
+    out = capsys.readouterr().out
+    tok = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
+    eos = tok.eos_token
+    first = [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}]
+    tokens = len(tok.apply_chat_template(first, tokenize=True, return_dict=True)["input_ids"])
+    trained = len(tok.encode("a0" + eos + "\n", add_special_tokens=False))
+    examples = out.split("--- example ")[1:]
+    assert len(examples) == 3 and "\x1b[" not in out  # not a terminal: brackets, no colour
+    assert examples[0].startswith(f"1: row 0 of {chat} (messages), {tokens} tokens, {trained} trained ---\n")
+    assert f"<s><|user|>\nq0\n<|assistant|>\n[[a0{eos}\n]]" in examples[0]
+    assert examples[1].startswith(f"2: row 30 of {docs} (text), ") and f"[[document 0{eos}]]" in examples[1]
+    assert f"[[a1{eos}\n]]" in examples[2]
+    cached = data.prepare(
+        data_cfg(tmp_path, ((chat, 1.0), (str(docs), 1.0, "text")), max_seq_length=64, max_bad_fraction=0.1),
+        tok,
+        seed=0,
+    )
+    chat_stats, doc_stats = cached.stats["sources"]
+    assert chat_stats["drops"] == {"bad_role": 1} and doc_stats["drops"] == {}
+    assert (
+        "rows: 31 drawn of 31, 30 kept, 0 truncated\n    dropped: bad_role 1; turns not trained: none" in out
+    )
+    share = chat_stats["trained_tokens"] / chat_stats["tokens"]
+    assert f"trained tokens: {chat_stats['trained_tokens']} of {chat_stats['tokens']} ({share:.1%})" in out
+    assert doc_stats["trained_tokens"] == doc_stats["tokens"] and "(100.0%)" in out
+    p = chat_stats["length_percentiles"]
+    assert f"length percentiles: p50 {p['p50']} p90 {p['p90']} p99 {p['p99']} p100 {p['p100']}" in out
