@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -98,7 +99,7 @@ class Checkpointer:
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
-        self.directory = os.path.join(cfg.output_dir, "checkpoints")
+        self.directory = str(epath.Path(cfg.output_dir) / "checkpoints")
         if not cfg.checkpoint.resume:
             self._move_previous_run_aside()
         self.mngr = manager(self.directory, keep=cfg.checkpoint.keep)
@@ -113,19 +114,20 @@ class Checkpointer:
             self._check_resumable()
 
     def _move_previous_run_aside(self) -> None:
-        if not (os.path.isdir(self.directory) and os.listdir(self.directory)):
+        directory = epath.Path(self.directory)
+        if not (directory.is_dir() and any(directory.iterdir())):
             return
         if not self.cfg.checkpoint.overwrite:
             raise JsftError(
                 f"{self.directory} already holds checkpoints; resume with checkpoint.resume=True "
                 "or start over with checkpoint.overwrite=True"
             )
-        aside = f"{self.directory}.old-{int(time.time())}"
+        aside = epath.Path(f"{self.directory}.old-{int(time.time())}")
         if jax.process_index() == 0:
-            os.rename(self.directory, aside)
-            metrics_file = os.path.join(self.cfg.output_dir, "metrics.jsonl")
-            if os.path.exists(metrics_file):
-                os.rename(metrics_file, f"{aside}/metrics.jsonl")
+            directory.rename(aside)
+            metrics_file = epath.Path(self.cfg.output_dir) / "metrics.jsonl"
+            if metrics_file.exists():
+                metrics_file.rename(aside / "metrics.jsonl")
         multihost_utils.sync_global_devices("jsft-overwrite")
         log.info("checkpoint.overwrite: moved the previous run to %s", aside)
 
@@ -227,13 +229,13 @@ class Checkpointer:
 
     def _quarantine(self, step: int) -> str:
         """Renames a damaged step folder out of the manager's sight (kept for inspection, not deleted)."""
-        source = os.path.join(str(self.mngr.directory), str(step))
-        target = os.path.join(str(self.mngr.directory), f"corrupt-{step}-{int(time.time())}")
+        source = epath.Path(self.mngr.directory) / str(step)
+        target = epath.Path(self.mngr.directory) / f"corrupt-{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            os.rename(source, target)
+            source.rename(target)
         multihost_utils.sync_global_devices(f"jsft-quarantine-{step}")
         self.mngr.reload()
-        return target
+        return str(target)
 
     def save(self, step: int, state: step_lib.TrainState) -> None:
         """Starts an asynchronous save; arrays are copied off the devices before this returns."""

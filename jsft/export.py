@@ -9,13 +9,13 @@ prior `hf auth login`) itself, so it is never passed through or written by jsft.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
 import ml_collections
+from etils import epath
 
-from jsft import checkpoint, hf, models, sharding
+from jsft import checkpoint, hf, models, paths, sharding
 from jsft.errors import JsftError
 from jsft.lora import LoraSpec
 
@@ -29,7 +29,7 @@ def convert(
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> str:
-    if not os.path.isdir(checkpoint_dir):
+    if not epath.Path(checkpoint_dir).is_dir():
         raise JsftError(f"checkpoint folder {checkpoint_dir} does not exist")
     mngr = checkpoint.manager(checkpoint_dir, read_only=True)
     steps = mngr.all_steps()
@@ -47,7 +47,9 @@ def convert(
         factors, _, _ = checkpoint.restore_for_export(
             mngr, step, lora.shapes(layout), lora.shardings(layout, mesh)
         )
-        params = lora.merge(models.load_params(train_cfg["model"]["path"], layout, mesh), factors)
+        model = train_cfg["model"]  # a Hub id is read through the cache, as in training
+        base = models.load_params(model["path"], layout, mesh, revision=model.get("revision") or None)
+        params = lora.merge(base, factors)
     else:
         params, _, _ = checkpoint.restore_for_export(mngr, step, layout.shapes, layout.shardings(mesh))
     dtype = dtype or train_cfg["model"]["param_dtype"]
@@ -64,22 +66,20 @@ def write_folder(
     dtype: str,
     max_shard_bytes: int = 5 * 2**30,
 ) -> str:
-    """Writes a Hugging Face folder: weights, `files` (config.json gets `dtype`; a generation_config.json
-    is derived if absent) and README.md. An earlier export's weight files there are replaced."""
-    os.makedirs(output_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(output_dir, "model*.safetensors*")):
-        os.remove(stale)
-    hf.save_tensors(tensors, output_dir, max_shard_bytes)
+    """Writes a Hugging Face folder (local, or gs:// and other object stores): weights, `files`
+    (config.json gets `dtype`; a generation_config.json is derived if absent) and README.md. An earlier
+    export's weight files there are replaced."""
+    for stale in epath.Path(output_dir).glob("model*.safetensors*"):
+        stale.unlink()
     hf_config = json.loads(files["config.json"])
     hf_config["dtype"] = dtype
     hf_config.pop("torch_dtype", None)
-    files = {**files, "config.json": json.dumps(hf_config, indent=2).encode()}
+    files = {**files, "config.json": json.dumps(hf_config, indent=2).encode(), "README.md": readme.encode()}
     files.setdefault("generation_config.json", json.dumps(generation_config(hf_config), indent=2).encode())
-    for name, content in files.items():
-        with open(os.path.join(output_dir, name), "wb") as f:
-            f.write(content)
-    with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write(readme)
+    with paths.local_staging(output_dir) as folder:
+        hf.save_tensors(tensors, folder, max_shard_bytes)
+        for name, content in files.items():
+            epath.Path(folder, name).write_bytes(content)
     return output_dir
 
 
@@ -139,6 +139,8 @@ def push_to_hub(folder: str, repo_id: str) -> str:
     """Uploads the checked export folder to the Hub model repo `repo_id` (created if needed): its URL."""
     import huggingface_hub
 
+    if paths.is_remote(folder):
+        raise JsftError(f"push_to_hub uploads a local folder; export to a local output_dir, not {folder}")
     files = export_files(folder)
     api = huggingface_hub.HfApi()
     try:

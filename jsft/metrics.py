@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import zlib
 
@@ -11,8 +10,9 @@ import jax
 import numpy as np
 import optax
 import tqdm
+from etils import epath
 
-from jsft import flops
+from jsft import flops, paths
 from jsft.trainer import StepInfo
 
 
@@ -21,14 +21,13 @@ class MetricsLog:
 
     def __init__(self, output_dir: str, total_steps: int, initial_step: int = 0):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path = str(epath.Path(output_dir) / "metrics.jsonl")
         self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not self.enabled, unit="step")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        paths.append_text(self.path, json.dumps(record) + "\n")
 
     def progress(self, steps: int, **postfix) -> None:
         self.bar.update(steps)

@@ -18,9 +18,10 @@ import jax
 import ml_collections
 import numpy as np
 import transformers
+from etils import epath
 from jax.experimental import multihost_utils
 
-from jsft import config, data, models, sharding
+from jsft import config, data, hf, models, sharding
 from jsft.checkpoint import Checkpointer
 from jsft.errors import JsftError
 from jsft.metrics import MetricsLog, StepLogger
@@ -35,16 +36,17 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     initialize_distributed(cfg.mesh)
     mesh = sharding.make_mesh(cfg.mesh)
     check_batch_fits(cfg.train, mesh)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    epath.Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # local, gs://, s3://
     checkpointer = Checkpointer(cfg)  # may the run start here? (before any heavy work)
-    layout, tokenizer, template = load_model_description(cfg)
+    folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)  # a Hub id is fetched once
+    layout, tokenizer, template = load_model_description(cfg, folder)
     train_data, eval_data = load_data(cfg, tokenizer)
     total_steps = count_steps(cfg, train_data.examples)
     train_iter = iter(data.batches(train_data.examples, **pipeline_args(cfg)))
-    assets = hf_assets(cfg.model.path, tokenizer, template)
+    assets = hf_assets(folder, tokenizer, template)
     checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets)
     trainer = Trainer(cfg, layout, mesh, total_steps=total_steps, checkpointer=checkpointer)
-    state = trainer.load_state(cfg.model.path)
+    state = trainer.load_state(folder)
     first_step = int(jax.device_get(state.step))
 
     metrics_log = MetricsLog(cfg.output_dir, total_steps, first_step)
@@ -109,20 +111,20 @@ def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize()
 
 
-def load_model_description(cfg: ml_collections.ConfigDict):
+def load_model_description(cfg: ml_collections.ConfigDict, folder: str):
     """(layout, tokenizer, chat template) of the model folder: its config.json, not its weights."""
     compute_dtype = cfg.model.dtype
     if compute_dtype == "auto":  # bfloat16 where the hardware is built for it
         compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     model_cfg, _ = models.config_from_folder(
-        cfg.model.path,
+        folder,
         compute_dtype,
         cfg.model.param_dtype,
         cfg.model.attention,
         cfg.model.remat,
         cfg.model.scan_layers,
     )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     if len(tokenizer) > model_cfg.vocab_size:
         raise JsftError(
             f"the tokenizer of {cfg.model.path} has {len(tokenizer)} tokens but the model's vocab_size is "

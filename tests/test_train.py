@@ -98,4 +98,5 @@ def test_missing_model_folder_is_one_line(tmp_path):
         cwd=ROOT,
     )
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == f"jsft: error: model folder {tmp_path}/nope does not exist"
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"jsft: error: model folder {tmp_path}/nope does not exist")
