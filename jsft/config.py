@@ -23,7 +23,10 @@ class ConfigError(JsftError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every key jsft knows, with its default value."""
+    """Every key jsft knows, with its default value.
+
+    Long on purpose: this is the schema, one line per key with its comment, read as a table.
+    """
     c = ml_collections.ConfigDict()
     c.output_dir = "runs/default"
     c.model = ml_collections.ConfigDict(
@@ -169,7 +172,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     so that config files load without JAX and those modules may import this one.
     """
     from jsft import lora, models
-    from jsft.data.chat import TRAIN_ON
+    from jsft.data.chat import ON_UNLOCATED_TURN, TRAIN_ON
     from jsft.data.pipeline import PACKERS
     from jsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES
 
@@ -180,6 +183,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.remat": REMAT_CHOICES,
         "data.packer": tuple(PACKERS),
         "data.train_on": TRAIN_ON,
+        "data.on_unlocated_turn": ON_UNLOCATED_TURN,
         "train.loss_reduction": ("mean", "sum"),
         "optim.schedule": ("linear", "cosine", "constant"),
         "lora.targets": tuple(lora.INPUT_AXES),

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import transformers
 
-from jsft import config, data
+from jsft import config, data, hf
 from jsft.errors import JsftError
 
 TRAINED_COLOUR = ("\033[1;32m", "\033[0m")  # bold green
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config.load_or_exit(argv)
     try:
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model.path)
+            folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise data.SetupError(
                 f"cannot load the tokenizer of {cfg.model.path}: {' '.join(str(e).split())}"

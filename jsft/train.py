@@ -124,7 +124,12 @@ def load_model_description(cfg: ml_collections.ConfigDict, folder: str):
         cfg.model.remat,
         cfg.model.scan_layers,
     )
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # an unreadable or corrupt tokenizer file: the environment, not data
+        raise data.SetupError(
+            f"cannot load the tokenizer of {cfg.model.path}: {' '.join(str(e).split())}"
+        ) from None
     if len(tokenizer) > model_cfg.vocab_size:
         raise JsftError(
             f"the tokenizer of {cfg.model.path} has {len(tokenizer)} tokens but the model's vocab_size is "

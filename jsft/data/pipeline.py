@@ -1,9 +1,7 @@
 """From conversations to packed, sharded training batches.
 
-Encoding turns each conversation into (input_ids, labels), shifted here once into what the step
-needs: `input_ids` (tokens 0..n-2), `target_ids` (tokens 1..n-1) and `loss_mask` (1 where the target
-is an assistant token). Shifting before packing means no target ever crosses into the next example.
-Grain then shuffles per epoch, packs examples into rows of `max_seq_length` with per-example
+The examples arrive already shifted (`preprocess.shifted`: `input_ids`, `target_ids`, `loss_mask`).
+Grain shuffles per epoch, packs examples into rows of `max_seq_length` with per-example
 `segment_ids` (0 = padding) and `positions`, and batches the rows. Each process reads its own share.
 """
 
@@ -14,7 +12,6 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jsft.data.chat import IGNORE
 from jsft.errors import JsftError
 
 FEATURES = ("input_ids", "target_ids", "loss_mask")
@@ -25,16 +22,6 @@ PACKERS = {
     "first_fit": grain.experimental.FirstFitPackIterDataset,
     "best_fit": grain.experimental.BestFitPackIterDataset,
 }
-
-
-def to_example(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    ids, labels = encoded["input_ids"], encoded["labels"]
-    targets = labels[1:]
-    return {
-        "input_ids": ids[:-1].astype(np.int32),
-        "target_ids": np.where(targets == IGNORE, 0, targets).astype(np.int32),
-        "loss_mask": (targets != IGNORE).astype(np.int32),
-    }
 
 
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

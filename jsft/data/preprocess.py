@@ -44,6 +44,18 @@ SETUP_CHECK_ROWS = 64  # a source whose first rows all fail for one reason stops
 _ARRAYS = ("token_ids", "trained", "row_starts", "row_sources")
 
 
+def shifted(token_ids: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
+    """One encoded conversation as the step's example: `input_ids` (tokens 0..n-2), `target_ids`
+    (tokens 1..n-1, 0 where untrained) and `loss_mask` (1 where the target is trained). Shifting each
+    conversation before packing means no target ever crosses into the next example."""
+    targets_trained = trained[1:]
+    return {
+        "input_ids": np.array(token_ids[:-1], np.int32),
+        "target_ids": np.where(targets_trained, token_ids[1:], 0).astype(np.int32),
+        "loss_mask": targets_trained.astype(np.int32),
+    }
+
+
 @dataclasses.dataclass
 class EncodedData(Sequence):
     """Encoded rows, indexed as shifted examples: `input_ids`, `target_ids`, `loss_mask` (int32)."""
@@ -62,12 +74,7 @@ class EncodedData(Sequence):
             raise IndexError(index)
         index %= len(self)
         start, end = int(self.row_starts[index]), int(self.row_starts[index + 1])
-        ids, trained = self.token_ids[start:end], self.trained[start + 1 : end]
-        return {
-            "input_ids": np.array(ids[:-1], np.int32),
-            "target_ids": np.where(trained, ids[1:], 0).astype(np.int32),
-            "loss_mask": trained.astype(np.int32),
-        }
+        return shifted(self.token_ids[start:end], self.trained[start:end])
 
     @property
     def examples(self) -> EncodedData:
@@ -303,21 +310,7 @@ def encode_mixture(
 
     drops = sum((t.drops for t in tallies), collections.Counter())
     first_bad = next((t.first_bad for t in tallies if t.first_bad), None)
-    for tally in tallies:
-        log.info(
-            "source %s: %d rows drawn of %d, %d kept, %d tokens (%d trained)%s",
-            tally.drawn.source,
-            len(tally.drawn.indices),
-            len(tally.drawn.rows),
-            tally.kept,
-            tally.tokens,
-            tally.trained_tokens,
-            f"; drops {dict(tally.drops)}" if tally.drops else "",
-        )
-    if drops:
-        log.warning(
-            "dropped %d of %d rows: %s (first: %s)", sum(drops.values()), total, dict(drops), first_bad
-        )
+    _log_sources(tallies, total, drops, first_bad)
     check_bad_fraction({"total_rows": total, "drops": drops, "first_bad": first_bad}, max_bad_fraction)
     row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if not len(row_lengths):
@@ -343,6 +336,24 @@ def encode_mixture(
     )
     data.stats.update(summary(data))
     return data
+
+
+def _log_sources(tallies: list, total: int, drops: collections.Counter, first_bad) -> None:
+    for tally in tallies:
+        log.info(
+            "source %s: %d rows drawn of %d, %d kept, %d tokens (%d trained)%s",
+            tally.drawn.source,
+            len(tally.drawn.indices),
+            len(tally.drawn.rows),
+            tally.kept,
+            tally.tokens,
+            tally.trained_tokens,
+            f"; drops {dict(tally.drops)}" if tally.drops else "",
+        )
+    if drops:
+        log.warning(
+            "dropped %d of %d rows: %s (first: %s)", sum(drops.values()), total, dict(drops), first_bad
+        )
 
 
 def check_bad_fraction(stats: dict, max_bad_fraction: float) -> None:
