@@ -12,6 +12,7 @@ from unittest import mock
 
 import jax
 import ml_dtypes
+import numpy as np
 import pytest
 from conftest import TINY_MODEL, make_hf_family
 from etils import epath
@@ -104,3 +105,31 @@ def test_export_writes_a_loadable_folder_to_the_store(tmp_path, fake_gcs):
     with pytest.raises(export.JsftError, match="local folder"):
         export.push_to_hub(out, "org/name")
     assert paths.is_remote(out)
+
+
+def test_data_cache_on_the_store_is_mirrored_locally(tmp_path, fake_gcs, monkeypatch):
+    """The first run encodes and uploads; a host with an empty local cache reads the store's copy."""
+    import transformers
+    from conftest import TINY_DATA
+
+    from jsft import data
+    from jsft.data import preprocess
+
+    local_caches = [tmp_path.parent / f"{tmp_path.name}-host{i}" for i in range(2)]
+    data_cfg = default_config().data
+    data_cfg.mixer = ((str(TINY_DATA / "train.jsonl"), 60),)
+    data_cfg.max_seq_length, data_cfg.cache_dir, data_cfg.num_proc = 128, "gs://bucket/cache", 1
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
+    monkeypatch.setenv("JSFT_CACHE", str(local_caches[0]))
+    first = data.prepare(data_cfg, tokenizer, seed=0)
+    (entry,) = epath.Path("gs://bucket/cache").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == sorted(
+        [f"{a}.npy" for a in preprocess._ARRAYS] + ["stats.json"]
+    )
+    monkeypatch.setenv("JSFT_CACHE", str(local_caches[1]))
+    monkeypatch.setattr(preprocess, "encode_mixture", lambda *a, **k: pytest.fail("encoded again"))
+    second = data.prepare(data_cfg, tokenizer, seed=0)
+    assert len(second) == len(first) == 60
+    for i in (0, 59):
+        for key, value in first[i].items():
+            np.testing.assert_array_equal(second[i][key], value)

@@ -30,7 +30,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import tqdm
+from etils import epath
 
+from jsft import paths
 from jsft.data import sources
 from jsft.data.chat import BadRow, ChatEncoder, SetupError, one_line, resolve_template
 from jsft.errors import JsftError
@@ -472,9 +474,14 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
         on_unlocated_turn=data_cfg.on_unlocated_turn,
         seed=seed,
     )
-    folder = os.path.join(
-        cache_dir or data_cfg.cache_dir or default_cache_dir(), cache_key(mixer, tokenizer, **settings)
-    )
+    key = cache_key(mixer, tokenizer, **settings)
+    root = cache_dir or data_cfg.cache_dir or default_cache_dir()
+    # Arrays are memory-mapped, so they are read from local disk; a gs:// (or other object store) cache
+    # is mirrored into the local cache folder, and written back after encoding.
+    shared = epath.Path(root) / key if paths.is_remote(root) else None
+    folder = os.path.join(default_cache_dir(), "mirror", key) if shared else os.path.join(root, key)
+    if shared and not os.path.isfile(os.path.join(folder, "stats.json")) and (shared / "stats.json").exists():
+        _download(shared, folder)
     if os.path.isfile(os.path.join(folder, "stats.json")):
         log.info("encoded data from cache %s", folder)
         cached = load(folder)
@@ -491,7 +498,33 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
         on_unlocated_turn=data_cfg.on_unlocated_turn,
         num_proc=data_cfg.num_proc,
     )
-    data.stats["cache_folder"] = folder
+    data.stats["cache_folder"] = str(shared or folder)
     save(data, folder)
-    log.info("encoded data cached in %s", folder)
+    if shared:
+        _upload(folder, shared)
+    log.info("encoded data cached in %s", shared or folder)
     return load(folder)
+
+
+def _download(shared: epath.Path, folder: str) -> None:
+    """Copies a finished remote cache entry into `folder`, atomically (a sibling, then a rename)."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        for name in [f"{a}.npy" for a in _ARRAYS] + ["stats.json"]:
+            with (shared / name).open("rb") as source, open(os.path.join(tmp, name), "wb") as sink:
+                shutil.copyfileobj(source, sink, 64 * 2**20)
+        os.rename(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(folder, "stats.json")):  # not another process winning the race
+            raise
+
+
+def _upload(folder: str, shared: epath.Path) -> None:
+    """Copies a local cache entry to the store; stats.json last, since readers take it as "complete"."""
+    shared.mkdir(parents=True, exist_ok=True)
+    for name in [f"{a}.npy" for a in _ARRAYS] + ["stats.json"]:
+        with open(os.path.join(folder, name), "rb") as source, (shared / name).open("wb") as sink:
+            shutil.copyfileobj(source, sink, 64 * 2**20)
