@@ -98,7 +98,9 @@ def resolve_model(path: str, revision: str | None = None) -> str:
                 path, revision=os.path.basename(folder), allow_patterns=weights
             )
     except OSError as e:  # huggingface_hub's HTTP, offline and incomplete-cache errors are all OSErrors
-        raise ModelFolderError(f"cannot fetch Hub model {name}: {_one_line(e)}") from None
+        raise ModelFolderError(
+            f"{name} is no local folder, and fetching it from the Hub failed: {_one_line(e)}"
+        ) from None
     missing = [w for w in weights if not os.path.isfile(os.path.join(folder, w))]
     if missing:
         where = (

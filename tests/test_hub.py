@@ -162,7 +162,7 @@ def test_offline_errors_name_the_model_in_one_line(tmp_path, hub_repos):
         "(missing model.safetensors); jsft never loads pickle weights (*.bin, *.pt)"
     )
     assert errors[1].startswith(
-        "cannot fetch Hub model org/absent: Cannot find an appropriate cached snapshot"
+        "org/absent is no local folder, and fetching it from the Hub failed: Cannot find an appropriate"
     )
     assert "HF_HUB_OFFLINE=0" in errors[1]
     assert all("\n" not in e for e in errors)
