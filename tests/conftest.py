@@ -142,3 +142,19 @@ def assert_params_close(got, expected, rtol: float = 1e-5) -> None:
     for name, value in expected.items():
         relative = np.linalg.norm(got[name] - value) / np.linalg.norm(value)
         assert relative <= rtol, (name, relative)
+
+
+def gradient_recorder():
+    """An optax optimizer that leaves parameters alone and keeps the step's gradient, exactly, in its
+    state (`state.opt_state["grads"]`): no float32 `end - start` read-off of an update."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def init(params):
+        return {"grads": jax.tree.map(jnp.zeros_like, params)}
+
+    def update(grads, state, params=None):
+        return jax.tree.map(jnp.zeros_like, grads), {"grads": grads}
+
+    return optax.GradientTransformation(init, update)
