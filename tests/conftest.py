@@ -19,6 +19,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_cache(tmp_path_factory):
+    """Encoded data goes to a fresh folder per test session (inherited by the runs tests start), never
+    to the user's ~/.cache/jsft/data, where stale encodings from another checkout could be reused."""
+    previous = os.environ.get("JSFT_CACHE")
+    os.environ["JSFT_CACHE"] = str(tmp_path_factory.mktemp("jsft_cache"))
+    yield os.environ["JSFT_CACHE"]
+    if previous is None:
+        os.environ.pop("JSFT_CACHE")
+    else:
+        os.environ["JSFT_CACHE"] = previous
+
+
 def make_hf_llama(folder: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
     """Saves a tiny random Llama with odd sizes (catches transposes) and GQA into `folder`."""
     import torch

@@ -103,7 +103,9 @@ def reference(tmp_path_factory):
 
 
 def test_sigkill_then_restart_equals_an_uninterrupted_run(reference, tmp_path):
-    kill_at = random.Random().randint(EVERY + 1, STEPS - 3)
+    seed = int(os.environ.get("JSFT_TEST_SEED", random.SystemRandom().randrange(2**32)))
+    kill_at = random.Random(seed).randint(EVERY + 1, STEPS - 3)
+    print(f"kill step {kill_at} (replay with JSFT_TEST_SEED={seed})")
     proc = _start_and_signal(tmp_path, signal.SIGKILL, kill_at)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

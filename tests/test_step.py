@@ -11,6 +11,7 @@ from conftest import assert_params_close, gradient_recorder
 
 from jsft import loss, models, sharding, step
 from jsft.config import default_config
+from jsft.errors import JsftError
 from jsft.trainer import Trainer
 
 
@@ -237,6 +238,35 @@ def test_nonfinite_step_is_skipped(hf_llama):
     for name, value in jax.device_get(after.params).items():
         if name != "final_norm.scale":
             np.testing.assert_array_equal(value, before[name])
+
+
+def _out_of_vocabulary_targets(batch: dict) -> dict:
+    """Trained targets past the vocabulary: their logit gathers as NaN, so the step is non-finite."""
+    return dict(
+        batch, target_ids=np.where(batch["loss_mask"] > 0, 10_000, batch["target_ids"]).astype(np.int32)
+    )
+
+
+@pytest.mark.parametrize("bad_steps, stops", [(3, True), (2, False)])
+def test_nonfinite_streak_that_ends_between_logs_still_stops_the_run(hf_llama, bad_steps, stops):
+    """`train.max_nonfinite_steps=3`: steps 2-4 non-finite, then finite again, with logging only every
+    1000 steps. The streak is over before any log, and must stop the run all the same; a streak of 2
+    must not."""
+    trainer, state = _trainer(
+        hf_llama, sharding.single_device_mesh(), train__max_nonfinite_steps=3, log__every_steps=1000
+    )
+    good, bad = _batch(seed=1), _out_of_vocabulary_targets(_batch(seed=2))
+    feed = [good] + [bad] * bad_steps + [good] * 10
+    seen = []
+    trainer.add_hook(lambda info: seen.append(bool(info.metrics["skipped"])), every=1)
+    if stops:
+        with pytest.raises(JsftError, match=r"3 steps in a row had a non-finite loss .*up to step 4\)"):
+            trainer.fit(state, iter(feed))
+        assert seen[:4] == [False, True, True, True] and len(seen) <= 6  # stopped right after the streak
+    else:
+        final = trainer.fit(state, iter(feed))
+        assert int(final.step) == trainer.total_steps and int(final.nonfinite_streak) == 0
+        assert seen == [False, True, True] + [False] * 7
 
 
 def test_train_loss_applies_gemma2_final_logit_softcap(tmp_path):
