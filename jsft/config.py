@@ -130,8 +130,11 @@ RESUME_SAFE_KEYS = ("output_dir", "log.", "checkpoint.", "mesh.", "train.max_non
 
 
 def breaking_changes(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and this run's, except resume-safe ones."""
-    old = _paths(ml_collections.ConfigDict(saved))
+    """Keys whose values differ between a checkpoint's config and this run's, except resume-safe ones.
+
+    A key the checkpoint predates counts as its default, which is what that run had in effect.
+    """
+    old = _paths(default_config()) | _paths(ml_collections.ConfigDict(saved))
     new = _paths(current)
     changed = [k for k in sorted(set(old) | set(new)) if _normalise(old.get(k)) != _normalise(new.get(k))]
     return [k for k in changed if not k.startswith(RESUME_SAFE_KEYS)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -210,3 +211,12 @@ def test_cli_stops_on_bad_choices_and_meshes_before_loading_anything(tmp_path, o
     assert out.stderr.strip().splitlines()[-1] == last_line
     assert "Traceback" not in out.stderr
     assert "encoding" not in out.stderr and "mixer" not in out.stderr  # no data was read
+
+
+def test_a_key_added_after_a_checkpoint_counts_as_its_default():
+    saved = json.loads(config.default_config().to_json())
+    del saved["model"]["revision"]  # a checkpoint written before the key existed
+    current = config.default_config()
+    assert config.breaking_changes(saved, current) == []
+    current.model.revision = "v2"
+    assert config.breaking_changes(saved, current) == ["model.revision"]
