@@ -181,17 +181,98 @@ def test_resume_on_fewer_devices_continues_with_the_same_loss(reference, tmp_pat
         assert got[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-4)
 
 
-def test_changed_config_is_refused(reference, tmp_path):
-    first = _run(tmp_path, "--config.train.max_steps=4")
-    assert first.returncode == 0, first.stderr[-3000:]
-    refused = _run(tmp_path, "--config.train.max_steps=4", "--config.optim.lr=0.1")
-    assert refused.returncode != 0
-    assert "differs from the one" in refused.stderr and "optim.lr" in refused.stderr
-    fresh = _run(tmp_path, "--config.train.max_steps=4", "--config.checkpoint.resume=False")
-    assert fresh.returncode != 0 and "already holds checkpoints" in fresh.stderr
-    # Forcing a change of the parameter layout is refused too, and leaves every checkpoint in place.
+def _config(out, *extra: str):
+    """The config `_command` runs with, loaded in this process."""
+    from jsft import config
+
+    return config.load(["prog", *_command(out, *extra)[3:]])
+
+
+def _trainer_for(cfg, checkpointer):
+    import jax
+
+    from jsft import data, train
+    from jsft.trainer import Trainer
+
+    layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path)
+    train_data, _ = train.load_data(cfg, tokenizer)
+    checkpointer.attach(
+        iter(data.batches(train_data.examples, **train.pipeline_args(cfg))), total_steps=STEPS, hf_assets={}
+    )
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices())
+    return Trainer(cfg, layout, mesh, total_steps=STEPS, checkpointer=checkpointer)
+
+
+def test_refusals_in_process(reference, tmp_path):
+    """A changed config, a fresh start over checkpoints, a missing checkpoint.step, another process
+    count and (even forced) another parameter layout are refused before anything is trained or moved."""
+    from jsft.checkpoint import Checkpointer
+    from jsft.errors import JsftError
+
+    _copy_run(reference, tmp_path, keep_up_to=8)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(JsftError, match=r"differs from the one .* in optim\.lr"):
+        Checkpointer(_config(tmp_path, "--config.optim.lr=0.1"))
+    with pytest.raises(JsftError, match="already holds checkpoints"):
+        Checkpointer(_config(tmp_path, "--config.checkpoint.resume=False"))
+    with pytest.raises(JsftError, match=r"checkpoint.step=6 is not in .*kept: \[4, 8\]"):
+        Checkpointer(_config(tmp_path, "--config.checkpoint.step=6"))
     for change in ("--config.model.scan_layers=False", "--config.lora.rank=4"):
-        forced = _run(tmp_path, "--config.train.max_steps=4", change, "--config.checkpoint.force_resume=True")
-        assert forced.returncode != 0 and "laid out differently" in forced.stderr, forced.stderr[-2000:]
+        cfg = _config(tmp_path, change, "--config.checkpoint.force_resume=True")
+        trainer = _trainer_for(cfg, Checkpointer(cfg))
+        with pytest.raises(JsftError, match="laid out differently"):
+            trainer.load_state(cfg.model.path)
+    # a run written by two processes holds one data position per process
+    for meta_file in (tmp_path / "checkpoints").glob("*/meta/*"):
+        if meta_file.is_file() and '"process_count"' in meta_file.read_text():
+            meta = json.loads(meta_file.read_text())
+            meta["process_count"] = 2
+            meta_file.write_text(json.dumps(meta))
+    with pytest.raises(JsftError, match="written by 2 processes and this run has 1"):
+        Checkpointer(_config(tmp_path))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_checkpoint_step_restores_that_step_exactly(reference, tmp_path):
+    from jsft.checkpoint import Checkpointer
+
+    _copy_run(reference, tmp_path)
+    cfg = _config(tmp_path, "--config.checkpoint.step=8")
+    state = _trainer_for(cfg, Checkpointer(cfg)).load_state(cfg.model.path)
+    assert int(state.step) == 8
+    expected = _final_params(reference, step=8)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(state.params[name]), value, err_msg=name)
+
+
+def test_overwrite_moves_the_previous_run_aside(reference, tmp_path):
+    from jsft.checkpoint import Checkpointer
+
+    _copy_run(reference, tmp_path, keep_up_to=8)
+    Checkpointer(_config(tmp_path, "--config.checkpoint.resume=False", "--config.checkpoint.overwrite=True"))
+    (aside,) = tmp_path.glob("checkpoints.old-*")
+    assert sorted(p.name for p in aside.iterdir() if p.name.isdigit()) == ["4", "8"]
+    assert (aside / "metrics.jsonl").is_file() and not (tmp_path / "metrics.jsonl").exists()
+    assert not any((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_forced_resume_with_time_based_saves_and_keep(reference, tmp_path):
+    """force_resume continues a run whose lr and length changed; `every_minutes` with one process saves
+    after every step here, and `keep=2` prunes all but the last two steps."""
+    from jsft import train
+
+    _copy_run(reference, tmp_path)
+    cfg = _config(
+        tmp_path,
+        "--config.optim.lr=0.002",
+        f"--config.train.max_steps={STEPS + 3}",
+        "--config.checkpoint.force_resume=True",
+        "--config.checkpoint.every_minutes=1e-6",
+        "--config.checkpoint.every_steps=1000",
+        "--config.checkpoint.keep=2",
+    )
+    summary = train.run(cfg)
+    assert summary["steps"] == STEPS + 3 and not summary["stopped"]
+    assert sorted(_records(tmp_path)) == list(range(1, STEPS + 4))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [STEPS + 2, STEPS + 3]
