@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import make_hf_family
+from conftest import gradient_recorder, make_hf_family
 
 from jsft import loss, models, sharding
 from jsft.config import default_config
@@ -32,18 +32,6 @@ def reference_token_losses(logits, targets, z_loss: float = 0.0, softcap: float 
     lse = (peak + np.log(np.exp(x - peak).sum(-1, keepdims=True)))[..., 0]
     target = np.take_along_axis(x, np.asarray(targets)[..., None], -1)[..., 0]
     return lse - target + z_loss * lse**2
-
-
-def gradient_recorder() -> optax.GradientTransformation:
-    """An optimizer that leaves parameters alone and keeps the step's gradient, exactly, in its state."""
-
-    def init(params):
-        return {"grads": jax.tree.map(jnp.zeros_like, params)}
-
-    def update(grads, state, params=None):
-        return jax.tree.map(jnp.zeros_like, grads), {"grads": grads}
-
-    return optax.GradientTransformation(init, update)
 
 
 def make_trainer(folder, mesh=None, optimizer=None, **overrides) -> tuple[Trainer, object]:
