@@ -7,10 +7,12 @@ K/V heads are shared by groups of query heads (GQA) by reshaping the queries, ne
 Three backends compute the same thing: `dot_product_attention` (plain XLA, the reference),
 `masked_attention` (`jax.nn.dot_product_attention`, run by cuDNN on NVIDIA GPUs) and `splash_attention`
 (the Pallas splash kernel on TPUs). `resolve_attention_impl` turns `model.attention` into one of them.
+Decoding (`jsft.generate`) attends through a `KVCache` with `cached_attention`, whatever the backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -371,3 +373,67 @@ def attend(
     return blocked_attention(
         q, k, v, segment_ids, scale=scale, logit_softcap=logit_softcap, sliding_window=sliding_window
     )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of the tokens decoded so far, in a static number of slots (one compile per size).
+
+    `keys`/`values` are [layers, batch, slots, kv_heads, head_dim] in the decoder, one layer's
+    [batch, slots, kv_heads, head_dim] inside a layer. Slot order is token order within a row, so a
+    sliding window counts slots as training counts row indices. `segment_ids` [batch, slots] is 0 for
+    padding and slots not written yet; `index` is the first slot of the tokens being run.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> KVCache:
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            keys=jnp.zeros(shape, cfg.dtype),
+            values=jnp.zeros(shape, cfg.dtype),
+            segment_ids=jnp.zeros((batch, slots), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: KVCache,
+    segment_ids: jax.Array,
+    *,
+    scale: float,
+    logit_softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """The new tokens' attention over one layer's cache with their own keys and values written in.
+
+    q: [batch, t, heads, head_dim] at slots `cache.index + [0, t)`; k, v: their [batch, t, kv_heads,
+    head_dim]; `cache.segment_ids` already holds their segment ids. Masking as in
+    `dot_product_attention`, by slot: causal, same segment, within the window.
+    """
+    b, t, h, d = q.shape
+    start = (0, cache.index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start)
+    values = jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start)
+    kv_heads = keys.shape[2]
+    grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, keys, preferred_element_type=jnp.float32) * scale
+    scores = soft_cap(scores, logit_softcap)
+    q_slot = cache.index + jnp.arange(t)[:, None]
+    k_slot = jnp.arange(keys.shape[1])[None, :]
+    allowed = k_slot <= q_slot
+    if sliding_window is not None:
+        allowed &= q_slot - k_slot < sliding_window
+    same_segment = segment_ids[:, :, None] == cache.segment_ids[:, None, :]
+    mask = (allowed[None] & same_segment)[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)

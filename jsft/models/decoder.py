@@ -9,6 +9,7 @@ pinned to their logical axes too (`sharding.constrain`), when traced under a mes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,8 +19,10 @@ from flax import nnx
 
 from jsft import sharding
 from jsft.models.attention import (
+    KVCache,
     apply_rope,
     attend,
+    cached_attention,
     resolve_attention_impl,
     rope_frequencies,
     rope_tables,
@@ -72,6 +75,7 @@ class RMSNorm(nnx.Module):
 
 
 RopeTables = tuple[jax.Array, jax.Array]  # (cos, sin), see `attention.rope_tables`
+KeysValues = tuple[jax.Array, jax.Array]  # one layer's keys and values of the tokens run, for a KVCache
 
 
 class Attention(nnx.Module):
@@ -101,8 +105,14 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm((kv, hd), ("kv_heads", "head_dim"), cfg, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, kind: AttentionKind
-    ) -> jax.Array:
+        self,
+        x: jax.Array,
+        rope: RopeTables,
+        segment_ids: jax.Array,
+        kind: AttentionKind,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KeysValues]:
+        """The attention output; with one layer's `cache` (decoding), also these tokens' keys and values."""
         cfg, dt = self.cfg, self.cfg.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
@@ -119,21 +129,18 @@ class Attention(nnx.Module):
         q = sharding.constrain(q, ("batch", "sequence", "heads", "head_dim"))
         k = sharding.constrain(k, ("batch", "sequence", "kv_heads", "head_dim"))
         v = sharding.constrain(v, ("batch", "sequence", "kv_heads", "head_dim"))
-        out = attend(
-            self.implementation,
-            q,
-            k,
-            v,
-            segment_ids,
-            scale=cfg.query_scale,
-            logit_softcap=cfg.attn_logit_softcap,
-            sliding_window=kind.sliding_window,
+        options = dict(
+            scale=cfg.query_scale, logit_softcap=cfg.attn_logit_softcap, sliding_window=kind.sliding_window
         )
+        if cache is None:
+            out = attend(self.implementation, q, k, v, segment_ids, **options)
+        else:
+            out = cached_attention(q, k, v, cache, segment_ids, **options)
         out = sharding.constrain(out, ("batch", "sequence", "heads", "head_dim"))
         out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
-        return out
+        return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -167,19 +174,27 @@ class Block(nnx.Module):
         self.post_mlp_norm = norm() if after else None
 
     def __call__(
-        self, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, kind: AttentionKind
-    ) -> jax.Array:
-        attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind)
+        self,
+        x: jax.Array,
+        rope: RopeTables,
+        segment_ids: jax.Array,
+        kind: AttentionKind,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KeysValues]:
+        attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind, cache)
+        if cache is not None:
+            attn_out, keys_values = attn_out
         x = x + _maybe(self.post_attn_norm, attn_out)
         x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x)))
-        return sharding.constrain(x, HIDDEN_AXES)
+        x = sharding.constrain(x, HIDDEN_AXES)
+        return x if cache is None else (x, keys_values)
 
 
 def _block_runner(kind: AttentionKind, remat: str):
-    """`run(block, x, rope, segment_ids)` for one unrolled layer of `kind`, under its remat policy."""
+    """`run(block, x, rope, segment_ids, cache)` for one unrolled layer of `kind`, under its remat policy."""
 
-    def run(block: Block, x: jax.Array, rope: RopeTables, segment_ids: jax.Array) -> jax.Array:
-        return block(x, rope, segment_ids, kind)
+    def run(block: Block, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, cache: KVCache | None):
+        return block(x, rope, segment_ids, kind, cache)
 
     return run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
 
@@ -198,6 +213,22 @@ def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs) -> Block:
 
 def _maybe(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
     return x if norm is None else norm(x)
+
+
+def _layer_cache(cache: KVCache, layer: int | jax.Array) -> KVCache:
+    """One layer's view of the decoder's cache."""
+    return dataclasses.replace(cache, keys=cache.keys[layer], values=cache.values[layer])
+
+
+def _write_layer(cache: KVCache, layer: int | jax.Array, keys_values: KeysValues) -> KVCache:
+    """The decoder's cache with one layer's new keys and values written at `cache.index`."""
+    start = (layer, 0, cache.index, 0, 0)
+    keys, values = (x[None].astype(cache.keys.dtype) for x in keys_values)
+    return dataclasses.replace(
+        cache,
+        keys=jax.lax.dynamic_update_slice(cache.keys, keys, start),
+        values=jax.lax.dynamic_update_slice(cache.values, values, start),
+    )
 
 
 class Decoder(nnx.Module):
@@ -226,9 +257,17 @@ class Decoder(nnx.Module):
             )
 
     def hidden_states(
-        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
-    ) -> jax.Array:
-        """The final normalised hidden states [batch, seq, hidden]; `logits_from_hidden` maps them on."""
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """The final normalised hidden states [batch, seq, hidden]; `logits_from_hidden` maps them on.
+
+        With a `cache` (decoding: `jsft.generate`), the tokens take slots `cache.index + [0, seq)` and
+        also attend to the cached ones; the cache with them written in comes back with the states.
+        """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         if segment_ids is None:
@@ -248,34 +287,56 @@ class Decoder(nnx.Module):
                 for k in kinds
             ]
         )
+        if cache is not None:
+            written = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+            cache = dataclasses.replace(cache, segment_ids=written)
         if self.cfg.scan_layers:
-            x = self._scan_layers(x, ropes, segment_ids)
+            x, cache = self._scan_layers(x, ropes, segment_ids, cache)
         else:
-            for block, kind_id in zip(self.layers, self.cfg.layer_kind_ids, strict=True):
+            for i, (block, kind_id) in enumerate(zip(self.layers, self.cfg.layer_kind_ids, strict=True)):
                 run = _block_runner(kinds[kind_id], self.cfg.remat)
-                x = run(block, x, ropes[kind_id], segment_ids)
-        return self.final_norm(x)
+                x = run(
+                    block, x, ropes[kind_id], segment_ids, None if cache is None else _layer_cache(cache, i)
+                )
+                if cache is not None:
+                    x, cache = x[0], _write_layer(cache, i, x[1])
+        if cache is None:
+            return self.final_norm(x)
+        return self.final_norm(x), dataclasses.replace(cache, index=cache.index + input_ids.shape[1])
 
-    def _scan_layers(self, x: jax.Array, ropes: list[RopeTables], segment_ids: jax.Array) -> jax.Array:
+    def _scan_layers(
+        self, x: jax.Array, ropes: list[RopeTables], segment_ids: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
         """All layers as one scan over the stacked parameters; a model with several attention kinds
-        picks each layer's branch with `lax.switch` on its kind index (only that branch runs)."""
+        picks each layer's branch with `lax.switch` on its kind index (only that branch runs). A cache
+        rides in the carry, so each layer writes only its new keys and values into it."""
         graphdef, stacked = nnx.split(self.layers)
 
         def branch(kind: AttentionKind, rope: RopeTables):
-            return lambda state, x: nnx.merge(graphdef, state)(x, rope, segment_ids, kind)
+            return lambda state, x, c: nnx.merge(graphdef, state)(x, rope, segment_ids, kind, c)
 
         branches = [branch(kind, rope) for kind, rope in zip(self.cfg.attention_kinds, ropes, strict=True)]
 
-        def layer(x: jax.Array, state: nnx.State, kind_id: jax.Array) -> jax.Array:
+        def layer(x: jax.Array, state: nnx.State, kind_id: jax.Array, c: KVCache | None):
             if len(branches) == 1:
-                return branches[0](state, x)
-            return jax.lax.switch(kind_id, branches, state, x)
+                return branches[0](state, x, c)
+            return jax.lax.switch(kind_id, branches, state, x, c)
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
+
+        def step(carry, xs):
+            x, cache = carry
+            state, kind_id, index = xs
+            if cache is None:
+                return (layer(x, state, kind_id, None), None), None
+            x, keys_values = layer(x, state, kind_id, _layer_cache(cache, index))
+            return (x, _write_layer(cache, index, keys_values)), None
+
         kind_ids = jnp.asarray(self.cfg.layer_kind_ids, jnp.int32)
-        x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, (stacked, kind_ids))
-        return x
+        layer_index = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(step, (x, cache), (stacked, kind_ids, layer_index))
+        return x, cache
 
     def output_kernel(self) -> jax.Array:
         """[hidden, vocab] projection to logits (the transposed embedding when tied).
