@@ -63,7 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         {
-            "global_batch_size": 8,  # rows of max_seq_length tokens per optimizer step, over all hosts
+            "global_batch_size": 8,  # per optimizer step, over all hosts: packed rows, or examples (below)
+            # "rows": a step is global_batch_size packed rows of max_seq_length tokens; "examples": a
+            # step is exactly global_batch_size conversations, packed into as few rows as they need
+            "batch_unit": "rows",
             "grad_accum_steps": 1,
             "epochs": 1,
             "max_steps": 0,  # above 0, overrides epochs
@@ -188,6 +191,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data.train_on": TRAIN_ON,
         "data.on_unlocated_turn": ON_UNLOCATED_TURN,
         "train.loss_reduction": ("mean", "sum"),
+        "train.batch_unit": ("rows", "examples"),
         "optim.schedule": ("linear", "cosine", "constant"),
         "lora.targets": tuple(lora.INPUT_AXES),
     }

@@ -52,12 +52,10 @@ class StepLogger:
         metrics_log: MetricsLog,
         schedule: optax.Schedule,
         *,
-        positions_per_step: int,
         flops_per_token: float,
         peak_flops: float | None,
     ):
         self.log, self.schedule = metrics_log, schedule
-        self.positions_per_step = positions_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.last_loss: float | None = None
         self._window_start = time.perf_counter()
@@ -65,11 +63,10 @@ class StepLogger:
 
     @classmethod
     def for_run(cls, cfg, trainer, metrics_log: MetricsLog) -> StepLogger:
-        """The logger of a run: MFU counts every position of the config's batch."""
+        """The logger of a run (MFU counts every position a step computes, padding included)."""
         return cls(
             metrics_log,
             trainer.schedule,
-            positions_per_step=cfg.train.global_batch_size * cfg.data.max_seq_length,
             flops_per_token=flops.flops_per_token(trainer.layout.cfg, cfg.data.max_seq_length),
             peak_flops=flops.device_peak_flops(override=cfg.log.peak_flops or None),
         )
@@ -77,7 +74,7 @@ class StepLogger:
     def count(self, info: StepInfo) -> None:
         """Data tokens (padding excluded) of every process; MFU counts all positions, padding included."""
         self._window_tokens += int(np.count_nonzero(info.batch["segment_ids"])) * jax.process_count()
-        self._window_positions += self.positions_per_step
+        self._window_positions += info.batch["segment_ids"].size * jax.process_count()
         self.log.progress(1)
 
     def _rates(self) -> tuple[float, float]:

@@ -25,7 +25,7 @@ from jsft import config, data, hf, models, sharding
 from jsft.checkpoint import Checkpointer
 from jsft.errors import JsftError
 from jsft.metrics import MetricsLog, StepLogger
-from jsft.trainer import Trainer, check_batch_fits
+from jsft.trainer import Trainer, check_batch_fits, row_multiple
 
 log = logging.getLogger("jsft")
 
@@ -42,7 +42,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     layout, tokenizer, template = load_model_description(cfg, folder)
     train_data, eval_data = load_data(cfg, tokenizer)
     total_steps = count_steps(cfg, train_data.examples)
-    train_iter = iter(data.batches(train_data.examples, **pipeline_args(cfg)))
+    train_iter = iter(train_batches(cfg, train_data.examples, mesh))
     assets = hf_assets(folder, tokenizer, template)
     checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets)
     trainer = Trainer(cfg, layout, mesh, total_steps=total_steps, checkpointer=checkpointer)
@@ -165,13 +165,31 @@ def pipeline_args(cfg: ml_collections.ConfigDict) -> dict:
     )
 
 
+def train_batches(cfg: ml_collections.ConfigDict, examples, mesh):
+    """This process's endless, resumable stream of training batches (`train.batch_unit` decides what
+    `global_batch_size` counts: packed rows, or conversations packed into as few rows as they need)."""
+    args = pipeline_args(cfg)
+    if cfg.train.batch_unit == "rows":
+        return data.batches(examples, **args)
+    del args["packing"], args["packer"]
+    return data.example_batches(examples, **args, row_multiple=row_multiple(cfg.train, mesh))
+
+
 def count_steps(cfg: ml_collections.ConfigDict, examples) -> int:
     """`train.max_steps`, else epochs x the batches of one epoch (the fewest of any process's shard)."""
-    per_process = np.asarray(data.count_batches(examples, **pipeline_args(cfg)))
+    if cfg.train.batch_unit == "examples":
+        shard = len(range(jax.process_index(), len(examples), jax.process_count()))
+        per_process = np.asarray(shard // pipeline_args(cfg)["batch_size"])
+    else:
+        per_process = np.asarray(data.count_batches(examples, **pipeline_args(cfg)))
     steps_per_epoch = int(np.min(multihost_utils.process_allgather(per_process)))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
     log.info(
-        "%d steps (%d per epoch), global batch %d rows", total, steps_per_epoch, cfg.train.global_batch_size
+        "%d steps (%d per epoch), global batch %d %s",
+        total,
+        steps_per_epoch,
+        cfg.train.global_batch_size,
+        cfg.train.batch_unit,
     )
     return total
 
