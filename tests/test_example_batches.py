@@ -119,7 +119,9 @@ def _records(out) -> dict[int, dict]:
     return {r["step"]: r for r in lines if "loss" in r}
 
 
-@pytest.mark.parametrize("mesh", [("8", "1", "1"), ("2", "2", "2")], ids=["data8", "data2_fsdp2_tensor2_accum2"])
+@pytest.mark.parametrize(
+    "mesh", [("8", "1", "1"), ("2", "2", "2")], ids=["data8", "data2_fsdp2_tensor2_accum2"]
+)
 def test_a_run_takes_n_conversations_a_step_and_resumes_exactly(tmp_path, mesh):
     """The run's logged batches are exactly the stream's, 24 conversations each; a resume from step 3
     continues with the same batches and bit-identical losses."""
