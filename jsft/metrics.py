@@ -58,6 +58,7 @@ class StepLogger:
         self.log, self.schedule = metrics_log, schedule
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.last_loss: float | None = None
+        self._pending: tuple[StepInfo, float, float] | None = None
         self._window_start = time.perf_counter()
         self._window_tokens = self._window_positions = 0
 
@@ -72,10 +73,15 @@ class StepLogger:
         )
 
     def count(self, info: StepInfo) -> None:
-        """Data tokens (padding excluded) of every process; MFU counts all positions, padding included."""
+        """Data tokens (padding excluded) of every process; MFU counts all positions, padding included.
+
+        Also writes the line queued at an earlier step: this step is queued by now, so fetching the
+        earlier step's metrics does not leave the devices idle."""
         self._window_tokens += int(np.count_nonzero(info.batch["segment_ids"])) * jax.process_count()
         self._window_positions += info.batch["segment_ids"].size * jax.process_count()
         self.log.progress(1)
+        if self._pending is not None and self._pending[0].step < info.step:
+            self.flush()
 
     def _rates(self) -> tuple[float, float]:
         """(tokens, positions) per second since the last logged step."""
@@ -86,8 +92,17 @@ class StepLogger:
         return rates
 
     def write(self, info: StepInfo) -> None:
+        """Queues the step's line (its rates measured now); it is written once the next step is queued,
+        or by `flush` at the end of the run."""
+        self.flush()
+        self._pending = (info, *self._rates())
+
+    def flush(self) -> None:
+        """Writes the queued line, if any (waits for its step's metrics)."""
+        if self._pending is None:
+            return
+        (info, tokens_per_sec, positions_per_sec), self._pending = self._pending, None
         values = jax.device_get(info.metrics)
-        tokens_per_sec, positions_per_sec = self._rates()
         record = {
             "step": info.step,
             "loss": float(values["loss"]),

@@ -60,9 +60,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         if cfg.log.eval_every_steps:
             trainer.add_hook(lambda info: held_out(info.state, info.step), every=cfg.log.eval_every_steps)
 
-    state = trainer.fit(state, train_iter)
-    metrics_log.close()
+    try:
+        state = trainer.fit(state, train_iter)
+    finally:  # the last logged line, even when the run stops on an error
+        logger.flush()
+        metrics_log.close()
     steps = int(jax.device_get(state.step))
+    checkpointer.finish(steps, state)
     if checkpointer.stopped:
         log.info(
             "stop requested: saved step %d in %s; run the same command to continue",

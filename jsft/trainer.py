@@ -164,7 +164,7 @@ class Trainer:
         self.hooks.append(Hook(fn, every, at_end))
 
     def fit(self, state: TrainState, data_iter: Iterator[dict[str, np.ndarray]]) -> TrainState:
-        """Steps until `total_steps` or an agreed stop request, then the checkpointer's final save.
+        """Steps until `total_steps` or an agreed stop request (the caller then `checkpointer.finish`es).
 
         The non-finite streak of each step is read after the next one is queued, so the host never
         waits for the devices, and a streak of `train.max_nonfinite_steps` stops the run wherever it ends.
@@ -183,8 +183,6 @@ class Trainer:
             if self.checkpointer and self.checkpointer.after_step(current, state):
                 break
         self._check_streak(previous, current)
-        if self.checkpointer:
-            self.checkpointer.finish(current, state)
         return state
 
     def _check_streak(self, streak: jax.Array | None, step_reached: int) -> None:
