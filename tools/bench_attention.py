@@ -5,7 +5,9 @@
 Causal attention over full rows (one segment each), float32; the best of `--repeats` runs after one
 untimed run. jsft's reference (`dot_product_attention`), its "xla" backend (`blocked_attention`) at
 several query block sizes, `jax.nn.dot_product_attention(implementation="xla")`, and PyTorch's
-`scaled_dot_product_attention` on the same numbers.
+`scaled_dot_product_attention` on the same numbers. The "xla" backend is timed again on packed rows
+(segments of random lengths around `--packed_mean` tokens, as packing leaves them): what the segment
+mask costs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ def best_seconds(run, repeats: int) -> float:
     return min(times)
 
 
+def packed_segments(rng: np.random.Generator, rows: int, seq: int, mean: int) -> np.ndarray:
+    """[rows, seq] segment ids 1, 2, ... of lengths drawn around `mean`, the last one cut at the row end."""
+    out = np.zeros((rows, seq), np.int32)
+    for r in range(rows):
+        start, segment = 0, 1
+        while start < seq:
+            n = int(rng.integers(mean // 4, 2 * mean))
+            out[r, start : start + n] = segment
+            start, segment = start + n, segment + 1
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -41,19 +55,22 @@ def main() -> None:
     parser.add_argument("--kv_heads", type=int, default=8)
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--packed_mean", type=int, default=200, help="mean segment length of packed rows")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     b, t, h, kv, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
     q, k, v = (rng.normal(size=(b, t, n, d)).astype(np.float32) for n in (h, kv, kv))
-    segments = jnp.ones((b, t), jnp.int32)
+    causal = jnp.ones((b, t), jnp.int32)
+    packed = jnp.asarray(packed_segments(rng, b, t, args.packed_mean))
     scale = d**-0.5
     backends = {
-        "jsft reference": lambda q, k, v: attention.dot_product_attention(q, k, v, segments, scale=scale),
+        "jsft reference": lambda q, k, v: attention.dot_product_attention(q, k, v, causal, scale=scale),
         **{
-            f"jsft xla, blocks of {block}": lambda q, k, v, block=block: attention.blocked_attention(
-                q, k, v, segments, scale=scale, block=block
+            f"jsft xla, blocks of {block}{suffix}": lambda q, k, v, block=block, seg=seg: (
+                attention.blocked_attention(q, k, v, seg, scale=scale, block=block)
             )
             for block in (64, 128, 256)
+            for suffix, seg in (("", causal), (", packed rows", packed))
         },
         "jax.nn.dot_product_attention xla": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="xla"
