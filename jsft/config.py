@@ -123,6 +123,10 @@ def default_config() -> ml_collections.ConfigDict:
             "every_steps": 10,
             "eval_every_steps": 0,
             "peak_flops": 0.0,  # per-device peak FLOP/s for MFU; 0 = look up the device kind
+            "sample_every_steps": 0,  # greedy completions of a few prompts every this many steps (0 = off)
+            "sample_prompts": (),  # user messages to complete; () = the first held-out conversations
+            "sample_max_new_tokens": 64,
+            "wandb_project": "",  # also log to this Weights & Biases project ("" = off; TensorBoard always)
         }
     )
     return c
@@ -244,6 +248,16 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
         (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
         (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
         (cfg.log.every_steps > 0, "log.every_steps must be positive"),
+        (cfg.log.sample_every_steps >= 0, "log.sample_every_steps must be >= 0 (0 turns samples off)"),
+        (cfg.log.sample_max_new_tokens > 0, "log.sample_max_new_tokens must be positive"),
+        (
+            all(isinstance(p, str) and p for p in cfg.log.sample_prompts),
+            "log.sample_prompts must be non-empty strings (user messages)",
+        ),
+        (
+            not cfg.log.sample_every_steps or bool(cfg.log.sample_prompts or cfg.data.eval_mixer),
+            "log.sample_every_steps needs log.sample_prompts or data.eval_mixer to take prompts from",
+        ),
         (cfg.lora.rank >= 0, "lora.rank must be >= 0"),
         (cfg.train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"),
         (cfg.train.z_loss >= 0, "train.z_loss must be >= 0"),

@@ -12,6 +12,7 @@ prompt bucket and `Sampling`), and the loop stops early once every row has emitt
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -21,10 +22,8 @@ from jax.sharding import Mesh
 
 from jsft import sharding
 from jsft.errors import JsftError
-from jsft.lora import LoraSpec
 from jsft.models import Decoder, Layout, Params
 from jsft.models.attention import KVCache
-from jsft.step import model_params
 
 PROMPT_BUCKET = 32  # prompt buffers are padded to a multiple of this, so new lengths rarely recompile
 CACHE_AXES = ("layers", "batch", "sequence", "kv_heads", "head_dim")
@@ -192,23 +191,25 @@ def decode(model: Decoder, ids: jax.Array, mask: jax.Array, key: jax.Array, samp
 
 class Generator:
     """Generation for one model layout on one mesh. Parameters stay where they are (sharded as in
-    training); prompts and results are replicated. With LoRA, `params` are the factors and `base`
-    the frozen weights, merged inside the compiled function as in the train step."""
+    training, their shardings taken from the arrays); prompts and results are replicated. A LoRA
+    run's trained `params` and frozen `base` are joined as in the train step (the layout knows the
+    factors)."""
 
-    def __init__(self, layout: Layout, mesh: Mesh, lora: LoraSpec | None = None):
-        self.layout, self.mesh, self.lora = layout, mesh, lora
-        self.param_shardings = lora.shardings(layout, mesh) if lora else layout.shardings(mesh)
-        self.base_shardings = layout.shardings(mesh) if lora else None
+    def __init__(self, layout: Layout, mesh: Mesh):
+        self.layout, self.mesh = layout, mesh
         self._compiled: dict[tuple, Callable] = {}
 
     def _model(self, params: Params, base: Params | None) -> Decoder:
-        return self.layout.merge(model_params(params, base, self.lora))
+        return self.layout.merge(params if base is None else {**base, **params})
 
-    def _jit(self, name: str, fn: Callable, sampling: Sampling, args: str, static: tuple = ()) -> Callable:
+    def _jit(
+        self, name: str, fn: Callable, sampling: Sampling, args: str, weights: tuple, static: tuple = ()
+    ) -> Callable:
         """`fn(model, *args, *static)` compiled once per (name, sampling, static), under the mesh.
 
-        `args` has one letter per argument after the parameters: "r" replicated (host inputs), "s" a
-        decode state, left where the model's constraints put it. Outputs are replicated for "decode".
+        `weights` (params, base) give the parameter shardings. `args` has one letter per argument after
+        them: "r" replicated (host inputs), "s" a decode state, left where the model's constraints put
+        it. Outputs are replicated for "decode".
         """
         key = (name, sampling, static)
         if key not in self._compiled:
@@ -221,8 +222,7 @@ class Generator:
             self._compiled[key] = jax.jit(
                 traced,
                 in_shardings=(
-                    self.param_shardings,
-                    self.base_shardings,
+                    *jax.tree.map(lambda a: a.sharding, weights),
                     *[replicated if a == "r" else None for a in args],
                 ),
                 out_shardings=replicated if name == "decode" else None,
@@ -254,7 +254,10 @@ class Generator:
         seed: int = 0,
     ) -> np.ndarray:
         """New tokens [batch, max_new_tokens] for prompts padded on either side (mask 1 = token)."""
-        run = self._jit("decode", lambda m, i, k, key: decode(m, i, k, key, sampling), sampling, "rrr")
+        weights = (params, base)
+        run = self._jit(
+            "decode", lambda m, i, k, key: decode(m, i, k, key, sampling), sampling, "rrr", weights
+        )
         return np.asarray(jax.device_get(run(params, base, ids, mask, jax.random.key(seed))))
 
     def stream(
@@ -270,9 +273,12 @@ class Generator:
         ids, mask = pad_prompts([prompt])
         width = ids.shape[1]
         key, sub = jax.random.split(jax.random.key(seed))
-        first = self._jit("prefill", lambda m, i, k, key: prefill(m, i, k, key, sampling), sampling, "rrr")
+        weights = (params, base)
+        first = self._jit(
+            "prefill", lambda m, i, k, key: prefill(m, i, k, key, sampling), sampling, "rrr", weights
+        )
         token, state, lengths = first(params, base, ids, mask, sub)
-        step = self._jit("step", _step_fn(sampling), sampling, "srrrr", static=(width,))
+        step = self._jit("step", _step_fn(sampling), sampling, "srrrr", weights, static=(width,))
         for i in range(sampling.max_new_tokens):
             if i:
                 key, sub = jax.random.split(key)
@@ -297,3 +303,76 @@ def _trimmed(tokens: np.ndarray, sampling: Sampling) -> Generated:
         rows.append(row if end is None else row[: end + 1])
         stopped.append(end is not None)
     return Generated(rows, stopped)
+
+
+# --- samples while training ---------------------------------------------------------------------------
+
+HELD_OUT_SAMPLES = 3  # held-out conversations sampled when log.sample_prompts is empty
+
+
+class TrainingSamples:
+    """The `log.sample_every_steps` hook: greedy completions of a few fixed prompts with the current
+    weights, written to the metrics log (and from there to TensorBoard and W&B) as one record."""
+
+    def __init__(
+        self, trainer, tokenizer, prompts: list[tuple[list[int], str | None]], metrics_log, max_new_tokens
+    ):
+        self.generator = Generator(trainer.layout, trainer.mesh)
+        self.tokenizer, self.metrics_log = tokenizer, metrics_log
+        self.prompt_ids = [ids for ids, _ in prompts]
+        self.references = [reference for _, reference in prompts]
+        eos = tokenizer.eos_token_id
+        self.sampling = Sampling(
+            max_new_tokens, stop_ids=() if eos is None else (eos,), pad_id=tokenizer.pad_token_id or 0
+        )
+        self.seconds: list[float] = []
+
+    @classmethod
+    def for_run(
+        cls, cfg, trainer, tokenizer, chat_template: str | None, eval_data, metrics_log
+    ) -> TrainingSamples:
+        """Prompts from `log.sample_prompts` (user messages, rendered with the run's chat template), else
+        the first held-out conversations up to their last assistant turn, which becomes the reference."""
+        if cfg.log.sample_prompts:
+            prompts = [
+                (_render(tokenizer, [{"role": "user", "content": text}], chat_template), None)
+                for text in cfg.log.sample_prompts
+            ]
+        else:
+            prompts = [
+                _held_out_prompt(tokenizer, eval_data, i)
+                for i in range(min(HELD_OUT_SAMPLES, len(eval_data)))
+            ]
+        return cls(trainer, tokenizer, prompts, metrics_log, cfg.log.sample_max_new_tokens)
+
+    def __call__(self, info) -> None:
+        self.sample(info.state, info.step)
+
+    def sample(self, state, step: int) -> None:
+        """Completes the prompts with `state`'s weights and writes them as the record of `step`."""
+        started = time.perf_counter()
+        out = self.generator.generate(state.params, self.prompt_ids, self.sampling, base=state.base)
+        self.seconds.append(time.perf_counter() - started)
+        samples = []
+        for ids, tokens, reference in zip(self.prompt_ids, out.tokens, self.references, strict=True):
+            if tokens and tokens[-1] in self.sampling.stop_ids:
+                tokens = tokens[:-1]
+            sample = {"prompt": self.tokenizer.decode(ids), "completion": self.tokenizer.decode(tokens)}
+            samples.append(sample if reference is None else sample | {"reference": reference})
+        self.metrics_log.write({"step": step, "samples": samples, "sample_seconds": self.seconds[-1]})
+
+
+def _render(tokenizer, messages: list[dict], chat_template: str | None) -> list[int]:
+    rendered = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, add_generation_prompt=True, return_dict=True
+    )
+    return list(rendered["input_ids"])
+
+
+def _held_out_prompt(tokenizer, encoded, index: int) -> tuple[list[int], str]:
+    """(the tokens before row `index`'s last trained span, that span's text): a prompt and its answer."""
+    start, end = int(encoded.row_starts[index]), int(encoded.row_starts[index + 1])
+    tokens, trained = encoded.token_ids[start:end], encoded.trained[start:end].astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], trained, [0]])))  # starts and ends of trained runs
+    first, last = int(edges[-2]), int(edges[-1])
+    return tokens[:first].tolist(), tokenizer.decode(tokens[first:last], skip_special_tokens=True).strip()

@@ -1,4 +1,5 @@
-"""Run metrics: `<output_dir>/metrics.jsonl` (one JSON object per logged step) and the progress bar."""
+"""Run metrics: `<output_dir>/metrics.jsonl` (one JSON object per logged step), the progress bar, and
+the same records to TensorBoard and W&B through `jsft.logging_backends`."""
 
 from __future__ import annotations
 
@@ -17,17 +18,20 @@ from jsft.trainer import StepInfo
 
 
 class MetricsLog:
-    """Appends metrics lines on process 0 only; other processes keep quiet."""
+    """Appends metrics lines on process 0 only (and hands each to `backends`); other processes keep quiet."""
 
-    def __init__(self, output_dir: str, total_steps: int, initial_step: int = 0):
+    def __init__(self, output_dir: str, total_steps: int, initial_step: int = 0, backends=None):
         self.enabled = jax.process_index() == 0
         self.path = str(epath.Path(output_dir) / "metrics.jsonl")
         self.bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not self.enabled, unit="step")
+        self.backends = backends if self.enabled else None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         paths.append_text(self.path, json.dumps(record) + "\n")
+        if self.backends:
+            self.backends.record(record)
 
     def progress(self, steps: int, **postfix) -> None:
         self.bar.update(steps)
@@ -36,6 +40,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self.bar.close()
+        if self.backends:  # flushed, not closed: the run's final evaluation is written after this
+            self.backends.flush()
 
 
 def batch_fingerprint(batch: dict[str, np.ndarray]) -> int:
@@ -118,5 +124,6 @@ class StepLogger:
         if values["skipped"]:
             record["skipped_nonfinite"] = True
         self.log.write(record)
-        self.log.progress(0, loss=record["loss"], tok_s=tokens_per_sec)
+        shown = {"loss": record["loss"], "lr": record["lr"], "tok_s": tokens_per_sec}
+        self.log.progress(0, **shown, **({"mfu": record["mfu"]} if "mfu" in record else {}))
         self.last_loss = record["loss"]

@@ -2,7 +2,7 @@
 
 config -> processes and mesh -> checkpoints (may the run start here?) -> model description and
 tokenizer -> encoded data and the number of steps -> trainer (optimizer, shardings, jitted steps) ->
-state (resumed, or loaded from the HF folder) -> hooks (log, eval) -> fit -> final evaluation.
+state (resumed, or loaded from the HF folder) -> hooks (log, eval, samples) -> fit -> final evaluation.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from jax.experimental import multihost_utils
 from jsft import config, data, hf, models, sharding
 from jsft.checkpoint import Checkpointer
 from jsft.errors import JsftError
+from jsft.generate import TrainingSamples
+from jsft.logging_backends import LogBackends
 from jsft.metrics import MetricsLog, StepLogger
 from jsft.trainer import Trainer, check_batch_fits, row_multiple
 
@@ -49,7 +51,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     state = trainer.load_state(folder)
     first_step = int(jax.device_get(state.step))
 
-    metrics_log = MetricsLog(cfg.output_dir, total_steps, first_step)
+    stats = {"train": train_data.stats} | ({"eval": eval_data.stats} if eval_data is not None else {})
+    backends = LogBackends.for_run(cfg, first_step, total_steps, stats) if jax.process_index() == 0 else None
+    metrics_log = MetricsLog(cfg.output_dir, total_steps, first_step, backends)
     logger = StepLogger.for_run(cfg, trainer, metrics_log)
     trainer.add_hook(logger.count, every=1)
     trainer.add_hook(logger.write, every=cfg.log.every_steps, at_end=True)
@@ -59,6 +63,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         summary["eval_loss_start"] = held_out(state, first_step)
         if cfg.log.eval_every_steps:
             trainer.add_hook(lambda info: held_out(info.state, info.step), every=cfg.log.eval_every_steps)
+    if cfg.log.sample_every_steps:  # also before the first step: a template or EOS mistake shows at once
+        samples = TrainingSamples.for_run(cfg, trainer, tokenizer, template, eval_data, metrics_log)
+        samples.sample(state, first_step)
+        trainer.add_hook(samples, every=cfg.log.sample_every_steps, at_end=True)
 
     try:
         state = trainer.fit(state, train_iter)
@@ -79,6 +87,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         summary["eval_loss_end"] = held_out.losses[max(held_out.losses)]
     summary.update(steps=steps, stopped=checkpointer.stopped, train_loss=logger.last_loss)
     summary["wall_seconds"] = time.perf_counter() - started
+    if backends:
+        backends.close()
     log.info(
         "done: step %d of %d in %.1f s; checkpoints in %s",
         steps,

@@ -1,0 +1,244 @@
+"""Talk to a model: `python -m jsft.chat --model=<run or checkpoint dir, or HF folder>`.
+
+Interactive (the default): each line you type is a user turn; the reply streams token by token and
+the conversation is kept (`/reset` clears it, `/quit` or end of input leaves). With `--prompts=FILE`
+(JSON lines of `{"messages": [...]}` or `{"prompt": "..."}`) every prompt is generated in batches
+and written as JSON lines (`messages`, `completion`, and `reference` when the file's conversation
+ended with an assistant turn). The model's own chat template is applied: the HF folder's, or the one
+a checkpoint was trained with (saved in it). Greedy unless `--temperature` > 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import TextIO
+
+import ml_collections
+import transformers
+from etils import epath
+
+from jsft import checkpoint, hf, models, sharding
+from jsft.errors import JsftError
+from jsft.generate import Generator, Sampling
+from jsft.models import Params
+
+
+@dataclasses.dataclass
+class ChatModel:
+    """A model ready to generate: its compiled generator, weights and tokenizer (with chat template)."""
+
+    generator: Generator
+    params: Params
+    base: Params | None
+    tokenizer: transformers.PreTrainedTokenizerBase
+    hf_config: dict
+    generation_config: dict
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        """The prompt's token ids: the conversation rendered by the chat template, ready for a reply."""
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(rendered["input_ids"])
+
+    def decode(self, tokens: Sequence[int], stop_ids: Sequence[int]) -> str:
+        if tokens and tokens[-1] in stop_ids:
+            tokens = tokens[:-1]
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+
+def checkpoint_folder(path: str) -> str | None:
+    """The Orbax folder of a run (`<output_dir>` or `<output_dir>/checkpoints`), or None for an HF folder."""
+    for candidate in (epath.Path(path) / "checkpoints", epath.Path(path)):
+        if candidate.is_dir() and any(p.name.isdigit() for p in candidate.iterdir()):
+            return str(candidate)
+    return None
+
+
+def load(path: str, step: int | None = None, mesh=None) -> ChatModel:
+    """A run's checkpoint step (default: the latest) or a Hugging Face folder, sharded over `mesh`
+    (default: all devices, tensor-parallel where head and MLP sizes divide)."""
+    if not epath.Path(path).is_dir():
+        raise JsftError(
+            f"--model={path} is not a folder (give a run's output_dir, its checkpoints, or an HF folder)"
+        )
+    mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": -1}))
+    folder = checkpoint_folder(path)
+    if folder is None:
+        if step is not None:
+            raise JsftError(f"--step is for checkpoints, but {path} is a Hugging Face folder")
+        cfg, hf_config = models.config_from_folder(path, scan_layers=True)
+        layout = models.Layout(cfg)
+        params = models.load_params(path, layout, mesh)
+        return _chat_model(Generator(layout, mesh), params, None, path)
+    mngr = checkpoint.manager(folder, read_only=True)
+    steps = mngr.all_steps()
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise JsftError(f"step {step} is not in {folder}; kept steps: {sorted(steps)}")
+    layout, run_cfg = checkpoint.saved_layout(mngr, step)
+    if run_cfg["lora"]["rank"]:
+        raise JsftError(
+            f"step {step} in {folder} holds LoRA factors: export it with tools/convert_to_hf.py "
+            "(which folds them into the weights) and chat with the exported folder"
+        )
+    params, _, _ = checkpoint.restore_for_export(mngr, step, layout.shapes, layout.shardings(mesh))
+    with tempfile.TemporaryDirectory() as assets:
+        for name, content in checkpoint.hf_files(mngr, step).items():
+            with open(os.path.join(assets, name), "wb") as f:
+                f.write(content)
+        return _chat_model(Generator(layout, mesh), params, None, assets)
+
+
+def _chat_model(generator: Generator, params: Params, base: Params | None, assets: str) -> ChatModel:
+    """Reads the tokenizer, config.json and generation_config.json from `assets`."""
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(assets)
+    except (OSError, ValueError) as e:
+        raise JsftError(f"cannot load the tokenizer: {' '.join(str(e).split())}") from None
+    if not tokenizer.chat_template:
+        raise JsftError("the tokenizer has no chat template to render prompts with")
+    generation = os.path.join(assets, "generation_config.json")
+    generation_config = {}
+    if os.path.isfile(generation):
+        with open(generation) as f:
+            generation_config = json.load(f)
+    return ChatModel(generator, params, base, tokenizer, hf.read_config(assets), generation_config)
+
+
+def sampling_for(model: ChatModel, args: argparse.Namespace) -> Sampling:
+    """Sampling from the command line; stop tokens: `--stop` (single tokens), else the model's EOS."""
+    tokenizer = model.tokenizer
+    stop_ids: list[int] = []
+    for text in filter(None, (s.strip() for s in (args.stop or "").split(","))):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise JsftError(f"--stop {text!r} is {len(ids)} tokens, not one token of this tokenizer")
+        stop_ids.append(ids[0])
+    if not stop_ids:
+        eos = model.generation_config.get("eos_token_id", model.hf_config.get("eos_token_id"))
+        eos = tokenizer.eos_token_id if eos is None else eos
+        stop_ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    pad_id = model.hf_config.get("pad_token_id")
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop_ids=tuple(stop_ids),
+        pad_id=pad_id or 0,
+        use_cache=not args.no_cache,
+    )
+
+
+def read_prompts(path: str) -> list[tuple[list[dict], str | None]]:
+    """(conversation to answer, reference answer or None) per line of a JSONL prompts file."""
+    if not os.path.isfile(path):
+        raise JsftError(f"--prompts file {path} does not exist")
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages = (
+                    row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
+                )
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise JsftError(
+                    f'{path}:{number}: expected a JSON object with "messages" or "prompt"'
+                ) from None
+            reference = None
+            if messages and messages[-1].get("role") == "assistant":
+                reference, messages = messages[-1].get("content"), messages[:-1]
+            prompts.append((messages, reference))
+    if not prompts:
+        raise JsftError(f"--prompts file {path} has no prompts")
+    return prompts
+
+
+def generate_all(
+    model: ChatModel, prompts: list[tuple[list[dict], str | None]], sampling: Sampling, batch_size: int
+) -> Iterable[dict]:
+    """One record per prompt, generated `batch_size` at a time."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [model.encode(messages) for messages, _ in chunk]
+        out = model.generator.generate(model.params, ids, sampling, base=model.base)
+        for (messages, reference), tokens in zip(chunk, out.tokens, strict=True):
+            record = {"messages": messages, "completion": model.decode(tokens, sampling.stop_ids)}
+            yield record if reference is None else record | {"reference": reference}
+
+
+def interactive(model: ChatModel, sampling: Sampling, lines: TextIO, out: TextIO) -> None:
+    """A conversation on a terminal: replies stream as they are decoded."""
+    messages: list[dict] = []
+    out.write("jsft chat: /reset starts over, /quit leaves\n")
+    while True:
+        out.write("> ")
+        out.flush()
+        line = lines.readline()
+        if not line or line.strip() == "/quit":
+            return
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        tokens: list[int] = []
+        shown = ""
+        for token in model.generator.stream(model.params, model.encode(messages), sampling, base=model.base):
+            tokens.append(token)
+            text = model.decode(tokens, sampling.stop_ids)
+            out.write(text[len(shown) :])
+            out.flush()
+            shown = text
+        out.write("\n")
+        messages.append({"role": "assistant", "content": shown})
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jsft.chat", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", required=True, help="a run's output_dir or checkpoints folder, or an HF folder"
+    )
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--prompts", default=None, help="JSONL prompts to batch-generate (default: interactive)"
+    )
+    parser.add_argument("--output", default=None, help="where batch results go (default: stdout)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--stop", default="", help="comma-separated stop tokens (default: the model's EOS)")
+    parser.add_argument("--no_cache", action="store_true", help="full forward per token (the slow reference)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise JsftError(f"--batch_size must be at least 1, got {args.batch_size}")
+        prompts = read_prompts(args.prompts) if args.prompts else None
+        model = load(args.model, args.step)
+        sampling = sampling_for(model, args)
+        if prompts is None:
+            interactive(model, sampling, sys.stdin, sys.stdout)
+            return
+        with open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout) as out:
+            for record in generate_all(model, prompts, sampling, args.batch_size):
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+    except JsftError as e:
+        sys.exit(f"jsft.chat: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
