@@ -7,7 +7,9 @@ Compiles (never runs) the train step of the config's model and batch over `--dev
 devices laid out by the config's mesh, and prints XLA's memory analysis per device: the state
 (parameters, optimizer moments), the batch, and the temporaries (activations kept for the backward
 pass, gradients, the loss's logit chunks). The model comes from `--hf_config`, or from
-`model.path`/config.json, or is Llama 3.1 8B's architecture when the folder is not here (Tulu 3).
+`model.path`/config.json, or the HF cache, or jsft's shape table of known models
+(`jsft/models/shapes.py`: Llama 3.1 8B for Tulu 3) when the folder is not here.
+`python -m jsft.plan` prints the same figures with the sharding, the steps and a search for a fit.
 
 The CPU compiler stands in for the accelerator's: sizes of parameters, moments and batches are exact;
 temporaries are XLA:CPU's schedule of the same program, an upper estimate of an accelerator's: XLA:CPU
@@ -20,26 +22,6 @@ import argparse
 import json
 import os
 import sys
-
-LLAMA_31_8B = {
-    "model_type": "llama",
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    },
-    "tie_word_embeddings": False,
-}
 
 
 def main() -> None:
@@ -57,18 +39,15 @@ def main() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
     from jsft import config, models, sharding
+    from jsft.models import shapes
     from jsft.trainer import Trainer
 
     cfg = config.load_or_exit([sys.argv[0], *config_args])
-    folder_config = os.path.join(cfg.model.path, "config.json")
     if args.hf_config:
         with open(args.hf_config) as f:
             hf_config = json.load(f)
-    elif os.path.isfile(folder_config):
-        with open(folder_config) as f:
-            hf_config = json.load(f)
     else:
-        hf_config = LLAMA_31_8B
+        hf_config, _ = shapes.hf_config(cfg.model.path, cfg.model.revision)
     dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
     model_cfg = models.ModelConfig.from_hf(
         hf_config,

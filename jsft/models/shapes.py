@@ -1,0 +1,91 @@
+"""Architectures of well-known models, to plan a run before their weights (or config.json) are here.
+
+Each entry holds the fields of the model's published `config.json` that `ModelConfig.from_hf` reads
+(copied from the Hugging Face model pages); the Instruct variants share their base model's shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import huggingface_hub
+from huggingface_hub.utils import HFValidationError
+
+from jsft.hf import ModelFolderError
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+LLAMA_31_8B = {
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0},
+    "tie_word_embeddings": False,
+}
+
+LLAMA_32_1B = {
+    **LLAMA_31_8B,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "head_dim": 64,
+    "rope_scaling": {**_LLAMA3_ROPE, "factor": 32.0},
+    "tie_word_embeddings": True,
+}
+
+LLAMA_32_3B = {
+    **LLAMA_32_1B,
+    "hidden_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 24,
+    "head_dim": 128,
+}
+
+KNOWN_CONFIGS: dict[str, dict] = {
+    "meta-llama/Llama-3.1-8B": LLAMA_31_8B,
+    "meta-llama/Llama-3.1-8B-Instruct": LLAMA_31_8B,
+    "meta-llama/Llama-3.2-1B": LLAMA_32_1B,
+    "meta-llama/Llama-3.2-1B-Instruct": LLAMA_32_1B,
+    "meta-llama/Llama-3.2-3B": LLAMA_32_3B,
+    "meta-llama/Llama-3.2-3B-Instruct": LLAMA_32_3B,
+}
+
+
+def hf_config(path: str, revision: str = "") -> tuple[dict, str]:
+    """(config.json of `model.path`, where it came from): a local folder, the Hugging Face cache, or
+    `KNOWN_CONFIGS`. Never reads weights and never uses the network."""
+    if os.path.isdir(path):
+        return _read(os.path.join(path, "config.json")), f"{path}/config.json"
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(path, "config.json", revision=revision or None)
+    except HFValidationError:
+        raise ModelFolderError(f"model folder {path} does not exist, and it is not a Hub id") from None
+    if isinstance(cached, str):
+        return _read(cached), f"{cached} (Hugging Face cache)"
+    if path in KNOWN_CONFIGS:
+        return dict(KNOWN_CONFIGS[path]), f"jsft's shape table (jsft/models/shapes.py) for {path}"
+    raise ModelFolderError(
+        f"no config.json for {path}: not a local folder, not in the Hugging Face cache, and not one of the "
+        f"known models ({', '.join(KNOWN_CONFIGS)}); download its config.json first"
+    )
+
+
+def _read(file: str) -> dict:
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"cannot read {file}: {e}") from None

@@ -1,0 +1,310 @@
+"""TPU programs compiled on a CPU machine: topologies, the compiled program's text, and facts read from it.
+
+With `libtpu` installed (`pip install jsft[tpu]`) and JAX's backend on CPU, `get_topology_desc` gives
+device objects of a TPU slice that no one owns; a train step jitted over a mesh of them compiles with
+the real TPU compiler (Mosaic kernels included), so its memory analysis is the TPU's own. Call
+`prepare_environment()` before JAX initialises.
+
+The program text comes from the compiler's own dump (`xla_dump_to`): `Compiled.as_text()` re-parses
+the program and fails on the SparseCore offload instructions large embedding gathers compile to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import glob
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+
+GIB = 2**30
+
+# Cloud TPU slice names -> (topology, chip config, memory per JAX device). v5p names count TensorCores
+# (2 per chip, one megacore JAX device), v5e/v6e names count chips. Sources: cloud.google.com/tpu/docs
+# v5p (95 GiB HBM per chip), v5e (16 GiB), v6e (32 GiB).
+TOPOLOGIES: dict[str, tuple[str, str, float]] = {
+    "v5p-8": ("v5p:2x2x1", "megacore", 95 * GIB),
+    "v5p-16": ("v5p:2x2x2", "megacore", 95 * GIB),
+    "v5p-32": ("v5p:2x2x4", "megacore", 95 * GIB),
+    "v5p-64": ("v5p:4x4x2", "megacore", 95 * GIB),
+    "v5p-128": ("v5p:4x4x4", "megacore", 95 * GIB),
+    "v5p-256": ("v5p:4x4x8", "megacore", 95 * GIB),
+    "v5e-8": ("v5e:2x4", "default", 16 * GIB),
+    "v5e-16": ("v5e:4x4", "default", 16 * GIB),
+    "v5e-64": ("v5e:8x8", "default", 16 * GIB),
+    "v5e-256": ("v5e:16x16", "default", 16 * GIB),
+    "v6e-8": ("v6e:2x4", "default", 32 * GIB),
+    "v6e-16": ("v6e:4x4", "default", 32 * GIB),
+    "v6e-64": ("v6e:8x8", "default", 32 * GIB),
+    "v6e-256": ("v6e:16x16", "default", 32 * GIB),
+}
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# Ops that do work on the core while a collective is in flight (anything but bookkeeping).
+_BOOKKEEPING = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "copy-start",
+    "copy-done",
+    "opt-barrier",
+}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?(%[\w.\-]+) .*\{\s*$")
+_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2}
+
+
+class TopologyError(ValueError):
+    """An unknown TPU slice name or a missing libtpu, named in one line."""
+
+
+def prepare_environment() -> None:
+    """Environment for compiling TPU programs on this machine; call before JAX initialises.
+
+    JAX's own backend stays CPU. Several processes may load libtpu at once (other JAX processes of
+    the machine hold its lock file otherwise), and no cloud metadata server is asked for a TPU.
+    """
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+def device_memory(name: str) -> float:
+    return _lookup(name)[2]
+
+
+def _lookup(name: str) -> tuple[str, str, float]:
+    if name not in TOPOLOGIES:
+        raise TopologyError(f"unknown TPU topology {name!r}; known: {', '.join(TOPOLOGIES)}")
+    return TOPOLOGIES[name]
+
+
+@functools.cache
+def topology_devices(name: str) -> list:
+    """The JAX devices of a TPU slice (`v5p-64`, `v6e-64`, ...), compile-only, on a CPU machine."""
+    topology, chip_config, _ = _lookup(name)
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise TopologyError(f"--topology={name} needs libtpu: pip install 'jsft[tpu]'") from None
+    from jax.experimental import topologies
+
+    desc = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=topology,
+        chip_config_name=chip_config,
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=1,
+    )
+    return list(desc.devices)
+
+
+@contextlib.contextmanager
+def attention_resolved_for(device) -> Iterator[None]:
+    """Resolves `model.attention` for `device` while a Layout is built in this block.
+
+    The decoder resolves its attention backend for `jax.devices()[0]`, which is a CPU here; the
+    program is compiled for `device`'s platform (splash on TPU), so it must be resolved for that.
+    """
+    from jsft.models import attention, decoder
+
+    original = decoder.resolve_attention_impl
+    decoder.resolve_attention_impl = functools.partial(attention.resolve_attention_impl, device=device)
+    try:
+        yield
+    finally:
+        decoder.resolve_attention_impl = original
+
+
+def compile_with_text(lowered) -> tuple[object, str]:
+    """(compiled, scheduled program text after optimisation) of a lowered function."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = {"xla_dump_to": folder, "xla_dump_hlo_as_text": True}
+        compiled = lowered.compile(compiler_options=options)
+        dumps = sorted(glob.glob(os.path.join(folder, "*after_optimizations.txt")))
+        if not dumps:
+            raise RuntimeError(f"the compiler wrote no optimised program into {folder}")
+        with open(dumps[-1]) as f:
+            return compiled, f.read()
+
+
+# --- reading the program ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    name: str
+    opcode: str
+    shape: str
+    operands: str
+    computation: str
+    op_name: str
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the result (the first array of a tuple result: an async start's operand alias
+        is listed before its destination, so the largest array is taken instead)."""
+        sizes = [
+            _BYTES.get(dtype, 4 if dtype[-2:] == "32" else 8)
+            * math.prod(int(d) for d in dims.split(",") if d)
+            for dtype, dims in _ARRAY.findall(self.shape)
+        ]
+        return max(sizes, default=0)
+
+
+def parse(text: str) -> list[Instruction]:
+    """Every instruction of an HLO module's text, in schedule order, with its computation."""
+    out, computation = [], ""
+    for line in text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            name, shape, opcode, rest = match.groups()
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            out.append(
+                Instruction(name, opcode, shape, rest, computation, op_name.group(1) if op_name else "")
+            )
+            continue
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+    return out
+
+
+def _called(instruction: Instruction) -> list[str]:
+    """Computations an instruction runs: fusion/call/async bodies, while body and condition, branches."""
+    names = re.findall(r"(?:calls|body|condition|to_apply)=(%[\w.\-]+)", instruction.operands)
+    branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.operands)
+    return names + (re.findall(r"%[\w.\-]+", branches.group(1)) if branches else [])
+
+
+def _operand_names(instruction: Instruction) -> list[str]:
+    return re.findall(r"(%[\w.\-]+)", instruction.operands.split(")", 1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class AsyncPair:
+    collective: str  # all-gather, collective-permute, ...
+    start: Instruction
+    compute_between: int  # compute instructions scheduled between start and done
+    bytes: int
+    repeats: int  # times it runs per step (product of the trip counts of its loops)
+
+
+@dataclasses.dataclass
+class ProgramFacts:
+    """What the checks and the roofline read from a compiled program."""
+
+    instructions: list[Instruction]
+    async_pairs: list[AsyncPair]
+    sync_collectives: list[tuple[Instruction, int]]  # (instruction, repeats per step)
+    loop_depth: dict[str, int]  # computation -> number of while loops around it
+    splash_kernels: dict[str, int]  # fwd / dq / dkv -> instruction count
+
+    def collective_bytes(self) -> dict[str, float]:
+        """Bytes each kind of collective produces per step and device (result sizes x repeats)."""
+        total: dict[str, float] = {}
+        for pair in self.async_pairs:
+            total[pair.collective] = total.get(pair.collective, 0) + pair.bytes * pair.repeats
+        for instruction, repeats in self.sync_collectives:
+            total[instruction.opcode] = total.get(instruction.opcode, 0) + instruction.bytes * repeats
+        return total
+
+
+def _loops(instructions: list[Instruction]) -> tuple[dict[str, int], dict[str, int]]:
+    """(computation -> while loops around it, computation -> executions per step)."""
+    by_computation: dict[str, list[Instruction]] = {}
+    for i in instructions:
+        by_computation.setdefault(i.computation, []).append(i)
+    entry = instructions[-1].computation if instructions else ""
+    depth, repeats = {entry: 0}, {entry: 1}
+    stack = [entry]
+    while stack:
+        computation = stack.pop()
+        for i in by_computation.get(computation, []):
+            trips = _trip_count(i, by_computation) if i.opcode == "while" else 1
+            for callee in _called(i):
+                if callee in repeats:
+                    continue
+                depth[callee] = depth[computation] + (i.opcode == "while")
+                repeats[callee] = repeats[computation] * trips
+                stack.append(callee)
+    return depth, repeats
+
+
+def _trip_count(loop: Instruction, by_computation: dict[str, list[Instruction]]) -> int:
+    """The bound the loop condition compares its counter with (the largest integer constant in it)."""
+    condition = re.search(r"condition=(%[\w.\-]+)", loop.operands).group(1)
+    bounds = [
+        int(c)
+        for i in by_computation.get(condition, [])
+        if i.opcode == "constant" and i.shape.startswith("s32[]")
+        for c in re.findall(r"^(-?\d+)\)", i.operands)
+    ]
+    return max(bounds, default=1)
+
+
+def program_facts(text: str) -> ProgramFacts:
+    """Async collective pairs (with the compute scheduled inside them), synchronous collectives, loop
+    nesting and the splash kernels of a compiled TPU program's text."""
+    instructions = parse(text)
+    depth, repeats = _loops(instructions)
+    by_name = {i.name: i for i in instructions}
+    async_bodies = {c for i in instructions if i.opcode == "async-start" for c in _called(i)}
+    collective_bodies = {
+        i.computation: i.opcode
+        for i in instructions
+        if i.computation in async_bodies and i.opcode in COLLECTIVES
+    }
+    position = {i.name: n for n, i in enumerate(instructions)}
+    pairs, sync = [], []
+    for n, i in enumerate(instructions):
+        if i.opcode in COLLECTIVES and i.computation not in async_bodies:
+            sync.append((i, repeats.get(i.computation, 1)))
+        kind = _started_collective(i, collective_bodies)
+        if kind is None:
+            continue
+        done = _done_of(i, instructions[n + 1 :], by_name)
+        if done is None:
+            continue
+        between = instructions[n + 1 : position[done.name]]
+        compute = sum(
+            1
+            for b in between
+            if b.computation == i.computation
+            and b.opcode not in _BOOKKEEPING
+            and not b.opcode.endswith(("-start", "-done", "-update"))
+        )
+        pairs.append(AsyncPair(kind, i, compute, i.bytes, repeats.get(i.computation, 1)))
+    kernels = {
+        part: sum(1 for i in instructions if i.name.startswith(f"%splash_mha_{part}"))
+        for part in ("fwd", "dq", "dkv")
+    }
+    return ProgramFacts(instructions, pairs, sync, depth, kernels)
+
+
+def _started_collective(instruction: Instruction, collective_bodies: dict[str, str]) -> str | None:
+    if instruction.opcode.endswith("-start") and instruction.opcode[: -len("-start")] in COLLECTIVES:
+        return instruction.opcode[: -len("-start")]
+    if instruction.opcode == "async-start":
+        return next((collective_bodies[c] for c in _called(instruction) if c in collective_bodies), None)
+    return None
+
+
+def _done_of(start: Instruction, after: list[Instruction], by_name: dict) -> Instruction | None:
+    """The done that ends `start` (following async-update links), in the same computation."""
+    chain = {start.name}
+    for i in after:
+        if i.computation != start.computation or not set(_operand_names(i)[:1]) & chain:
+            continue
+        if i.opcode.endswith("-update"):
+            chain.add(i.name)
+        elif i.opcode.endswith("-done"):
+            return i
+    return None
