@@ -308,3 +308,183 @@ def _done_of(start: Instruction, after: list[Instruction], by_name: dict) -> Ins
         elif i.opcode.endswith("-done"):
             return i
     return None
+
+
+# --- checks ------------------------------------------------------------------------------------------
+
+
+def _dims(instruction: Instruction) -> tuple[int, ...]:
+    """The result's dimensions without size-1 axes (the first array of a tuple)."""
+    found = _ARRAY.search(instruction.shape)
+    return tuple(int(d) for d in found.group(2).split(",") if d and int(d) != 1) if found else ()
+
+
+def parameter_dims(layout) -> tuple[set[tuple[int, ...]], set[tuple[int, ...]]]:
+    """(every parameter's full dims and its one-layer slice, size-1 axes dropped; the stacked dims)."""
+    full, stacked = set(), set()
+    for name, shape in layout.shapes.items():
+        dims = tuple(d for d in shape.shape if d != 1)
+        full.add(dims)
+        if name.startswith("layers.") and layout.cfg.scan_layers:
+            stacked.add(dims)
+            full.add(tuple(d for d in shape.shape[1:] if d != 1))
+    return full, stacked
+
+
+def check_program(facts: ProgramFacts, layout) -> dict[str, list[str]]:
+    """What the program should not contain, by rule; an empty list means the rule holds.
+
+    - synchronous parameter collectives: an all-gather or gradient all-reduce/reduce-scatter of a whole
+      parameter (or one layer's slice) that is not an async start/done pair;
+    - async pairs with nothing scheduled between start and done (nothing overlaps them);
+    - all-to-alls other than the embedding lookup's resharding (its gather and scatter-add);
+    - stacked-layer parameters gathered whole (outside the layer scan);
+    - attention not done by the splash kernel (a missing forward/backward kernel, or XLA's attention).
+    """
+    full, stacked = parameter_dims(layout)
+    describe = lambda i, r: f"{i.opcode} {_ARRAY.search(i.shape).group(0)} x{r} ({i.op_name or i.name})"  # noqa: E731
+    gathers = [p.start for p in facts.async_pairs if p.collective == "all-gather"]
+    gathers += [i for i, _ in facts.sync_collectives if i.opcode == "all-gather"]
+    return {
+        "synchronous parameter collectives": [
+            describe(i, r)
+            for i, r in facts.sync_collectives
+            if i.opcode in ("all-gather", "all-reduce", "reduce-scatter") and _dims(i) in full
+        ],
+        "async pairs without compute between": [
+            describe(p.start, p.repeats) for p in facts.async_pairs if p.compute_between == 0
+        ],
+        "unexpected all-to-all": [
+            describe(i, r)
+            for i, r in facts.sync_collectives + [(p.start, p.repeats) for p in facts.async_pairs]
+            if i.opcode.startswith("all-to-all") and not i.op_name.endswith(("/gather", "/scatter-add"))
+        ],
+        "whole stacked parameters gathered": [i.name for i in gathers if _dims(i) in stacked],
+        "attention not by splash": [f"no splash {k} kernel" for k, n in facts.splash_kernels.items() if not n]
+        + [i.name for i in facts.instructions if "bkgts" in i.op_name][:5],
+    }
+
+
+def async_summary(facts: ProgramFacts) -> dict[str, int]:
+    """Async pairs by collective, e.g. {'collective-permute': 105}, and how many have compute between."""
+    out: dict[str, int] = {}
+    for pair in facts.async_pairs:
+        out[pair.collective] = out.get(pair.collective, 0) + 1
+        key = f"{pair.collective} overlapped"
+        out[key] = out.get(key, 0) + (pair.compute_between > 0)
+    return out
+
+
+# --- roofline ----------------------------------------------------------------------------------------
+
+# Published per-chip peaks (one JAX device): dense bf16 FLOP/s, HBM bytes/s, ICI bytes/s (all links).
+# Sources: cloud.google.com/tpu/docs/v5p (459 TFLOP/s, 2765 GB/s HBM, 4800 Gbps ICI) and
+# cloud.google.com/tpu/docs/v6e (918 TFLOP/s, 1640 GB/s HBM, 3584 Gbps ICI).
+CHIP_PEAKS: dict[str, tuple[float, float, float]] = {
+    "v5p": (459e12, 2765e9, 4800e9 / 8),
+    "v6e": (918e12, 1640e9, 3584e9 / 8),
+}
+
+
+def wire_bytes(facts: ProgramFacts, devices: int) -> tuple[float, float]:
+    """(bytes each device sends through async collectives, through synchronous ones) per step.
+
+    A ring all-gather or all-to-all of a result of S bytes moves S (n-1)/n per device, an all-reduce
+    twice that, a collective-permute S; result sizes and loop trip counts come from the program."""
+    share = (devices - 1) / devices
+    factor = {"all-gather": share, "all-to-all": share, "reduce-scatter": share, "all-reduce": 2 * share}
+
+    def moved(opcode: str, size: int, repeats: int) -> float:
+        return factor.get(opcode, 1.0) * size * repeats
+
+    overlapped = sum(moved(p.collective, p.bytes, p.repeats) for p in facts.async_pairs)
+    blocking = sum(moved(i.opcode, i.bytes, r) for i, r in facts.sync_collectives)
+    return overlapped, blocking
+
+
+def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
+    """Expected step time and MFU: compute and HBM time overlap the async collectives; synchronous
+    collectives add to it. Model FLOPs are jsft.flops' (causal attention executed, PaLM's count for MFU)."""
+    from jsft import flops
+
+    chip = topology.split("-")[0]
+    peak, hbm, ici = CHIP_PEAKS[chip]
+    devices = trainer.mesh.size
+    seq = trainer.cfg.data.max_seq_length
+    tokens = trainer.cfg.train.global_batch_size * seq
+    model = trainer.layout.cfg
+    compute = flops.flops_per_token(model, seq, causal=True) * tokens / devices / peak
+    # HBM floor: the gathered bf16 weights read in the forward, the backward and the recomputation
+    # of each micro-batch, and the float32 state (parameters, gradients, two moments) read and written.
+    params = model.num_params()
+    streamed = 3 * 2 * params * trainer.cfg.train.grad_accum_steps + 2 * 4 * 4 * params / devices
+    memory = streamed / hbm
+    overlapped, blocking = wire_bytes(facts, devices)
+    step = max(compute, memory, overlapped / ici) + blocking / ici
+    mfu = flops.flops_per_token(model, seq) * tokens / devices / (step * peak)
+    return {
+        "compute_s": compute,
+        "hbm_s": memory,
+        "async_collectives_s": overlapped / ici,
+        "sync_collectives_s": blocking / ici,
+        "step_s": step,
+        "mfu": mfu,
+        "async_bytes": overlapped,
+        "sync_bytes": blocking,
+    }
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def topology_report(cfg, topology: str) -> dict:
+    """Compiles the config's train step for a TPU slice: memory, async pairs, rule violations, roofline."""
+    from jsft import plan
+    from jsft.models import shapes
+
+    hf_config, _ = shapes.hf_config(cfg.model.path, cfg.model.revision)
+    trainer = plan.build_trainer(cfg, hf_config, topology_devices(topology))
+    _, memory, text = plan.compile_step(trainer, with_text=True)
+    facts = program_facts(text)
+    return {
+        "topology": topology,
+        "devices": trainer.mesh.size,
+        "mesh": dict(trainer.mesh.shape),
+        "memory_gib": {k: v / GIB for k, v in dataclasses.asdict(memory).items()},
+        "device_memory_gib": device_memory(topology) / GIB,
+        "async_pairs": async_summary(facts),
+        "sync_collectives": [
+            f"{i.opcode} {_ARRAY.search(i.shape).group(0)} x{r} ({i.op_name[-60:] or i.name})"
+            for i, r in facts.sync_collectives
+        ],
+        "collective_gib_per_step": {k: v / GIB for k, v in facts.collective_bytes().items()},
+        "splash_kernels": facts.splash_kernels,
+        "problems": check_program(facts, trainer.layout),
+        "roofline": roofline(facts, trainer, topology),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m jsft.tpu --topology=v5p-64[,v6e-64] --config=FILE [--config.KEY=VALUE]`: one JSON
+    report per topology (tools/tpu_check.py and tools/roofline.py print them for people)."""
+    import json
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    names = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--topology=")]
+    if not names:
+        sys.exit("jsft.tpu: give --topology=NAME[,NAME] (" + ", ".join(TOPOLOGIES) + ")")
+    prepare_environment()
+    from jsft import config
+    from jsft.errors import JsftError
+
+    cfg = config.load_or_exit([argv[0], *(a for a in argv[1:] if not a.startswith("--topology="))])
+    try:
+        for name in names[-1].split(","):
+            print(json.dumps(topology_report(cfg, name)), flush=True)
+    except (JsftError, TopologyError) as e:
+        sys.exit(f"jsft.tpu: {e}")
+
+
+if __name__ == "__main__":
+    main()
