@@ -6,7 +6,8 @@ AdamW's update is unchanged when every gradient is scaled by one constant (up to
 `mean` differ only where the scale changes from step to step (the trained-token count), and where
 clipping or `eps` act. Runs the tiny config four ways per clipping setting, {rows, examples} batches x
 {mean, sum}, and prints the spread of trained tokens per step, each run's held-out loss, and how far
-the final parameters of the sum run are from the mean run's (relative norm of the difference).
+the sum run's change of the parameters is from the mean run's: |delta_sum - delta_mean| / |delta_mean|,
+delta = final - initial parameters (`--steps=1` isolates the step itself from trajectories drifting).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import jax
 import numpy as np
 
-from jsft import checkpoint, config, sharding, train
+from jsft import checkpoint, config, models, sharding, train
 
 
 def run(out: str, config_args: list[str], steps: int, lr: float, unit: str, reduction: str, clip: float):
@@ -47,7 +48,9 @@ def run(out: str, config_args: list[str], steps: int, lr: float, unit: str, redu
     layout, _ = checkpoint.saved_layout(mngr, steps)
     mesh = sharding.single_device_mesh()
     params, _, _ = checkpoint.restore_for_export(mngr, steps, layout.shapes, layout.shardings(mesh))
-    return summary["eval_loss_end"], tokens, jax.device_get(params)
+    initial = models.load_params(cfg.model.path, layout, mesh)
+    delta = {k: np.asarray(v) - np.asarray(initial[k]) for k, v in jax.device_get(params).items()}
+    return summary["eval_loss_end"], tokens, delta
 
 
 def main() -> None:
@@ -74,14 +77,14 @@ def main() -> None:
                     for reduction in ("mean", "sum")
                 }
                 tokens = results["mean"][1]
-                mean_params, sum_params = results["mean"][2], results["sum"][2]
-                distance = np.sqrt(sum(np.sum((sum_params[k] - v) ** 2) for k, v in mean_params.items()))
-                scale = np.sqrt(sum(np.sum(v**2) for v in mean_params.values()))
+                mean_delta, sum_delta = results["mean"][2], results["sum"][2]
+                distance = np.sqrt(sum(np.sum((sum_delta[k] - v) ** 2) for k, v in mean_delta.items()))
+                scale = np.sqrt(sum(np.sum(v**2) for v in mean_delta.values()))
                 print(
                     f"clip {clip:g}, batch_unit {unit}: trained tokens per step {tokens.mean():.0f} "
                     f"(cv {tokens.std() / tokens.mean():.2f}); held-out loss mean {results['mean'][0]:.4f}, "
                     f"sum {results['sum'][0]:.4f}; "
-                    f"|params_sum - params_mean| / |params| = {distance / scale:.2e}",
+                    f"|delta_sum - delta_mean| / |delta_mean| = {distance / scale:.2e}",
                     flush=True,
                 )
 
