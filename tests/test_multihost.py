@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -84,45 +85,38 @@ def _start_two_process_run(out, *extra: str, per_process=lambda i: ()) -> list[s
     ]
 
 
-def test_two_process_training_run_writes_one_log_and_every_data_shard(tmp_path):
-    """Also: process 1 alone finds a time-based save due after every step (as if its clock ran ahead);
-    both processes must then save together, or the run would hang in a save only one of them joins."""
+def test_two_process_run_saves_together_and_stops_together_on_one_sigterm(tmp_path):
+    """One two-process `jsft.train` run checks what needs both processes to agree:
+    - process 1 alone finds a time-based save due after every step (as if its clock ran ahead): both
+      must save together, or the run would hang in a save only one of them joins;
+    - a preemption notice (SIGTERM) that reaches process 0 only: both save the same step, exit cleanly;
+    - process 0 alone writes the metrics, and every process writes its data shard of every step."""
     out = tmp_path / "run"
     procs = _start_two_process_run(
         out,
-        "--config.train.max_steps=6",
-        "--config.checkpoint.every_steps=3",
-        "--config.checkpoint.keep=10",
+        "--config.train.max_steps=400",
+        "--config.checkpoint.every_steps=1000",
+        "--config.checkpoint.keep=1000",
         per_process=lambda i: [f"--config.checkpoint.every_minutes={1e-6 if i == 1 else 0.0}"],
-    )
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-    assert len(steps) == 6  # process 0 alone writes metrics
-    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved == [2, 3, 4, 5, 6]  # requests take effect one step after they are seen
-    for step in (3, 6):
-        shards = sorted(p.name for p in (out / "checkpoints" / str(step) / "data").glob("process_*.json"))
-        assert shards == ["process_0-of-2.json", "process_1-of-2.json"]
-
-
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-    """A preemption notice that reaches one process only: both save the same step and exit cleanly."""
-    out = tmp_path / "run"
-    procs = _start_two_process_run(
-        out, "--config.train.max_steps=400", "--config.checkpoint.every_steps=1000"
     )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
         assert time.time() < deadline and all(p.poll() is None for p in procs)
         time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
+    procs[0].send_signal(signal.SIGTERM)
     errors = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     saved = [re.search(r"stop requested: saved step (\d+)", err) for err in errors]
     assert all(saved), errors
     step = int(saved[0][1])
     assert int(saved[1][1]) == step < 400
-    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [step]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, step + 1))  # one line per step: process 0 alone writes metrics
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == list(range(2, step + 1))  # time requests take effect one step after they are seen
+    for saved_step in kept:
+        shards = sorted(
+            p.name for p in (out / "checkpoints" / str(saved_step) / "data").glob("process_*.json")
+        )
+        assert shards == ["process_0-of-2.json", "process_1-of-2.json"], saved_step
