@@ -23,6 +23,7 @@ from typing import TextIO
 import ml_collections
 import transformers
 from etils import epath
+from jax.sharding import Mesh
 
 from jsft import checkpoint, hf, models, sharding
 from jsft.errors import JsftError
@@ -60,7 +61,7 @@ def checkpoint_folder(path: str) -> str | None:
     return None
 
 
-def load(path: str, step: int | None = None, mesh=None) -> ChatModel:
+def load(path: str, step: int | None = None, mesh: Mesh | None = None) -> ChatModel:
     """A run's checkpoint step (default: the latest) or a Hugging Face folder, sharded over `mesh`
     (default: all devices, tensor-parallel where head and MLP sizes divide)."""
     if not epath.Path(path).is_dir():

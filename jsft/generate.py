@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -24,6 +26,14 @@ from jsft import sharding
 from jsft.errors import JsftError
 from jsft.models import Decoder, Layout, Params
 from jsft.models.attention import KVCache
+
+if TYPE_CHECKING:  # the training-side types of `TrainingSamples` (importing them here would be circular)
+    from transformers import PreTrainedTokenizerBase
+
+    from jsft.data import EncodedData
+    from jsft.metrics import MetricsLog
+    from jsft.step import TrainState
+    from jsft.trainer import StepInfo, Trainer
 
 PROMPT_BUCKET = 32  # prompt buffers are padded to a multiple of this, so new lengths rarely recompile
 CACHE_AXES = ("layers", "batch", "sequence", "kv_heads", "head_dim")
@@ -315,7 +325,12 @@ class TrainingSamples:
     weights, written to the metrics log (and from there to TensorBoard and W&B) as one record."""
 
     def __init__(
-        self, trainer, tokenizer, prompts: list[tuple[list[int], str | None]], metrics_log, max_new_tokens
+        self,
+        trainer: Trainer,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[tuple[list[int], str | None]],
+        metrics_log: MetricsLog,
+        max_new_tokens: int,
     ):
         self.generator = Generator(trainer.layout, trainer.mesh)
         self.tokenizer, self.metrics_log = tokenizer, metrics_log
@@ -329,7 +344,13 @@ class TrainingSamples:
 
     @classmethod
     def for_run(
-        cls, cfg, trainer, tokenizer, chat_template: str | None, eval_data, metrics_log
+        cls,
+        cfg: ml_collections.ConfigDict,
+        trainer: Trainer,
+        tokenizer: PreTrainedTokenizerBase,
+        chat_template: str | None,
+        eval_data: EncodedData | None,
+        metrics_log: MetricsLog,
     ) -> TrainingSamples:
         """Prompts from `log.sample_prompts` (user messages, rendered with the run's chat template), else
         the first held-out conversations up to their last assistant turn, which becomes the reference."""
@@ -345,10 +366,10 @@ class TrainingSamples:
             ]
         return cls(trainer, tokenizer, prompts, metrics_log, cfg.log.sample_max_new_tokens)
 
-    def __call__(self, info) -> None:
+    def __call__(self, info: StepInfo) -> None:
         self.sample(info.state, info.step)
 
-    def sample(self, state, step: int) -> None:
+    def sample(self, state: TrainState, step: int) -> None:
         """Completes the prompts with `state`'s weights and writes them as the record of `step`."""
         started = time.perf_counter()
         out = self.generator.generate(state.params, self.prompt_ids, self.sampling, base=state.base)
@@ -362,14 +383,16 @@ class TrainingSamples:
         self.metrics_log.write({"step": step, "samples": samples, "sample_seconds": self.seconds[-1]})
 
 
-def _render(tokenizer, messages: list[dict], chat_template: str | None) -> list[int]:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None) -> list[int]:
     rendered = tokenizer.apply_chat_template(
         messages, chat_template=chat_template, add_generation_prompt=True, return_dict=True
     )
     return list(rendered["input_ids"])
 
 
-def _held_out_prompt(tokenizer, encoded, index: int) -> tuple[list[int], str]:
+def _held_out_prompt(
+    tokenizer: PreTrainedTokenizerBase, encoded: EncodedData, index: int
+) -> tuple[list[int], str]:
     """(the tokens before row `index`'s last trained span, that span's text): a prompt and its answer."""
     start, end = int(encoded.row_starts[index]), int(encoded.row_starts[index + 1])
     tokens, trained = encoded.token_ids[start:end], encoded.trained[start:end].astype(np.int8)
