@@ -174,11 +174,12 @@ def compile_step(trainer, with_text: bool = False):
 
 
 def parameter_counts(trainer) -> tuple[int, int]:
-    """(all parameters of the model, parameters the optimizer trains: all, or LoRA's factors)."""
-    total = sum(math.prod(s.shape) for s in trainer.layout.shapes.values())
-    if not trainer.lora:
-        return total, total
-    return total, sum(math.prod(s.shape) for s in trainer.lora.shapes(trainer.layout).values())
+    """(the model's parameters, those the optimizer trains: all, or LoRA's factors and `also_train`)."""
+    from jsft import step
+
+    total = sum(math.prod(s.shape) for n, s in trainer.layout.shapes.items() if ".lora_" not in n)
+    trained = step.trainable_shapes(trainer.layout, trainer.lora)
+    return total, sum(math.prod(s.shape) for s in trained.values())
 
 
 def sharding_table(trainer) -> list[str]:

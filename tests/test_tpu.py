@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 pytest.importorskip("libtpu")
@@ -30,7 +29,11 @@ TINY_ON_V5P_8 = [
 def report() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     done = subprocess.run(
-        [sys.executable, "-m", "jsft.tpu", *TINY_ON_V5P_8], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "jsft.tpu", *TINY_ON_V5P_8],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,0 +1,97 @@
+"""python -m jsft.plan on the 8 simulated CPU devices of the tests: its memory is the compiled step's,
+its search's pick fits when compiled, and the Tulu config is planned from the shape table alone."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+from conftest import ROOT
+
+from jsft import config, models, plan
+from jsft.models import shapes
+from jsft.trainer import Trainer
+
+TINY = str(ROOT / "configs" / "tiny.py")
+FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.dtype=bfloat16"]
+
+
+def load(path: str, *overrides: str):
+    return config.load(["plan", f"--config={path}", *overrides])
+
+
+def test_memory_is_the_compiled_train_steps():
+    cfg = load(TINY, *FSDP, "--config.model.attention=xla")
+    hf_config, _ = shapes.hf_config(cfg.model.path)
+    _, memory, _ = plan.compile_step(plan.build_trainer(cfg, hf_config, jax.devices()))
+    # The same step built by hand, as train.py builds it, compiled and measured.
+    model_cfg = models.ModelConfig.from_hf(
+        hf_config, models.dtype_of("bfloat16"), models.dtype_of("float32"), "xla"
+    )
+    model_cfg = models.ModelConfig(**{**model_cfg.__dict__, "scan_layers": cfg.model.scan_layers})
+    trainer = Trainer(
+        cfg, models.Layout(model_cfg), plan.build_trainer(cfg, hf_config, jax.devices()).mesh, total_steps=1
+    )
+    m = trainer.compile_train_step(cfg.train.global_batch_size, cfg.data.max_seq_length).memory_analysis()
+    assert (
+        memory.peak
+        == m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    )
+    assert memory.temporaries == m.temp_size_in_bytes
+    assert memory.state + memory.batch == m.argument_size_in_bytes
+    # five int32 [16, 128] batch arrays split over 8 devices
+    assert memory.batch == 5 * 4 * 16 * 128 / 8
+
+
+def test_search_pick_fits_when_compiled():
+    cfg = load(TINY, *FSDP)
+    hf_config, _ = shapes.hf_config(cfg.model.path)
+    devices = jax.devices()
+
+    def peak(setting: plan.Setting) -> float:
+        return plan.compile_step(plan.build_trainer(setting.apply(cfg), hf_config, devices))[1].peak
+
+    cheapest, smallest = plan.Setting("none", 1, 8, 1), plan.Setting("full", 2, 8, 1)
+    budget = peak(smallest)
+    assert peak(cheapest) > budget  # the config as given does not fit: the search has work to do
+    lines: list[str] = []
+    args, config_argv = plan.parse_args([f"--config={TINY}", *FSDP, f"--device_memory={budget}B"])
+    result = plan.run(cfg, config_argv, args, log=lines.append)
+    pick = result["pick"]
+    assert result["memory"].peak > budget and pick is not None
+    assert result["pick_memory"].peak <= budget
+    assert result["pick_memory"].peak == peak(pick)  # the printed overrides compile to the same step
+    assert any(line.startswith("pick ") and " ".join(pick.overrides()) in line for line in lines)
+    assert any(line.startswith("verified") and "fits" in line for line in lines)
+    order = plan.REMAT_ORDER.index
+    assert (order(pick.remat), pick.grad_accum_steps) <= (order(smallest.remat), smallest.grad_accum_steps)
+
+
+def test_tulu_planned_from_the_shape_table_without_weights():
+    cfg = load(str(ROOT / "configs" / "tulu.py"))
+    hf_config, source = shapes.hf_config(cfg.model.path)
+    assert cfg.model.path == "meta-llama/Llama-3.1-8B"
+    trainer = plan.build_trainer(cfg, hf_config, jax.devices())  # builds, compiles nothing
+    assert plan.parameter_counts(trainer) == (8_030_261_248, 8_030_261_248)  # Llama 3.1 8B's published count
+    assert plan._count(8_030_261_248) == "8.03B"
+    lora = plan.build_trainer(
+        load(str(ROOT / "configs" / "tulu.py"), "--config.lora.rank=16"), hf_config, jax.devices()
+    )
+    total, trained = plan.parameter_counts(lora)
+    # rank 16 on q, k, v, o, gate, up, down of 32 layers: 16 x (in + out) per kernel
+    d, f, kv = 4096, 14336, 1024
+    assert (total, trained) == (8_030_261_248, 32 * 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3))
+
+
+def test_steps_from_examples_and_bad_flags():
+    cfg = load(TINY)
+    steps = plan.data_plan(cfg, examples=1000, mean_tokens=100)
+    assert steps.steps_per_epoch == -(-1000 * 100 // (16 * 128)) and steps.total_steps == 400  # max_steps
+    assert plan.parse_bytes("80GiB") == 80 * 2**30 and plan.parse_bytes("80GB") == 80e9
+    for bad in (
+        ["--devices=8", "--topology=v5p-8"],
+        ["--mfu=1.5"],
+        ["--examples=10"],
+        ["--device_memory=lots"],
+    ):
+        with pytest.raises(SystemExit, match="jsft.plan: "):
+            plan.parse_args(bad)

@@ -1,0 +1,46 @@
+"""Expected step time and MFU of a config on TPU slices, from its compiled program (needs libtpu).
+
+    python tools/roofline.py [--topology=v5p-64,v6e-64] [--config=configs/tulu.py] [--config.KEY=VALUE]
+
+Compute time = model FLOPs per device / the chip's bf16 peak; HBM time = the weights streamed per
+micro-batch and the optimizer state / HBM bandwidth; collective time = bytes each device moves (result
+sizes and loop trip counts read from the TPU compiler's program, ring factors) / ICI bandwidth.
+Async collectives overlap compute, synchronous ones add to it. Peaks: `jsft.tpu.CHIP_PEAKS` (Cloud TPU
+v5p and v6e pages). A bound from published peaks, not a measurement.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jsft import tpu
+
+DEFAULTS = ["--topology=v5p-64,v6e-64", "--config=configs/tulu.py"]
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    given = {a.split("=", 1)[0] for a in argv}
+    args = [a for a in DEFAULTS if a.split("=", 1)[0] not in given] + argv
+    tpu.prepare_environment()
+    from jsft import config
+
+    topologies = next(a for a in args if a.startswith("--topology=")).split("=", 1)[1].split(",")
+    cfg = config.load_or_exit(
+        [sys.argv[0], "--config.model.attention=splash", *(a for a in args if a.startswith("--config"))]
+    )
+    for name in topologies:
+        peak, hbm, ici = tpu.CHIP_PEAKS[name.split("-")[0]]
+        r = tpu.topology_report(cfg, name)["roofline"]
+        print(
+            f"{name}: peaks {peak / 1e12:.0f} TFLOP/s, HBM {hbm / 1e9:.0f} GB/s, "
+            f"ICI {ici / 1e9:.0f} GB/s per chip\n"
+            f"  compute {r['compute_s']:.3f} s, HBM {r['hbm_s']:.3f} s, async collectives "
+            f"{r['async_collectives_s']:.3f} s ({r['async_bytes'] / 2**30:.1f} GiB), synchronous collectives "
+            f"{r['sync_collectives_s']:.3f} s ({r['sync_bytes'] / 2**30:.1f} GiB)\n"
+            f"  expected step {r['step_s']:.3f} s, MFU {r['mfu']:.1%}"
+        )
+
+
+if __name__ == "__main__":
+    main()

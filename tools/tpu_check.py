@@ -1,0 +1,51 @@
+"""The compiled TPU program of a config, checked on this CPU machine (needs libtpu: pip install 'jsft[tpu]').
+
+    python tools/tpu_check.py [--topology=v5p-64,v6e-64] [--config=configs/tulu.py] [--config.KEY=VALUE]
+
+Compiles the train step for each TPU slice with the real TPU compiler (splash attention) and prints the
+TPU compiler's memory per device, the async collective pairs (and how many have compute scheduled
+inside them), the synchronous collectives with their size and repeats per step, and the rules of
+`jsft.tpu.check_program` that the program breaks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jsft import tpu
+
+DEFAULTS = ["--topology=v5p-64,v6e-64", "--config=configs/tulu.py"]
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    given = {a.split("=", 1)[0] for a in argv}
+    args = [a for a in DEFAULTS if a.split("=", 1)[0] not in given] + argv
+    tpu.prepare_environment()
+    from jsft import config
+
+    topologies = next(a for a in args if a.startswith("--topology=")).split("=", 1)[1].split(",")
+    cfg = config.load_or_exit(
+        [sys.argv[0], "--config.model.attention=splash", *(a for a in args if a.startswith("--config"))]
+    )
+    for name in topologies:
+        report = tpu.topology_report(cfg, name)
+        memory = report["memory_gib"]
+        print(f"== {name}: {report['devices']} devices, mesh {report['mesh']}")
+        print(
+            f"memory per device (TPU compiler): state {memory['state']:.2f} GiB, temporaries "
+            f"{memory['temporaries']:.2f} GiB, peak {memory['peak']:.2f} "
+            f"of {report['device_memory_gib']:.0f} GiB"
+        )
+        print(f"async pairs: {report['async_pairs']}")
+        print(f"splash kernels: {report['splash_kernels']}")
+        gib = {k: round(v, 2) for k, v in report["collective_gib_per_step"].items()}
+        print(f"collective results per step and device (GiB): {gib}")
+        for line in report["sync_collectives"]:
+            print(f"  sync {line}")
+        for rule, found in report["problems"].items():
+            print(f"{'ok  ' if not found else 'FAIL'} {rule}" + "".join(f"\n       {f}" for f in found[:8]))
+
+
+if __name__ == "__main__":
+    main()
