@@ -3,7 +3,8 @@
     python tests/multihost_worker.py MODEL_DIR OUT.npz NUM_PROCESSES PROCESS_ID PORT
 
 Every process builds the same global batch and feeds only its own rows; process 0 saves the losses
-and the final parameters.
+and the final parameters. The one-process reference is `train(MODEL_DIR, num_devices=4)` in the
+test's own process.
 """
 
 from __future__ import annotations
@@ -15,15 +16,23 @@ import numpy as np
 
 
 def main(model_dir: str, out: str, num_processes: int, process_id: int, port: int) -> None:
-    if num_processes > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+    result = train(model_dir)
+    if jax.process_index() == 0:
+        np.savez(out, **result)
+
+
+def train(model_dir: str, num_devices: int | None = None) -> dict[str, np.ndarray]:
+    """Three steps on the same global batches over all devices (or the first `num_devices`):
+    {"losses": ..., parameter name: its global value}."""
     from jsft import models, sharding
     from jsft.config import default_config
     from jsft.trainer import Trainer
 
     model_cfg, _ = models.config_from_folder(model_dir)
-    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    devices = jax.devices()[:num_devices] if num_devices else None
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
     cfg = default_config()
     cfg.optim.lr, cfg.optim.warmup_ratio = 1e-3, 0.0
     cfg.train.grad_accum_steps = 2
@@ -48,9 +57,10 @@ def main(model_dir: str, out: str, num_processes: int, process_id: int, port: in
         losses.append(float(metrics["loss"]))
     from jax.experimental import multihost_utils
 
-    params = {k: multihost_utils.process_allgather(v, tiled=True) for k, v in state.params.items()}
-    if jax.process_index() == 0:
-        np.savez(out, losses=np.asarray(losses), **params)
+    params = {
+        k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in state.params.items()
+    }
+    return {"losses": np.asarray(losses), **params}
 
 
 if __name__ == "__main__":
