@@ -14,10 +14,13 @@ instead of four.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jsft import sharding
 from jsft.models.attention import soft_cap
 
 LOGITS_BUDGET_BYTES = 64 * 2**20
@@ -52,11 +55,14 @@ def chunked_loss_sum(
     """`token_loss_sum(hidden @ kernel, ...)` without materialising all logits at once.
 
     `chunk_size` (sequence positions per chunk) defaults to what keeps one chunk's float32 logits
-    within LOGITS_BUDGET_BYTES.
+    within LOGITS_BUDGET_BYTES on each device: sized by the global batch, the chunks of a 128-row batch
+    sharded over 64 devices were 64x too short, and the loop re-gathered the FSDP-sharded LM head
+    256 times a step (found in the compiled TPU program of the Tulu config).
     """
     batch, seq, dim = hidden.shape
     if chunk_size is None:
-        chunk_size = max(LOGITS_BUDGET_BYTES // (4 * batch * kernel.shape[-1]), 16)
+        rows, vocab = _per_device(batch, "batch"), _per_device(kernel.shape[-1], "vocab")
+        chunk_size = max(LOGITS_BUDGET_BYTES // (4 * rows * vocab), 16)
     chunk_size = min(chunk_size, seq)
     pad = -seq % chunk_size
     if pad:
@@ -68,6 +74,16 @@ def chunked_loss_sum(
         return x.reshape(batch, chunks, chunk_size, *x.shape[2:]).swapaxes(0, 1)
 
     return _loss_over_chunks(split(hidden), kernel, split(targets), split(mask), z_loss, softcap)
+
+
+def _per_device(size: int, logical_axis: str) -> int:
+    """`size` divided by the mesh axes the logical axis is split over, when traced under a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    mesh_axes = sharding.LOGICAL_RULES[logical_axis]
+    if mesh.empty or mesh_axes is None:
+        return size
+    shards = math.prod(mesh.shape[a] for a in np.atleast_1d(mesh_axes))
+    return size // shards if size % shards == 0 else size
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

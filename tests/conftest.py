@@ -14,6 +14,9 @@ TINY_MODEL = ROOT / "tools" / "tiny" / "model"
 TINY_DATA = ROOT / "tools" / "tiny" / "data"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# JAX on the CPU for every test and every process a test starts: with libtpu installed (the TPU program
+# tests), a JAX without this would load libtpu, take its machine-wide lock and warn on stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every test sees 8 CPU devices, so the default mesh shards for real; single-device tests ask for one.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
