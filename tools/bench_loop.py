@@ -28,7 +28,8 @@ from jsft.metrics import MetricsLog, StepLogger
 from jsft.trainer import Trainer
 
 
-def random_model(folder: str, args: argparse.Namespace, max_len: int) -> None:
+def random_model(folder: str, tokenizer_folder: str, args: argparse.Namespace, max_len: int) -> None:
+    """A random Llama of the given shape, with the tokenizer of `tokenizer_folder`."""
     import torch
 
     torch.manual_seed(0)
@@ -42,6 +43,7 @@ def random_model(folder: str, args: argparse.Namespace, max_len: int) -> None:
         max_position_embeddings=max_len,
     )
     transformers.LlamaForCausalLM(llama).save_pretrained(folder, safe_serialization=True)
+    transformers.AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(folder)
 
 
 def main() -> None:
@@ -59,6 +61,7 @@ def main() -> None:
         "--config.data.max_seq_length=1024",
         "--config.train.global_batch_size=4",
     ]
+    base = config.load([sys.argv[0], *(config_args or defaults)])  # its model folder lends the tokenizer
     cfg = config.load(
         [
             sys.argv[0],
@@ -68,7 +71,7 @@ def main() -> None:
         ]
         + ["--config.log.every_steps=1", "--config.checkpoint.every_steps=1000000", "--config.mesh.data=1"]
     )
-    random_model(f"{tmp}/m", args, cfg.data.max_seq_length)
+    random_model(f"{tmp}/m", base.model.path, args, cfg.data.max_seq_length)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path)
     examples = data.prepare(cfg.data, tokenizer, seed=cfg.train.seed).examples
