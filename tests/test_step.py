@@ -90,16 +90,31 @@ def _batch(seed=0, rows=8, seq=24):
     }
 
 
-def _sgd_gradient(hf_llama, accum: int, loss_reduction: str, batch: dict) -> tuple[dict, float]:
-    """(the step's gradient, its loss): one plain SGD step with lr 1 moves each parameter by -gradient.
+def _sgd_gradients(hf_llama, accum: int, loss_reduction: str, *batches: dict) -> list[tuple[dict, float]]:
+    """(the step's gradient, its loss) per batch, each from the initial parameters: one plain SGD step
+    with lr 1 moves each parameter by -gradient. One Trainer (one compile) for all batches.
 
     (lr 1 makes the change large next to the parameters, so float32 rounding of `end - start` stays
     far below the differences measured; with lr 1e-3 it was the largest term.)
     """
-    _, state, train_step = _setup(hf_llama, accum, loss_reduction, clip=0.0, optimizer=optax.sgd(1.0))
-    start = jax.device_get(state.params)
-    state, metrics = train_step(state, batch)
-    return {k: start[k] - v for k, v in jax.device_get(state.params).items()}, float(metrics["loss"])
+    trainer, state = _trainer(
+        hf_llama,
+        sharding.single_device_mesh(),
+        optimizer=optax.sgd(1.0),
+        train__grad_accum_steps=accum,
+        train__loss_reduction=loss_reduction,
+        optim__clip_grad_norm=0.0,
+    )
+    out = []
+    for i, batch in enumerate(batches):
+        if i:  # the step donates its state: a fresh one from the same weights
+            state = trainer.fresh_state(models.load_params(str(hf_llama), trainer.layout, trainer.mesh))
+        start = jax.device_get(state.params)
+        state, metrics = trainer.train_step(state, batch)
+        out.append(
+            ({k: start[k] - v for k, v in jax.device_get(state.params).items()}, float(metrics["loss"]))
+        )
+    return out
 
 
 def _relative_differences(a: dict, b: dict) -> dict[str, float]:
@@ -116,9 +131,10 @@ def test_accumulation_does_not_change_the_update(hf_llama, loss_reduction):
     """
     batch = _batch(seed=1)
     reversed_rows = {k: v[::-1].copy() for k, v in batch.items()}
-    one_pass, one_pass_loss = _sgd_gradient(hf_llama, 1, loss_reduction, batch)
-    reordered, _ = _sgd_gradient(hf_llama, 1, loss_reduction, reversed_rows)
-    accumulated, accumulated_loss = _sgd_gradient(hf_llama, 4, loss_reduction, batch)
+    (one_pass, one_pass_loss), (reordered, _) = _sgd_gradients(
+        hf_llama, 1, loss_reduction, batch, reversed_rows
+    )
+    ((accumulated, accumulated_loss),) = _sgd_gradients(hf_llama, 4, loss_reduction, batch)
     floor = max(_relative_differences(reordered, one_pass).values())
     differences = _relative_differences(accumulated, one_pass)
     print(f"reordering floor {floor:.2e}; accumulation {max(differences.values()):.2e}")
