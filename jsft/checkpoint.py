@@ -295,8 +295,8 @@ def hf_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, bytes]:
 
 
 def saved_layout(mngr: ocp.CheckpointManager, step: int) -> tuple[models.Layout, dict]:
-    """(the parameter layout a step was saved in, the run config): its config.json, parameter dtype
-    and layer stacking, which decide the names and shapes its arrays restore into."""
+    """(the parameter layout a step was saved in, the run config): its config.json, parameter dtype,
+    layer stacking and LoRA settings, which decide the names and shapes its arrays restore into."""
     hf_config = json.loads(hf_files(mngr, step)["config.json"])
     run_cfg = read_json_item(mngr, step, "meta")["config"]
     cfg = models.ModelConfig.from_hf(
@@ -304,7 +304,8 @@ def saved_layout(mngr: ocp.CheckpointManager, step: int) -> tuple[models.Layout,
         param_dtype=models.dtype_of(run_cfg["model"]["param_dtype"]),
         scan_layers=run_cfg["model"].get("scan_layers", False),  # steps saved before the key: unrolled
     )
-    return models.Layout(cfg), run_cfg
+    lora = LoraSpec.from_config(ml_collections.ConfigDict(run_cfg.get("lora", {"rank": 0})))
+    return models.Layout(cfg, lora), run_cfg
 
 
 def restore_for_export(mngr: ocp.CheckpointManager, step: int, abstract_params: dict, shardings: dict):

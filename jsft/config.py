@@ -114,8 +114,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(
         {
             "rank": 0,  # 0 = full fine-tuning
-            "alpha": 16.0,  # the update is scaled by alpha / rank
+            "alpha": 16.0,  # the update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora)
             "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            # a regex full-matched against HF module names (model.layers.0.self_attn.q_proj), as PEFT's
+            # target_modules; overrides targets when set
+            "target_regex": "",
+            "use_rslora": False,  # rsLoRA: scale by alpha / sqrt(rank)
+            "dropout": 0.0,  # dropout on the factors' input during training
+            "also_train": "",  # comma-separated regexes of parameters trained fully, e.g. "embed,.*norm.*"
+            "base_dtype": "auto",  # storage of the frozen base: auto = model.dtype (the compute dtype)
+            "base_quantization": "none",  # none | int8 | nf4 (QLoRA): the frozen kernels, block-wise
+            "quant_block": 64,  # values per quantization scale (the largest divisor of the axis up to this)
+            "init_from": "",  # a PEFT adapter folder to start from (same rank, alpha, targets)
         }
     )
     c.log = ml_collections.ConfigDict(
@@ -198,6 +208,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.batch_unit": ("rows", "examples"),
         "optim.schedule": ("linear", "cosine", "constant"),
         "lora.targets": tuple(lora.INPUT_AXES),
+        "lora.base_dtype": lora.BASE_DTYPES,
+        "lora.base_quantization": lora.QUANTIZATIONS,
     }
 
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jsft import loss, sharding
 from jsft.lora import LoraSpec
-from jsft.models import Layout, Params
+from jsft.models import Layout, Params, decoder
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
@@ -29,8 +29,9 @@ BATCH_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions"
 class TrainState:
     """What a run carries from step to step; init, the step, save and restore all use this one type.
 
-    `params` is what the optimizer trains: all weights, or with LoRA the low-rank factors. `base` holds
-    LoRA's frozen weights (read from the model folder, never checkpointed) and is None otherwise.
+    `params` is what the optimizer trains: all weights, or with LoRA the low-rank factors (and any
+    `lora.also_train` weights). `base` holds LoRA's frozen weights (read from the model folder, never
+    checkpointed; in the compute dtype, or quantized) and is None otherwise: it gets no gradient.
     `nonfinite_streak` counts the consecutive steps skipped for a non-finite loss or gradient.
     """
 
@@ -53,22 +54,27 @@ def _opt_state_shardings(abstract_opt_state, param_shardings: dict[str, NamedSha
     return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
-def trainable_shapes(layout: Layout, lora: LoraSpec | None) -> dict[str, jax.ShapeDtypeStruct]:
-    return lora.shapes(layout) if lora else layout.shapes
+def trainable_shapes(layout: Layout, lora: LoraSpec | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of what the optimizer trains: `layout.trainable` (all parameters without LoRA).
+
+    `lora`, when `layout` was built without it (a checkpoint's saved layout), adds its factors."""
+    if lora is not None and layout.lora is None:
+        layout = Layout(layout.cfg, lora)
+    return {name: layout.shapes[name] for name in sorted(layout.trainable)}
 
 
-def state_shardings(
-    layout: Layout, optimizer: optax.GradientTransformation, mesh: Mesh, lora: LoraSpec | None = None
-) -> TrainState:
-    """A `TrainState` of shardings: parameters by their logical axes, moments like their parameter."""
-    params = lora.shardings(layout, mesh) if lora else layout.shardings(mesh)
-    abstract_opt = jax.eval_shape(optimizer.init, trainable_shapes(layout, lora))
+def state_shardings(layout: Layout, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """A `TrainState` of shardings: parameters by their logical axes, moments like their parameter;
+    a quantized frozen kernel's codes and scales split like the kernel where their sizes allow."""
+    all_shardings = layout.shardings(mesh)
+    params = {name: all_shardings[name] for name in sorted(layout.trainable)}
+    abstract_opt = jax.eval_shape(optimizer.init, trainable_shapes(layout))
     return TrainState(
         params=params,
         opt_state=_opt_state_shardings(abstract_opt, params, mesh),
         step=sharding.replicated(mesh),
         nonfinite_streak=sharding.replicated(mesh),
-        base=layout.shardings(mesh) if lora else None,
+        base=layout.lora.base_shardings(layout, mesh) if layout.lora else None,
     )
 
 
@@ -86,9 +92,12 @@ def init_state(
     )
 
 
-def model_params(params: Params, base: Params | None, lora: LoraSpec | None) -> Params:
-    """The weights the model runs with: `params` itself, or the base with the LoRA factors folded in."""
-    return lora.merge(base, params) if lora else params
+def model_params(params: Params, base: Params | None) -> Params:
+    """The weights the model runs with: `params`, or with LoRA the frozen base beside the trainable
+    parameters. The base is never differentiated (only `params` is), so it gets no gradient."""
+    if base is None:
+        return params
+    return {**jax.lax.stop_gradient(base), **params}
 
 
 def _loss_sum(layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0) -> jax.Array:
@@ -124,9 +133,11 @@ def make_train_step(
     grad_accum_steps: int,
     loss_reduction: str,
     z_loss: float = 0.0,
-    lora: LoraSpec | None = None,
+    seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """With `lora.dropout`, each step draws its dropout masks from (seed, step, micro-batch)."""
     batch_sharding = sharding.batch_sharding(mesh)
+    dropout = layout.lora is not None and layout.lora.dropout > 0
 
     def micro_batches(x: jax.Array) -> jax.Array:
         # Row r goes to micro-batch r % A, so each micro-batch is spread evenly over the data shards.
@@ -140,17 +151,23 @@ def make_train_step(
         params, base = state.params, state.base
         trained_tokens = jnp.sum(batch["loss_mask"])
 
-        def micro_loss(p: Params, micro: Batch) -> jax.Array:
-            return _loss_sum(layout, model_params(p, base, lora), micro, z_loss)
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
 
-        def accumulate(carry, micro):
+        def micro_loss(p: Params, micro: Batch, key: jax.Array | None) -> jax.Array:
+            with decoder.lora_dropout(key):
+                return _loss_sum(layout, model_params(p, base), micro, z_loss)
+
+        def accumulate(carry, xs):
             grads_sum, loss_sum = carry
-            value, grads = jax.value_and_grad(micro_loss)(params, micro)
+            micro, index = xs
+            key = None if step_key is None else jax.random.fold_in(step_key, index)
+            value, grads = jax.value_and_grad(micro_loss)(params, micro, key)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         carry = (zeros, jnp.zeros((), jnp.float32))
-        (grads_sum, loss_sum), _ = jax.lax.scan(accumulate, carry, jax.tree.map(micro_batches, batch))
+        micro = (jax.tree.map(micro_batches, batch), jnp.arange(grad_accum_steps))
+        (grads_sum, loss_sum), _ = jax.lax.scan(accumulate, carry, micro)
         tokens = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
         scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
@@ -186,12 +203,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    layout: Layout, shardings: TrainState, mesh: Mesh, lora: LoraSpec | None = None
+    layout: Layout, shardings: TrainState, mesh: Mesh
 ) -> Callable[[Params, Params | None, Batch], dict]:
     """`eval_step(state.params, state.base, batch)` -> summed loss and trained tokens."""
 
     def eval_step(params: Params, base: Params | None, batch: Batch) -> dict:
-        loss_sum = _loss_sum(layout, model_params(params, base, lora), batch)
+        loss_sum = _loss_sum(layout, model_params(params, base), batch)
         return {"loss_sum": loss_sum, "trained_tokens": jnp.sum(batch["loss_mask"])}
 
     return jax.jit(

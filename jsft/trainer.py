@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jsft import lora as lora_lib
 from jsft import models, optim, sharding, step
 from jsft.checkpoint import Checkpointer
 from jsft.errors import JsftError
@@ -79,14 +80,18 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         optimizer: optax.GradientTransformation | None = None,
     ):
-        """`optimizer` replaces the config's AdamW (tests use plain SGD to read gradients off updates)."""
+        """`optimizer` replaces the config's AdamW (tests use plain SGD to read gradients off updates).
+
+        With LoRA (`lora.rank` > 0) `self.layout` is `layout` with the factors added (`Layout.adapters`)."""
+        self.lora = LoraSpec.from_config(cfg.lora)
+        if self.lora is not None and layout.lora is None:
+            layout = models.Layout(layout.cfg, self.lora)
         self.cfg, self.layout, self.mesh = cfg, layout, mesh
         self.total_steps = total_steps
         self.checkpointer = checkpointer
-        self.lora = LoraSpec.from_config(cfg.lora)
         self.schedule = optim.make_schedule(cfg.optim, total_steps)
         self.optimizer = optimizer or optim.make_optimizer(cfg.optim, total_steps)
-        self.shardings = step.state_shardings(layout, self.optimizer, mesh, self.lora)
+        self.shardings = step.state_shardings(layout, self.optimizer, mesh)
         self.train_step = step.make_train_step(
             layout,
             self.optimizer,
@@ -95,29 +100,43 @@ class Trainer:
             grad_accum_steps=cfg.train.grad_accum_steps,
             loss_reduction=cfg.train.loss_reduction,
             z_loss=cfg.train.z_loss,
-            lora=self.lora,
+            seed=cfg.train.seed,
         )
-        self.eval_step = step.make_eval_step(layout, self.shardings, mesh, self.lora)
+        self.eval_step = step.make_eval_step(layout, self.shardings, mesh)
         self.hooks: list[Hook] = []
 
     # --- states -------------------------------------------------------------------------------------
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of the state, without any values (for restoring and compiling)."""
-        trainable = step.trainable_shapes(self.layout, self.lora)
+        trainable = step.trainable_shapes(self.layout)
         shapes = jax.eval_shape(lambda p: step.init_state(p, self.optimizer, self.shardings), trainable)
         if self.lora:
-            shapes = shapes.replace(base=self.layout.shapes)
+            shapes = shapes.replace(base=self.lora.base_shapes(self.layout))
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings
         )
 
     def fresh_state(self, weights: models.Params) -> TrainState:
-        """Step 0 from the model's weights: they are trained, or with LoRA frozen under new factors."""
-        if self.lora:
-            factors = self.lora.init(self.cfg.train.seed, self.layout, self.mesh)
-            return step.init_state(factors, self.optimizer, self.shardings, base=weights)
-        return step.init_state(weights, self.optimizer, self.shardings)
+        """Step 0 from the model's weights: all trained, or with LoRA frozen (quantized if asked) under
+        new factors, or the factors of the PEFT adapter `lora.init_from`. `weights` may hold factors
+        (`Layout.init`); they are replaced."""
+        if not self.lora:
+            return step.init_state(weights, self.optimizer, self.shardings)
+        base = self._freeze({n: w for n, w in weights.items() if n not in self.layout.trainable})
+        if self.cfg.lora.init_from:
+            trainable = lora_lib.load_peft(self.cfg.lora.init_from, self.layout, self.mesh)
+        else:
+            trainable = self.lora.init(self.cfg.train.seed, self.layout, self.mesh)
+            for name in self.layout.trainable - self.layout.adapters:  # lora.also_train: from the weights
+                trainable[name] = jax.device_put(
+                    weights[name].astype(self.layout.shapes[name].dtype), self.shardings.params[name]
+                )
+        return step.init_state(trainable, self.optimizer, self.shardings, base=base)
+
+    def _freeze(self, weights: models.Params) -> models.Params:
+        """The frozen base as the run holds it: each array quantized if `lora.base_quantization` asks."""
+        return {name: self.lora.freeze(self.layout, name, w, self.mesh) for name, w in weights.items()}
 
     def random_state(self, seed: int = 0) -> TrainState:
         """Step 0 from random weights (benchmarks)."""
@@ -125,14 +144,29 @@ class Trainer:
 
     def load_state(self, model_path: str) -> TrainState:
         """The checkpointer's resumed state (with the data position restored), else step 0 from the
-        model folder. LoRA checkpoints hold only the factors: the frozen base is read from the folder."""
+        model folder. LoRA checkpoints hold only the trained parameters: the frozen base is read from the
+        folder (each tensor quantized as soon as it is placed, with `lora.base_quantization`)."""
         restored = (
             self.checkpointer.restore(self.abstract_state(), self.shardings) if self.checkpointer else None
         )
         if restored is not None and not self.lora:
             return restored
-        weights = models.load_params(model_path, self.layout, self.mesh)
-        return restored.replace(base=weights) if restored is not None else self.fresh_state(weights)
+        convert = None
+        if self.lora:
+            trained = self.layout.trainable
+
+            def convert(name, array):
+                if name in trained:
+                    return array
+                frozen = self.lora.freeze(self.layout, name, array, self.mesh)
+                if frozen is not array:
+                    array.delete()  # only one full-precision kernel on the devices at a time
+                return frozen
+
+        weights = models.load_params(model_path, self.layout, self.mesh, convert=convert)
+        if restored is None:
+            return self.fresh_state(weights)
+        return restored.replace(base={n: w for n, w in weights.items() if n not in self.layout.trainable})
 
     # --- batches ------------------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ such a dict back into a module inside jitted code.
 from __future__ import annotations
 
 import functools
+import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ from jsft import hf, sharding
 from jsft.errors import JsftError
 from jsft.models.attention import soft_cap
 from jsft.models.config import ModelConfig
-from jsft.models.decoder import Decoder
+from jsft.models.decoder import Decoder, LoraParam
 from jsft.models.names import IGNORED_HF_TENSORS, NameMap
 
 Params = dict[str, jax.Array]
@@ -42,17 +44,34 @@ def dtype_of(dtype: str | DTypeLike) -> type:
 
 
 class Layout:
-    """The model's structure without its values: split once, merged inside jitted functions."""
+    """The model's structure without its values: split once, merged inside jitted functions.
 
-    def __init__(self, cfg: ModelConfig):
+    With `lora` (a `jsft.lora.LoraSpec`), the model also holds LoRA factors beside the kernels the spec
+    targets (`adapters`, named `<kernel>.lora_a` / `.lora_b`); `trainable` is what the optimizer trains
+    (all parameters, or the factors and `lora.also_train`), and the frozen rest is stored in the spec's
+    base dtype.
+    """
+
+    def __init__(self, cfg: ModelConfig, lora: Any = None):
         self.cfg = cfg
         self.model_type = cfg.model_type
         self.names = NameMap(self.model_type, stacked=cfg.scan_layers)
+        self.lora = lora.resolve(cfg.num_layers) if lora is not None else None
         with nnx.use_eager_sharding(False):
-            abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+            abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=self.lora))
         self.graphdef, state = nnx.split(abstract)
-        self._variables = {".".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
-        self.shapes = {name: var.get_value() for name, (_, var) in self._variables.items()}
+        self._variables = {_flat_name(path): (path, var) for path, var in nnx.to_flat_state(state)}
+        self.adapters = frozenset(n for n, (_, var) in self._variables.items() if isinstance(var, LoraParam))
+        self.trainable = frozenset(
+            n for n in self._variables if lora is None or n in self.adapters or self.lora.also_trains(n)
+        )
+        frozen_dtype = self.lora.frozen_dtype(cfg.dtype) if lora is not None else None
+        self.shapes = {
+            name: var.get_value()
+            if name in self.trainable
+            else jax.ShapeDtypeStruct(var.get_value().shape, frozen_dtype)
+            for name, (_, var) in self._variables.items()
+        }
         self.axes = {
             name: var.get_metadata().get("out_sharding") or (None,) * var.get_value().ndim
             for name, (_, var) in self._variables.items()
@@ -72,11 +91,17 @@ class Layout:
         """Random parameters (std 0.02 normal, norms at 1), created directly with their shardings."""
 
         def create():
-            model = Decoder(self.cfg, rngs=nnx.Rngs(seed))
-            return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+            model = Decoder(self.cfg, rngs=nnx.Rngs(seed), lora=self.lora)
+            flat = nnx.to_flat_state(nnx.state(model))
+            return {_flat_name(p): v.get_value().astype(self.shapes[_flat_name(p)].dtype) for p, v in flat}
 
         with nnx.use_eager_sharding(False):
             return jax.jit(create, out_shardings=self.shardings(mesh))()
+
+
+def _flat_name(path: tuple) -> str:
+    """A variable's name, e.g. "layers.attn.q_proj"; a LoRA factor `q_proj_lora_a` is "...q_proj.lora_a"."""
+    return re.sub(r"_(lora_[ab])$", r".\1", ".".join(map(str, path)))
 
 
 def config_from_folder(
@@ -96,8 +121,12 @@ def config_from_folder(
     return cfg, hf_config
 
 
-def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = None) -> Params:
+def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = None, convert=None) -> Params:
     """Reads a folder's (or Hub id's) safetensors tensor by tensor straight into arrays sharded over `mesh`.
+
+    LoRA factors (`layout.adapters`) are not in the folder and not read. `convert(name, array)`, if
+    given, replaces each array as soon as it is placed (LoRA quantizes its frozen base this way, so the
+    full-precision weights are never all on the devices at once).
 
     Each tensor stays memory-mapped; every device's shard is sliced from the file, cast to the param
     dtype and copied alone, so host memory holds one shard beyond what is already placed, never a whole
@@ -132,9 +161,10 @@ def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = No
             views[name] = view
         else:
             views.setdefault(name, {})[layer] = view
+    base_names = [name for name in layout.shapes if name not in layout.adapters]
     missing = [
         names.to_hf(name, layer)[0]
-        for name in layout.shapes
+        for name in base_names
         for layer in (range(num_layers) if names.is_stacked(name) else [None])
         if name not in views or (layer is not None and layer not in views[name])
     ]
@@ -142,13 +172,15 @@ def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = No
         raise hf.ModelFolderError(f"{path}: missing tensors {', '.join(missing)}")
     shardings = layout.shardings(mesh)
     params: Params = {}
-    for name, target in layout.shapes.items():
-        view = views[name]
+    for name in base_names:
+        target, view = layout.shapes[name], views[name]
         if names.is_stacked(name):
             read = functools.partial(_stacked_shard, [view[i] for i in range(num_layers)], target.dtype)
         else:
             read = functools.partial(_shard, view, target.dtype)
         params[name] = jax.make_array_from_callback(target.shape, shardings[name], read)
+        if convert is not None:
+            params[name] = convert(name, params[name])
     return params
 
 

@@ -9,8 +9,12 @@ pinned to their logical axes too (`sharding.constrain`), when traced under a mes
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +55,80 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype,
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
 
 
+class LoraParam(nnx.Param):
+    """A LoRA factor: `<kernel>_lora_a` [inputs..., rank] or `<kernel>_lora_b` [rank, outputs...], beside
+    its kernel (`jsft.lora` says which kernels, the rank, the scale and the dropout)."""
+
+
+def _add_lora(module: nnx.Module, lora: Any, rngs: nnx.Rngs, axes: dict[str, tuple], n_inputs: dict) -> None:
+    """Creates the factors of each kernel of `module` that `lora` targets: A ~ N(0, 1/fan_in), B = 0,
+    so the adapted layer starts as the base one. `axes` are the kernels' logical axes."""
+    module.lora = lora
+    for name in axes:
+        if lora is None or name not in lora.targets:
+            continue
+        kernel = getattr(module, name)
+        shape, n_in, dtype = kernel.shape, n_inputs[name], module.cfg.param_dtype
+        a_init = nnx.initializers.normal(stddev=float(np.prod(shape[:n_in])) ** -0.5)
+        a_shape, b_shape = (*shape[:n_in], lora.rank), (lora.rank, *shape[n_in:])
+        a = LoraParam(a_init(rngs.params(), a_shape, dtype), out_sharding=(*axes[name][:n_in], None))
+        b = LoraParam(jnp.zeros(b_shape, dtype), out_sharding=(None, *axes[name][n_in:]))
+        setattr(module, f"{name}_lora_a", a)
+        setattr(module, f"{name}_lora_b", b)
+
+
+# The train step's LoRA dropout key (None: no dropout, as in evaluation), and the layer being traced.
+_dropout_key: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key: jax.Array | None):
+    """While tracing inside this context, LoRA factors see dropout on their inputs (rate `lora.dropout`),
+    masks drawn from `key` folded with the layer index and the projection's name."""
+    token = _dropout_key.set(key)
+    try:
+        yield
+    finally:
+        _dropout_key.reset(token)
+
+
+@contextlib.contextmanager
+def _layer_dropout(index: int | jax.Array):
+    key = _dropout_key.get()
+    token = _dropout_key.set(None if key is None else jax.random.fold_in(key, index))
+    try:
+        yield
+    finally:
+        _dropout_key.reset(token)
+
+
+def _project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
+    """`einsum(spec, x, kernel)` in the compute dtype, plus `scale * (x A) B` where the kernel has LoRA
+    factors. A quantized frozen kernel (anything with `dequantize`) is dequantized here, one layer at a
+    time inside the layer scan; no merged or full-size copy of a kernel exists beyond this layer's."""
+    dt = module.cfg.dtype
+    kernel = getattr(module, name).get_value()
+    kernel = kernel.dequantize(dt) if hasattr(kernel, "dequantize") else kernel.astype(dt)
+    y = jnp.einsum(spec, x, kernel)
+    if not hasattr(module, f"{name}_lora_a"):
+        return y
+    lora = module.lora
+    a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    contracted = "".join(c for c in w_axes if c in x_axes)
+    kept = "".join(c for c in x_axes if c not in contracted)
+    key = _dropout_key.get()
+    if lora.dropout > 0 and key is not None:
+        keep = jax.random.bernoulli(
+            jax.random.fold_in(key, zlib.crc32(name.encode())), 1 - lora.dropout, x.shape
+        )
+        x = jnp.where(keep, x / (1 - lora.dropout), 0).astype(x.dtype)
+    h = jnp.einsum(f"{x_axes},{contracted}z->{kept}z", x, a.astype(dt))
+    h = h * jnp.asarray(lora.scale, dt)
+    return y + jnp.einsum(f"{kept}z,z{w_axes.replace(contracted, '')}->{out}", h, b.astype(dt))
+
+
 class RMSNorm(nnx.Module):
     """RMS normalisation over the trailing `len(shape)` axes, rounding as the family's HF code does.
 
@@ -82,14 +160,21 @@ class Attention(nnx.Module):
     """Self-attention; its window (`AttentionKind`) and RoPE tables come with each call, not with the
     weights, so one set of stacked weights serves local and global layers alike."""
 
-    def __init__(self, cfg: ModelConfig, implementation: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, implementation: str, *, rngs: nnx.Rngs, lora: Any = None):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
         self.implementation = implementation  # resolved: "xla", "cudnn" or "splash"
-        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd)
-        self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
-        self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd)
-        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd)
+        axes = {
+            "q_proj": ("embed", "heads", "head_dim"),
+            "k_proj": ("embed", "kv_heads", "head_dim"),
+            "v_proj": ("embed", "kv_heads", "head_dim"),
+            "o_proj": ("heads", "head_dim", "embed"),
+        }
+        self.q_proj = _param(rngs, (d, h, hd), axes["q_proj"], pd)
+        self.k_proj = _param(rngs, (d, kv, hd), axes["k_proj"], pd)
+        self.v_proj = _param(rngs, (d, kv, hd), axes["v_proj"], pd)
+        self.o_proj = _param(rngs, (h, hd, d), axes["o_proj"], pd)
+        _add_lora(self, lora, rngs, axes, {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2})
         zeros = nnx.initializers.zeros
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, zeros)
@@ -114,9 +199,9 @@ class Attention(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, KeysValues]:
         """The attention output; with one layer's `cache` (decoding), also these tokens' keys and values."""
         cfg, dt = self.cfg, self.cfg.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+        q = _project(self, "q_proj", "btd,dhk->bthk", x)
+        k = _project(self, "k_proj", "btd,dhk->bthk", x)
+        v = _project(self, "v_proj", "btd,dhk->bthk", x)
         if cfg.qkv_bias:
             q, k, v = (
                 q + self.q_bias[...].astype(dt),
@@ -137,40 +222,43 @@ class Attention(nnx.Module):
         else:
             out = cached_attention(q, k, v, cache, segment_ids, **options)
         out = sharding.constrain(out, ("batch", "sequence", "heads", "head_dim"))
-        out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))
+        out = _project(self, "o_proj", "bthk,hkd->btd", out)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: Any = None):
         d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
         self.cfg = cfg
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        axes = {"gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed")}
+        self.gate_proj = _param(rngs, (d, f), axes["gate_proj"], pd)
+        self.up_proj = _param(rngs, (d, f), axes["up_proj"], pd)
+        self.down_proj = _param(rngs, (f, d), axes["down_proj"], pd)
+        _add_lora(self, lora, rngs, axes, dict.fromkeys(axes, 1))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.cfg.dtype
-        gate = ACTIVATIONS[self.cfg.hidden_act](x @ self.gate_proj[...].astype(dt))
-        hidden = sharding.constrain(gate * (x @ self.up_proj[...].astype(dt)), ("batch", "sequence", "mlp"))
-        return hidden @ self.down_proj[...].astype(dt)
+        gate = ACTIVATIONS[self.cfg.hidden_act](_project(self, "gate_proj", "btd,df->btf", x))
+        hidden = sharding.constrain(
+            gate * _project(self, "up_proj", "btd,df->btf", x), ("batch", "sequence", "mlp")
+        )
+        return _project(self, "down_proj", "btf,fd->btd", hidden)
 
 
 class Block(nnx.Module):
     """Attention then MLP, residual branches normalised before (Llama), after (OLMo 2) or both (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, attention: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, attention: str, *, rngs: nnx.Rngs, lora: Any = None):
         def norm() -> RMSNorm:
             return RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
 
         before, after = cfg.norm_before_sublayers, cfg.norm_after_sublayers
         self.pre_attn_norm = norm() if before else None
-        self.attn = Attention(cfg, attention, rngs=rngs)
+        self.attn = Attention(cfg, attention, rngs=rngs, lora=lora)
         self.post_attn_norm = norm() if after else None
         self.pre_mlp_norm = norm() if before else None
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, lora=lora)
         self.post_mlp_norm = norm() if after else None
 
     def __call__(
@@ -199,14 +287,14 @@ def _block_runner(kind: AttentionKind, remat: str):
     return run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
 
 
-def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs, lora: Any = None) -> Block:
     """One Block with `num_layers` independently initialised copies of each parameter, stacked on a
     leading axis named "layers" (never sharded: each device holds its shard of every layer)."""
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def create(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, attention, rngs=rngs)
+        return Block(cfg, attention, rngs=rngs, lora=lora)
 
     return create(rngs)
 
@@ -242,14 +330,17 @@ class Decoder(nnx.Module):
     unrolled into the program (more compile time, and XLA may schedule across layer boundaries).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: Any = None):
+        """`lora` (a resolved `jsft.lora.LoraSpec`) adds LoRA factors beside the kernels it targets."""
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
         attention = resolve_attention_impl(cfg)
         if cfg.scan_layers:
-            self.layers = _stacked_blocks(cfg, attention, rngs)
+            self.layers = _stacked_blocks(cfg, attention, rngs, lora)
         else:
-            self.layers = nnx.List([Block(cfg, attention, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List(
+                [Block(cfg, attention, rngs=rngs, lora=lora) for _ in range(cfg.num_layers)]
+            )
         self.final_norm = RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(
@@ -295,9 +386,14 @@ class Decoder(nnx.Module):
         else:
             for i, (block, kind_id) in enumerate(zip(self.layers, self.cfg.layer_kind_ids, strict=True)):
                 run = _block_runner(kinds[kind_id], self.cfg.remat)
-                x = run(
-                    block, x, ropes[kind_id], segment_ids, None if cache is None else _layer_cache(cache, i)
-                )
+                with _layer_dropout(i):
+                    x = run(
+                        block,
+                        x,
+                        ropes[kind_id],
+                        segment_ids,
+                        None if cache is None else _layer_cache(cache, i),
+                    )
                 if cache is not None:
                     x, cache = x[0], _write_layer(cache, i, x[1])
         if cache is None:
@@ -329,7 +425,8 @@ class Decoder(nnx.Module):
             x, cache = carry
             state, kind_id, index = xs
             if cache is None:
-                return (layer(x, state, kind_id, None), None), None
+                with _layer_dropout(index):
+                    return (layer(x, state, kind_id, None), None), None
             x, keys_values = layer(x, state, kind_id, _layer_cache(cache, index))
             return (x, _write_layer(cache, index, keys_values)), None
 
