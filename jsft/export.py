@@ -12,23 +12,19 @@ from __future__ import annotations
 import json
 import os
 
-import ml_collections
+import jax
+import numpy as np
 from etils import epath
 
 from jsft import checkpoint, hf, models, paths, sharding
+from jsft import lora as lora_lib
 from jsft.errors import JsftError
-from jsft.lora import LoraSpec
 
 DTYPES = ("float32", "bfloat16")
 
 
-def convert(
-    checkpoint_dir: str,
-    output_dir: str,
-    step: int | None = None,
-    dtype: str | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> str:
+def _open_step(checkpoint_dir: str, step: int | None):
+    """(manager, step) of a kept step of a jsft checkpoint folder (the latest by default)."""
     if not epath.Path(checkpoint_dir).is_dir():
         raise JsftError(f"checkpoint folder {checkpoint_dir} does not exist")
     mngr = checkpoint.manager(checkpoint_dir, read_only=True)
@@ -38,24 +34,82 @@ def convert(
     step = max(steps) if step is None else step
     if step not in steps:
         raise JsftError(f"step {step} is not in {checkpoint_dir}; kept steps: {sorted(steps)}")
+    return mngr, step
+
+
+def _trained_params(mngr, step: int, layout: models.Layout, mesh) -> models.Params:
+    """The trained parameters a step holds (all weights, or LoRA's factors and also-trained weights)."""
+    shardings = layout.shardings(mesh)
+    names = sorted(layout.trainable)
+    abstract = {n: layout.shapes[n] for n in names}
+    params, _, _ = checkpoint.restore_for_export(mngr, step, abstract, {n: shardings[n] for n in names})
+    return params
+
+
+def convert(
+    checkpoint_dir: str,
+    output_dir: str,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> str:
+    """Writes a full Hugging Face model folder; a LoRA step's factors are merged into its base weights
+    (read in float32 from the run's model folder: the original weights, not a quantized copy)."""
+    mngr, step = _open_step(checkpoint_dir, step)
     files = checkpoint.hf_files(mngr, step)
     meta = checkpoint.read_json_item(mngr, step, "meta")
     layout, train_cfg = checkpoint.saved_layout(mngr, step)
     mesh = sharding.single_device_mesh()
-    lora = LoraSpec.from_config(ml_collections.ConfigDict(train_cfg["lora"]))
-    if lora:  # the checkpoint holds the factors; fold them into the base weights of the model folder
-        factors, _, _ = checkpoint.restore_for_export(
-            mngr, step, lora.shapes(layout), lora.shardings(layout, mesh)
-        )
+    params = _trained_params(mngr, step, layout, mesh)
+    if layout.lora:  # fold the factors into the base weights of the model folder
         model = train_cfg["model"]  # a Hub id is read through the cache, as in training
-        base = models.load_params(model["path"], layout, mesh, revision=model.get("revision") or None)
-        params = lora.merge(base, factors)
-    else:
-        params, _, _ = checkpoint.restore_for_export(mngr, step, layout.shapes, layout.shardings(mesh))
+        base_layout = models.Layout(layout.cfg)
+        base = models.load_params(model["path"], base_layout, mesh, revision=model.get("revision") or None)
+        params = layout.lora.merge(base, params)
+        layout = base_layout
     dtype = dtype or train_cfg["model"]["param_dtype"]
     tensors = models.to_hf_tensors(params, layout, models.dtype_of(dtype))
     readme = model_card(train_cfg, step, meta.get("total_steps"))
     return write_folder(output_dir, tensors, files, readme, dtype, max_shard_bytes)
+
+
+def convert_adapter(
+    checkpoint_dir: str, output_dir: str, step: int | None = None, dtype: str | None = None
+) -> str:
+    """Writes a LoRA step as a PEFT adapter folder: adapter_config.json and adapter_model.safetensors
+    under PEFT's key names, which `peft.PeftModel.from_pretrained(base_model, output_dir)` loads."""
+    mngr, step = _open_step(checkpoint_dir, step)
+    layout, train_cfg = checkpoint.saved_layout(mngr, step)
+    if not layout.lora:
+        raise JsftError(f"{checkpoint_dir} step {step} is full fine-tuning (lora.rank=0): it has no adapter")
+    params = _trained_params(mngr, step, layout, sharding.single_device_mesh())
+    host = {n: np.asarray(jax.device_get(v)) for n, v in params.items()}
+    if dtype:
+        host = {n: v.astype(models.dtype_of(dtype)) for n, v in host.items()}
+    meta = checkpoint.read_json_item(mngr, step, "meta")
+    return write_adapter(
+        output_dir,
+        host,
+        layout,
+        train_cfg["model"]["path"],
+        readme=model_card(train_cfg, step, meta.get("total_steps"), library="peft"),
+    )
+
+
+def write_adapter(
+    output_dir: str, trained: dict, layout: models.Layout, base_model: str, readme: str = ""
+) -> str:
+    """A PEFT adapter folder of `trained` (host arrays of `layout.trainable`), local or on an object store."""
+    from safetensors.numpy import save_file
+
+    tensors = lora_lib.peft_tensors(trained, layout)
+    with paths.local_staging(output_dir) as folder:
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+        config = lora_lib.peft_config(layout, base_model)
+        epath.Path(folder, "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if readme:
+            epath.Path(folder, "README.md").write_text(readme)
+    return output_dir
 
 
 def write_folder(
@@ -157,9 +211,9 @@ def push_to_hub(folder: str, repo_id: str) -> str:
     return commit.commit_url
 
 
-def model_card(train_cfg: dict, step: int, total_steps: int | None) -> str:
+def model_card(train_cfg: dict, step: int, total_steps: int | None, library: str = "transformers") -> str:
     return (
-        "---\nlibrary_name: transformers\ntags: [jsft, sft]\n---\n\n"
+        f"---\nlibrary_name: {library}\ntags: [jsft, sft]\n---\n\n"
         f"# Fine-tuned with jsft\n\nSupervised fine-tuning of `{train_cfg['model']['path']}`, "
         f"exported at step {step} of {total_steps}.\n\n"
         f"Data mixture: {train_cfg['data']['mixer']}\n\n"

@@ -1,7 +1,10 @@
 """Converts a jsft checkpoint step into a Hugging Face model folder (see `jsft.export`).
 
 python tools/convert_to_hf.py --checkpoint_dir=runs/tiny/checkpoints --output_dir=out/tiny-hf [--step=N]
-    [--dtype=bfloat16] [--max_shard_size=5GB] [--push_to_hub=ORG/NAME]
+    [--dtype=bfloat16] [--max_shard_size=5GB] [--push_to_hub=ORG/NAME] [--adapter_only]
+
+A LoRA step becomes the base model with its factors merged in, or with --adapter_only a PEFT adapter
+folder (adapter_config.json, adapter_model.safetensors) for `peft.PeftModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file, e.g. 5GB or 500MB")
     parser.add_argument(
+        "--adapter_only",
+        action="store_true",
+        help="LoRA steps: write a PEFT adapter folder, not a merged model",
+    )
+    parser.add_argument(
         "--push_to_hub",
         type=hub_repo_id,
         default=None,
@@ -43,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     try:
+        if args.adapter_only:
+            if args.push_to_hub:
+                raise JsftError("--push_to_hub uploads full model folders; upload an adapter with peft")
+            print(
+                f"wrote {export.convert_adapter(args.checkpoint_dir, args.output_dir, args.step, args.dtype)}"
+            )
+            return
         out = export.convert(
             args.checkpoint_dir,
             args.output_dir,
