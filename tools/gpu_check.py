@@ -134,7 +134,7 @@ def check_step(rows: int, seq: int, steps: int) -> dict:
         "compile_s": compile_s,
         "jsft_step_s": jsft_s,
         "jsft_tokens_per_s": rows * seq / jsft_s,
-        "attention": model_cfg.attention,
+        "attention": attention.resolve_attention_impl(model_cfg),
     }
     if peak:
         out["jsft_mfu"] = flops.mfu(rows * seq / jsft_s, per_token, peak)
