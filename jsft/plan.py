@@ -27,6 +27,13 @@ import sys
 GIB = 2**30
 # Cheapest first: how much of the forward pass each policy recomputes in the backward pass.
 REMAT_ORDER = ("none", "dots_saveable", "minimal", "full")
+# Relative step time of a setting, for ranking the ones that fit (a model, not a measurement): a
+# training step is about 3 forward passes; remat adds the recomputed share of one more (full: all of
+# it, minimal: norms, RoPE and attention, dots_saveable: the elementwise work between the matmuls);
+# each further micro-batch gathers the parameters again and runs smaller, less efficient matmuls;
+# each further tensor split all-reduces every layer's activations.
+REMAT_COST = {"none": 1.0, "dots_saveable": 1.05, "minimal": 1.15, "full": 1.33}
+MICRO_BATCH_COST, TENSOR_COST = 0.04, 0.08
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -104,6 +111,15 @@ class Setting:
             f"--config.mesh.fsdp={self.fsdp}",
             f"--config.mesh.tensor={self.tensor}",
         ]
+
+    @property
+    def cost(self) -> float:
+        """Relative step time (see REMAT_COST): the search picks the cheapest setting that fits."""
+        return (
+            REMAT_COST[self.remat]
+            * (1 + MICRO_BATCH_COST * (self.grad_accum_steps - 1))
+            * (1 + TENSOR_COST * (self.tensor - 1))
+        )
 
     def apply(self, cfg):
         cfg = cfg.copy_and_resolve_references()
@@ -312,11 +328,13 @@ def candidates(cfg, hf_config: dict, devices: int) -> list[Setting]:
 
 
 def search(cfg, hf_config: dict, devices: list, budget: float, log=print) -> tuple[Setting | None, dict]:
-    """The cheapest setting whose compiled step fits `budget` bytes per device, and every compile's Memory.
+    """The cheapest setting (`Setting.cost`) whose compiled step fits `budget` bytes per device, and every
+    compile's Memory.
 
-    Memory falls as accumulation grows (smaller micro-batches), so for each (remat, tensor) the largest
-    accumulation is compiled first: if even that does not fit, the group is skipped; otherwise a
-    bisection finds its smallest accumulation that fits. The first remat policy with a fit wins.
+    Memory falls as accumulation grows (smaller micro-batches), so for each (remat, tensor) group the
+    largest accumulation is compiled first: if even that does not fit, the group is skipped; otherwise
+    a bisection finds its smallest accumulation that fits. Groups are tried by their best possible
+    cost, and the search stops once no remaining group can beat the best fit found.
     """
     measured: dict[Setting, Memory] = {}
 
@@ -327,20 +345,22 @@ def search(cfg, hf_config: dict, devices: list, budget: float, log=print) -> tup
         return measured[setting].peak <= budget
 
     settings = candidates(cfg, hf_config, len(devices))
-    for remat in REMAT_ORDER:
-        found = []
-        for tensor in sorted({s.tensor for s in settings}):
-            group = [s for s in settings if s.remat == remat and s.tensor == tensor]
-            if not group or not fits(group[-1]):
-                continue
-            low, high = 0, len(group) - 1
-            while low < high:
-                middle = (low + high) // 2
-                low, high = (low, middle) if fits(group[middle]) else (middle + 1, high)
-            found.append(group[high])
-        if found:
-            return min(found, key=lambda s: (s.grad_accum_steps, s.tensor)), measured
-    return None, measured
+    groups = {}
+    for setting in settings:  # candidates come in increasing accumulation within a group
+        groups.setdefault((setting.remat, setting.tensor), []).append(setting)
+    best: Setting | None = None
+    for group in sorted(groups.values(), key=lambda g: g[0].cost):
+        if best is not None and group[0].cost >= best.cost:
+            break
+        if not fits(group[-1]):
+            continue
+        low, high = 0, len(group) - 1
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(group[middle]) else (middle + 1, high)
+        if best is None or group[high].cost < best.cost:
+            best = group[high]
+    return best, measured
 
 
 def plan_devices(args: argparse.Namespace) -> tuple[list, float, str]:
