@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jsft import sharding
 from jsft.errors import JsftError
@@ -324,15 +324,6 @@ def quantize(w: jax.Array, *, kind: str, axis: int, block: int) -> Quantized:
     return Quantized((low | (high << 4)).astype(jnp.uint8), scales, kind, axis, block)
 
 
-def base_bytes(base: dict) -> dict[str, int]:
-    """Bytes of the frozen base on its devices, quantized kernels and the rest (for reports and tests)."""
-    quantized = sum(
-        leaf.nbytes for v in base.values() if isinstance(v, Quantized) for leaf in jax.tree.leaves(v)
-    )
-    rest = sum(v.nbytes for v in base.values() if not isinstance(v, Quantized))
-    return {"quantized": quantized, "unquantized": rest}
-
-
 # --- PEFT adapters in and out ---------------------------------------------------------------------------
 
 PEFT_PREFIX = "base_model.model."
@@ -377,7 +368,9 @@ def modules_to_save(layout: Layout) -> list[str]:
             hf_name, _ = layout.names.to_hf(name, layer)
             module = hf_name.rsplit(".", 1)[0]
             if module.rsplit(".", 1)[-1] in layout.lora.targets:
-                raise JsftError(f"lora.also_train: {name} belongs to an adapted projection; PEFT cannot save it")
+                raise JsftError(
+                    f"lora.also_train: {name} belongs to an adapted projection; PEFT cannot save it"
+                )
             names.add(module)
     return sorted(names)
 
@@ -495,8 +488,3 @@ def load_peft(folder: str, layout: Layout, mesh: Mesh) -> Params:
     host = from_peft_tensors(tensors, layout, folder)
     shardings = layout.shardings(mesh)
     return {name: jax.device_put(value, shardings[name]) for name, value in host.items()}
-
-
-def trainable_shardings(layout: Layout, mesh: Mesh) -> dict[str, NamedSharding]:
-    shardings = layout.shardings(mesh)
-    return {name: shardings[name] for name in sorted(layout.trainable)}

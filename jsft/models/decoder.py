@@ -114,19 +114,19 @@ def _project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Arra
         return y
     lora = module.lora
     a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
-    inputs, out = spec.split("->")
-    x_axes, w_axes = inputs.split(",")
-    contracted = "".join(c for c in w_axes if c in x_axes)
-    kept = "".join(c for c in x_axes if c not in contracted)
     key = _dropout_key.get()
     if lora.dropout > 0 and key is not None:
         keep = jax.random.bernoulli(
             jax.random.fold_in(key, zlib.crc32(name.encode())), 1 - lora.dropout, x.shape
         )
         x = jnp.where(keep, x / (1 - lora.dropout), 0).astype(x.dtype)
-    h = jnp.einsum(f"{x_axes},{contracted}z->{kept}z", x, a.astype(dt))
-    h = h * jnp.asarray(lora.scale, dt)
-    return y + jnp.einsum(f"{kept}z,z{w_axes.replace(contracted, '')}->{out}", h, b.astype(dt))
+    # As 2-D matmuls over x's trailing (contracted) axes, which A's leading axes match: XLA:CPU runs the
+    # same products written as batched einsums (and their transposes) about 2x slower (measured).
+    n_in = a.ndim - 1
+    rows = x.reshape(-1, int(np.prod(x.shape[-n_in:])))
+    h = (rows @ a.reshape(-1, lora.rank).astype(dt)) * jnp.asarray(lora.scale, dt)
+    delta = h @ b.reshape(lora.rank, -1).astype(dt)
+    return y + delta.reshape(y.shape)
 
 
 class RMSNorm(nnx.Module):
