@@ -70,17 +70,20 @@ def chunked_loss_sum(
     if not batch_axes:
         return local(hidden, kernel, targets, mask)
     rows_spec = P(batch_axes)
+    kernel_dtype = kernel.dtype
 
     def per_device(h, k, t, m):
-        return jax.lax.psum(local(h, k, t, m), batch_axes)
+        return jax.lax.psum(local(h, k.astype(kernel_dtype), t, m), batch_axes)
 
+    # The head enters in float32, so its gradient is summed over the devices in float32 (with a
+    # bfloat16 head, XLA:CPU aborts compiling this: "Invalid binary instruction opcode copy").
     return jax.shard_map(
         per_device,
         in_specs=(rows_spec, P(), rows_spec, rows_spec),
         out_specs=P(),
         axis_names=set(batch_axes),
         check_vma=False,
-    )(hidden, kernel, targets, mask)
+    )(hidden, kernel.astype(jnp.float32), targets, mask)
 
 
 def _manual_batch_axes(batch: int) -> tuple[str, ...]:
