@@ -464,26 +464,46 @@ def topology_report(cfg, topology: str) -> dict:
     }
 
 
+# What tools/tpu_check.py and tools/roofline.py compile unless told otherwise.
+TOOL_DEFAULTS = ("--topology=v5p-64,v6e-64", "--config=configs/tulu.py", "--config.model.attention=splash")
+
+
+def with_tool_defaults(argv: list[str]) -> list[str]:
+    """`argv` with each of TOOL_DEFAULTS it does not set itself added (the program name stays first)."""
+    given = {a.split("=", 1)[0] for a in argv[1:]}
+    return [argv[0], *(a for a in TOOL_DEFAULTS if a.split("=", 1)[0] not in given), *argv[1:]]
+
+
+def reports(argv: list[str]) -> Iterator[tuple[str, dict]]:
+    """(topology, `topology_report`) for each of `--topology=A[,B]` with `--config=FILE [--config.KEY=V]`;
+    a missing topology, a bad config or an unknown topology ends the program with one line."""
+    import sys
+
+    names = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--topology=")]
+    if not names:
+        sys.exit(f"{argv[0]}: give --topology=NAME[,NAME] (" + ", ".join(TOPOLOGIES) + ")")
+    prepare_environment()
+    from jsft import config
+    from jsft.errors import JsftError
+
+    files = [a for a in argv[1:] if a.startswith("--config=")]  # the file before its overrides
+    overrides = [a for a in argv[1:] if not a.startswith(("--topology=", "--config="))]
+    cfg = config.load_or_exit([argv[0], *files, *overrides])
+    try:
+        for name in names[-1].split(","):
+            yield name, topology_report(cfg, name)
+    except (JsftError, TopologyError) as e:
+        sys.exit(f"{argv[0]}: {e}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m jsft.tpu --topology=v5p-64[,v6e-64] --config=FILE [--config.KEY=VALUE]`: one JSON
     report per topology (tools/tpu_check.py and tools/roofline.py print them for people)."""
     import json
     import sys
 
-    argv = sys.argv if argv is None else argv
-    names = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--topology=")]
-    if not names:
-        sys.exit("jsft.tpu: give --topology=NAME[,NAME] (" + ", ".join(TOPOLOGIES) + ")")
-    prepare_environment()
-    from jsft import config
-    from jsft.errors import JsftError
-
-    cfg = config.load_or_exit([argv[0], *(a for a in argv[1:] if not a.startswith("--topology="))])
-    try:
-        for name in names[-1].split(","):
-            print(json.dumps(topology_report(cfg, name)), flush=True)
-    except (JsftError, TopologyError) as e:
-        sys.exit(f"jsft.tpu: {e}")
+    for _, report in reports(["jsft.tpu", *(sys.argv if argv is None else argv)[1:]]):
+        print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

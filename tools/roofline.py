@@ -15,23 +15,11 @@ import sys
 
 from jsft import tpu
 
-DEFAULTS = ["--topology=v5p-64,v6e-64", "--config=configs/tulu.py"]
-
 
 def main() -> None:
-    argv = sys.argv[1:]
-    given = {a.split("=", 1)[0] for a in argv}
-    args = [a for a in DEFAULTS if a.split("=", 1)[0] not in given] + argv
-    tpu.prepare_environment()
-    from jsft import config
-
-    topologies = next(a for a in args if a.startswith("--topology=")).split("=", 1)[1].split(",")
-    cfg = config.load_or_exit(
-        [sys.argv[0], "--config.model.attention=splash", *(a for a in args if a.startswith("--config"))]
-    )
-    for name in topologies:
+    for name, report in tpu.reports(tpu.with_tool_defaults(sys.argv)):
         peak, hbm, ici = tpu.CHIP_PEAKS[name.split("-")[0]]
-        r = tpu.topology_report(cfg, name)["roofline"]
+        r = report["roofline"]
         print(
             f"{name}: peaks {peak / 1e12:.0f} TFLOP/s, HBM {hbm / 1e9:.0f} GB/s, "
             f"ICI {ici / 1e9:.0f} GB/s per chip\n"

@@ -14,22 +14,9 @@ import sys
 
 from jsft import tpu
 
-DEFAULTS = ["--topology=v5p-64,v6e-64", "--config=configs/tulu.py"]
-
 
 def main() -> None:
-    argv = sys.argv[1:]
-    given = {a.split("=", 1)[0] for a in argv}
-    args = [a for a in DEFAULTS if a.split("=", 1)[0] not in given] + argv
-    tpu.prepare_environment()
-    from jsft import config
-
-    topologies = next(a for a in args if a.startswith("--topology=")).split("=", 1)[1].split(",")
-    cfg = config.load_or_exit(
-        [sys.argv[0], "--config.model.attention=splash", *(a for a in args if a.startswith("--config"))]
-    )
-    for name in topologies:
-        report = tpu.topology_report(cfg, name)
+    for name, report in tpu.reports(tpu.with_tool_defaults(sys.argv)):
         memory = report["memory_gib"]
         print(f"== {name}: {report['devices']} devices, mesh {report['mesh']}")
         print(
