@@ -151,7 +151,7 @@ class Memory:
 
 def build_trainer(cfg, hf_config: dict, devices: list):
     """The run's Trainer over `devices` (simulated CPU or compile-only TPU), from config.json alone."""
-    from jsft import models, sharding, tpu
+    from jsft import models, sharding
     from jsft.trainer import Trainer, check_batch_fits
 
     platform = devices[0].platform
@@ -167,9 +167,8 @@ def build_trainer(cfg, hf_config: dict, devices: list):
         cfg.model.remat,
         cfg.model.scan_layers,
     )
-    with tpu.attention_resolved_for(devices[0]):
-        layout = models.Layout(model_cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+    layout = models.Layout(model_cfg, device=devices[0])  # splash for a TPU topology, on this CPU host
     check_batch_fits(cfg.train, mesh)
     return Trainer(cfg, layout, mesh, total_steps=1000)
 
@@ -402,7 +401,7 @@ def describe(trainer, memory: Memory, budget: float) -> list[str]:
     return [
         f"parameters  {_count(total)} total, {_count(trained)} trained"
         f"{f' (LoRA rank {cfg.lora.rank})' if trainer.lora else ''}; stored {cfg.model.param_dtype}, "
-        f"compute {model.dtype.__name__}, remat {model.remat}, attention {model.attention_impl}",
+        f"compute {model.dtype.__name__}, remat {model.remat}, attention {trainer.layout.attention}",
         "mesh        " + " x ".join(f"{axis}={size}" for axis, size in trainer.mesh.shape.items()),
         "sharding    (trained parameters; optimizer moments are split like their parameter)",
         *sharding_table(trainer),

@@ -59,7 +59,7 @@ def trainable_shapes(layout: Layout, lora: LoraSpec | None = None) -> dict[str, 
 
     `lora`, when `layout` was built without it (a checkpoint's saved layout), adds its factors."""
     if lora is not None and layout.lora is None:
-        layout = Layout(layout.cfg, lora)
+        layout = Layout(layout.cfg, lora, layout.device)
     return {name: layout.shapes[name] for name in sorted(layout.trainable)}
 
 

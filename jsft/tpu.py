@@ -11,7 +11,6 @@ the program and fails on the SparseCore offload instructions large embedding gat
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -104,23 +103,6 @@ def topology_devices(name: str) -> list:
         num_slices=1,
     )
     return list(desc.devices)
-
-
-@contextlib.contextmanager
-def attention_resolved_for(device) -> Iterator[None]:
-    """Resolves `model.attention` for `device` while a Layout is built in this block.
-
-    The decoder resolves its attention backend for `jax.devices()[0]`, which is a CPU here; the
-    program is compiled for `device`'s platform (splash on TPU), so it must be resolved for that.
-    """
-    from jsft.models import attention, decoder
-
-    original = decoder.resolve_attention_impl
-    decoder.resolve_attention_impl = functools.partial(attention.resolve_attention_impl, device=device)
-    try:
-        yield
-    finally:
-        decoder.resolve_attention_impl = original
 
 
 def compile_with_text(lowered) -> tuple[object, str]:

@@ -41,7 +41,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     epath.Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # local, gs://, s3://
     checkpointer = Checkpointer(cfg)  # may the run start here? (before any heavy work)
     folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)  # a Hub id is fetched once
-    layout, tokenizer, template = load_model_description(cfg, folder)
+    layout, tokenizer, template = load_model_description(cfg, folder, mesh.devices.flat[0])
     train_data, eval_data = load_data(cfg, tokenizer)
     total_steps = count_steps(cfg, train_data.examples)
     train_iter = iter(train_batches(cfg, train_data.examples, mesh))
@@ -125,11 +125,12 @@ def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize()
 
 
-def load_model_description(cfg: ml_collections.ConfigDict, folder: str):
-    """(layout, tokenizer, chat template) of the model folder: its config.json, not its weights."""
+def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: jax.Device):
+    """(layout, tokenizer, chat template) of the model folder: its config.json, not its weights.
+    `device` (one of the mesh's) decides the "auto" compute dtype and attention backend."""
     compute_dtype = cfg.model.dtype
     if compute_dtype == "auto":  # bfloat16 where the hardware is built for it
-        compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        compute_dtype = "float32" if device.platform == "cpu" else "bfloat16"
     model_cfg, _ = models.config_from_folder(
         folder,
         compute_dtype,
@@ -149,7 +150,7 @@ def load_model_description(cfg: ml_collections.ConfigDict, folder: str):
             f"the tokenizer of {cfg.model.path} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}: ids past the embedding would train on garbage"
         )
-    return models.Layout(model_cfg), tokenizer, data.resolve_template(cfg.data.chat_template)
+    return models.Layout(model_cfg, device=device), tokenizer, data.resolve_template(cfg.data.chat_template)
 
 
 def load_data(cfg: ml_collections.ConfigDict, tokenizer) -> tuple[data.EncodedData, data.EncodedData | None]:

@@ -85,7 +85,7 @@ class Trainer:
         With LoRA (`lora.rank` > 0) `self.layout` is `layout` with the factors added (`Layout.adapters`)."""
         self.lora = LoraSpec.from_config(cfg.lora)
         if self.lora is not None and layout.lora is None:
-            layout = models.Layout(layout.cfg, self.lora)
+            layout = models.Layout(layout.cfg, self.lora, layout.device)
         self.cfg, self.layout, self.mesh = cfg, layout, mesh
         self.total_steps = total_steps
         self.checkpointer = checkpointer

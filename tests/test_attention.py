@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jsft import models, sharding
 from jsft.models import attention
@@ -160,6 +161,15 @@ def test_auto_resolves_by_device_and_dtype(caplog):
         capped = dataclasses.replace(bf16, attn_logit_softcap=50.0)
         assert attention.resolve_attention_impl(capped, NVIDIA) == "xla"
     assert "compute dtype float32" in caplog.text and "soft-capping" in caplog.text
+
+
+def test_layout_resolves_attention_for_the_device_it_is_given():
+    """A TPU program compiled on this CPU host (jsft.plan, jsft.tpu) gets splash, not this host's xla."""
+    on_tpu, here = models.Layout(SMALL, device=TPU), models.Layout(SMALL)
+    assert (on_tpu.attention, here.attention) == ("splash", "xla")
+    built = on_tpu.merge(on_tpu.shapes)
+    backends = {getattr(node, "implementation", None) for _, node in nnx.graph.iter_graph(built)}
+    assert backends == {None, "splash"}
 
 
 def test_impossible_choices_are_clear_errors(hf_llama):

@@ -112,11 +112,7 @@ def _jsft(ref: Reference, setting: str, dtype: str = "float32"):
     key = (ref.folder, setting, dtype)
     if key not in _runs:
         shape, scan_layers = SETTINGS[setting]
-        mesh = (
-            sharding.make_mesh(shape)
-            if shape
-            else sharding.single_device_mesh()
-        )
+        mesh = sharding.make_mesh(shape) if shape else sharding.single_device_mesh()
         cfg, _ = models.config_from_folder(ref.folder, dtype, dtype, scan_layers=scan_layers)
         layout = models.Layout(cfg)
         params = models.load_params(ref.folder, layout, mesh)

@@ -147,7 +147,7 @@ def test_dtype_auto_is_float32_on_cpu():
 
     cfg = default_config()
     cfg.model.path = str(TINY_MODEL)
-    layout, _, _ = train.load_model_description(cfg, cfg.model.path)
+    layout, _, _ = train.load_model_description(cfg, cfg.model.path, jax.devices()[0])
     assert jax.default_backend() == "cpu" and layout.cfg.dtype == jnp.float32
 
 

@@ -194,7 +194,7 @@ def _trainer_for(cfg, checkpointer):
     from jsft import data, train
     from jsft.trainer import Trainer
 
-    layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path)
+    layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path, jax.devices()[0])
     train_data, _ = train.load_data(cfg, tokenizer)
     checkpointer.attach(
         iter(data.batches(train_data.examples, **train.pipeline_args(cfg))), total_steps=STEPS, hf_assets={}

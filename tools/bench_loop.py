@@ -73,7 +73,7 @@ def main() -> None:
     )
     random_model(f"{tmp}/m", base.model.path, args, cfg.data.max_seq_length)
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-    layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path)
+    layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path, jax.devices()[0])
     examples = data.prepare(cfg.data, tokenizer, seed=cfg.train.seed).examples
     stream = iter(train.train_batches(cfg, examples, mesh))
     checkpointer = Checkpointer(cfg)

@@ -21,7 +21,7 @@ from jax.typing import DTypeLike
 
 from jsft import hf, sharding
 from jsft.errors import JsftError
-from jsft.models.attention import soft_cap
+from jsft.models.attention import resolve_attention_impl, soft_cap
 from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder, LoraParam
 from jsft.models.names import IGNORED_HF_TENSORS, NameMap
@@ -50,15 +50,23 @@ class Layout:
     targets (`adapters`, named `<kernel>.lora_a` / `.lora_b`); `trainable` is what the optimizer trains
     (all parameters, or the factors and `lora.also_train`), and the frozen rest is stored in the spec's
     base dtype.
+
+    `device` is one of the devices the model will run on (the mesh's): `model.attention` is resolved
+    for its platform (default: this process's first device), so a program compiled for a TPU topology
+    on a CPU host gets splash attention.
     """
 
-    def __init__(self, cfg: ModelConfig, lora: Any = None):
+    def __init__(self, cfg: ModelConfig, lora: Any = None, device: jax.Device | None = None):
         self.cfg = cfg
+        self.device = device
+        self.attention = resolve_attention_impl(cfg, device)
         self.model_type = cfg.model_type
         self.names = NameMap(self.model_type, stacked=cfg.scan_layers)
         self.lora = lora.resolve(cfg.num_layers) if lora is not None else None
         with nnx.use_eager_sharding(False):
-            abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=self.lora))
+            abstract = nnx.eval_shape(
+                lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=self.lora, attention=self.attention)
+            )
         self.graphdef, state = nnx.split(abstract)
         self._variables = {_flat_name(path): (path, var) for path, var in nnx.to_flat_state(state)}
         self.adapters = frozenset(n for n, (_, var) in self._variables.items() if isinstance(var, LoraParam))

@@ -322,19 +322,21 @@ def _write_layer(cache: KVCache, layer: int | jax.Array, keys_values: KeysValues
 class Decoder(nnx.Module):
     """`model(input_ids, positions=None, segment_ids=None)` -> logits [batch, seq, vocab].
 
-    The attention backend is resolved for the first device when the model is built (errors then, not
-    at the first step); each block runs under `jax.checkpoint` with `REMAT_POLICIES[cfg.remat]`.
+    The attention backend is resolved when the model is built (by `Layout`, for the mesh's devices:
+    errors then, not at the first step); each block runs under `jax.checkpoint` with
+    `REMAT_POLICIES[cfg.remat]`.
 
     With `cfg.scan_layers`, `layers` is one Block whose parameters carry a leading "layers" axis, run
     by `lax.scan`: one layer is compiled, whatever the depth. Otherwise `layers` is a list of blocks,
     unrolled into the program (more compile time, and XLA may schedule across layer boundaries).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: Any = None):
-        """`lora` (a resolved `jsft.lora.LoraSpec`) adds LoRA factors beside the kernels it targets."""
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: Any = None, attention: str | None = None):
+        """`lora` (a resolved `jsft.lora.LoraSpec`) adds LoRA factors beside the kernels it targets;
+        `attention` is the resolved backend (default: `cfg.attention_impl` resolved for the first device)."""
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        attention = resolve_attention_impl(cfg)
+        attention = attention or resolve_attention_impl(cfg)
         if cfg.scan_layers:
             self.layers = _stacked_blocks(cfg, attention, rngs, lora)
         else:
