@@ -173,11 +173,13 @@ def build_trainer(cfg, hf_config: dict, devices: list):
     return Trainer(cfg, layout, mesh, total_steps=1000)
 
 
-def compile_step(trainer, with_text: bool = False):
-    """(compiled train step, its Memory, program text or None) for the config's global batch."""
+def compile_step(trainer, rows: int | None = None, with_text: bool = False):
+    """(compiled train step, its Memory, program text or None) for a global batch of `rows` rows
+    (default: `step_rows` without data figures)."""
     from jsft import tpu
 
-    rows, seq = trainer.cfg.train.global_batch_size, trainer.cfg.data.max_seq_length
+    rows = rows or step_rows(trainer)[0]
+    seq = trainer.cfg.data.max_seq_length
     shards = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     batch_bytes = 5 * 4 * rows * seq / shards  # five int32 [rows, seq] arrays split over data x fsdp
     if with_text:
@@ -221,40 +223,76 @@ class DataPlan:
     steps_per_epoch: int | None  # None: unknown (no data cache, no --examples)
     total_steps: int | None
     note: str  # where the figures come from
+    examples: object = None  # the data cache's encoded examples (their lengths), when it is built
+    mean_tokens: float = 0.0  # --mean_tokens, when only that is known
 
 
 def data_plan(cfg, examples: int = 0, mean_tokens: float = 0.0) -> DataPlan:
     """Steps per epoch and in total: the packer run over the data cache's lengths when the cache is
     built, else from `examples` x `mean_tokens`, else only `train.max_steps` if set."""
     rows, seq = cfg.train.global_batch_size, cfg.data.max_seq_length
+    by_examples = cfg.train.batch_unit == "examples"  # then global_batch_size counts conversations
     cached, why = _cached_examples(cfg)
     if cached is not None:
         from jsft import data
 
-        per_epoch = data.count_batches(
-            cached.examples,
-            batch_size=rows,
-            max_seq_length=seq,
-            packing=cfg.data.packing,
-            packer=cfg.data.packer,
-            seed=cfg.train.seed,
+        per_epoch = (
+            len(cached) // rows
+            if by_examples
+            else data.count_batches(
+                cached.examples,
+                batch_size=rows,
+                max_seq_length=seq,
+                packing=cfg.data.packing,
+                packer=cfg.data.packer,
+                seed=cfg.train.seed,
+            )
         )
         note = f"from the data cache ({len(cached)} conversations, {cached.tokens} tokens)"
     elif examples:
         slots = rows * seq
         per_epoch = (
-            math.ceil(examples * min(mean_tokens, seq) / slots)
-            if cfg.data.packing
-            else math.ceil(examples / rows)
+            examples // rows
+            if by_examples or not cfg.data.packing
+            else math.ceil(examples * min(mean_tokens, seq) / slots)
         )
         note = f"estimated from --examples={examples} --mean_tokens={mean_tokens:g}"
-        if cfg.data.packing:
+        if cfg.data.packing and not by_examples:
             note += " (rows packed full: a lower bound)"
     else:
         per_epoch = None
         note = f"unknown: {why}; run `python -m jsft.prepare` first, or pass --examples=N --mean_tokens=T"
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else (per_epoch and per_epoch * cfg.train.epochs)
-    return DataPlan(per_epoch, total, note)
+    return DataPlan(per_epoch, total, note, cached.examples if cached is not None else None, mean_tokens)
+
+
+def step_rows(trainer, steps: DataPlan | None = None) -> tuple[int, str]:
+    """(the rows of the global batch to compile, how they were found).
+
+    With `train.batch_unit="rows"` that is `global_batch_size`. With "examples" a step's conversations
+    are packed into a bucketed number of rows (`data.example_batches`): the largest of one epoch over
+    the data cache's lengths; else the mean length's estimate; else the worst case, one row each."""
+    from jsft import data
+    from jsft.data.pipeline import row_bucket
+    from jsft.trainer import row_multiple
+
+    cfg = trainer.cfg
+    batch, seq = cfg.train.global_batch_size, cfg.data.max_seq_length
+    if cfg.train.batch_unit == "rows":
+        return batch, ""
+    multiple = row_multiple(cfg.train, trainer.mesh)
+    if steps is not None and steps.examples is not None:
+        counts = data.example_batch_rows(
+            steps.examples, batch_size=batch, max_seq_length=seq, seed=cfg.train.seed, row_multiple=multiple
+        )
+        shapes = ", ".join(f"{r} rows x{counts.count(r)}" for r in sorted(set(counts)))
+        return max(counts), f"the largest of one epoch's packed batches ({shapes})"
+    if steps is not None and steps.mean_tokens:
+        needed = math.ceil(batch * min(steps.mean_tokens, seq) / seq)
+        return row_bucket(
+            needed, multiple
+        ), "packed at the mean length (batches of longer ones take more rows)"
+    return row_bucket(batch, multiple), "the worst case, each conversation in a row of its own"
 
 
 def _cached_examples(cfg):
@@ -290,12 +328,13 @@ def _cached_examples(cfg):
     return preprocess.load(entry), ""
 
 
-def step_seconds(trainer, devices: int, peak_flops: float, mfu: float) -> float:
-    """One step's time at `mfu`: the model FLOPs of the global batch over the devices' peak."""
+def step_seconds(trainer, rows: int, devices: int, peak_flops: float, mfu: float) -> float:
+    """One step's time at `mfu`: the model FLOPs of `rows` rows (every position computed) over the
+    devices' peak."""
     from jsft import flops
 
     seq = trainer.cfg.data.max_seq_length
-    tokens = trainer.cfg.train.global_batch_size * seq
+    tokens = rows * seq
     return flops.flops_per_token(trainer.layout.cfg, seq) * tokens / (devices * peak_flops * mfu)
 
 
@@ -311,8 +350,10 @@ def _duration(seconds: float) -> str:
 def candidates(cfg, hf_config: dict, devices: int) -> list[Setting]:
     """Every setting the batch and the heads allow, cheapest first: less recomputation (remat), then
     fewer micro-batches (each gathers the parameters again), then less tensor parallelism (each layer
-    then all-reduces activations). The mesh is data=1 x fsdp x tensor: all devices shard the state."""
+    then all-reduces activations). The mesh is data=1 x fsdp x tensor: all devices shard the state.
+    With `batch_unit="examples"` every accumulation splits: the rows are a multiple of the shards."""
     rows = cfg.train.global_batch_size
+    by_examples = cfg.train.batch_unit == "examples"
     heads = hf_config["num_attention_heads"]
     kv_heads = hf_config.get("num_key_value_heads") or heads
     tensors = [t for t in (1, 2, 4, 8) if devices % t == 0 and heads % t == 0 and kv_heads % t == 0]
@@ -322,11 +363,13 @@ def candidates(cfg, hf_config: dict, devices: int) -> list[Setting]:
         for remat in REMAT_ORDER
         for accum in accums
         for tensor in tensors
-        if (rows // accum) % (devices // tensor) == 0
+        if by_examples or (rows // accum) % (devices // tensor) == 0
     ]
 
 
-def search(cfg, hf_config: dict, devices: list, budget: float, log=print) -> tuple[Setting | None, dict]:
+def search(
+    cfg, hf_config: dict, devices: list, budget: float, steps: DataPlan | None = None, log=print
+) -> tuple[Setting | None, dict]:
     """The cheapest setting (`Setting.cost`) whose compiled step fits `budget` bytes per device, and every
     compile's Memory.
 
@@ -339,7 +382,8 @@ def search(cfg, hf_config: dict, devices: list, budget: float, log=print) -> tup
 
     def fits(setting: Setting) -> bool:
         if setting not in measured:
-            _, measured[setting], _ = compile_step(build_trainer(setting.apply(cfg), hf_config, devices))
+            trainer = build_trainer(setting.apply(cfg), hf_config, devices)
+            _, measured[setting], _ = compile_step(trainer, step_rows(trainer, steps)[0])
             log(f"  tried {' '.join(setting.overrides())}: peak {measured[setting].peak / GIB:.2f} GiB")
         return measured[setting].peak <= budget
 
@@ -415,7 +459,8 @@ def schedule_lines(trainer, steps: DataPlan, devices: list, args: argparse.Names
     from jsft import flops
 
     cfg = trainer.cfg
-    rows, seq = cfg.train.global_batch_size, cfg.data.max_seq_length
+    seq = cfg.data.max_seq_length
+    rows, how = step_rows(trainer, steps)
     peak = (
         cfg.log.peak_flops
         or flops.PEAK_FLOPS.get(devices[0].device_kind)
@@ -426,10 +471,15 @@ def schedule_lines(trainer, steps: DataPlan, devices: list, args: argparse.Names
         if devices[0].platform == "tpu"
         else "an H100 SXM (set log.peak_flops for another)"
     )
-    seconds = step_seconds(trainer, len(devices), peak, args.mfu)
+    seconds = step_seconds(trainer, rows, len(devices), peak, args.mfu)
+    conversations = (
+        f"{cfg.train.global_batch_size} conversations packed into "
+        if cfg.train.batch_unit == "examples"
+        else ""
+    )
     lines = [
-        f"batch       {rows} rows x {seq} tokens = {rows * seq} token slots per step, "
-        f"{cfg.train.grad_accum_steps} micro-batch(es)",
+        f"batch       {conversations}{rows} rows x {seq} tokens = {rows * seq} token slots per step, "
+        f"{cfg.train.grad_accum_steps} micro-batch(es)" + (f"; rows: {how}" if how else ""),
         f"steps       {steps.steps_per_epoch or '?'} per epoch, {steps.total_steps or '?'} in total: "
         + steps.note,
         f"time        {seconds:.2f} s per step at MFU {args.mfu:g} of {peak / 1e12:.0f} TFLOP/s per device "
@@ -441,7 +491,8 @@ def schedule_lines(trainer, steps: DataPlan, devices: list, args: argparse.Names
 
 
 def run(cfg, config_argv: list[str], args: argparse.Namespace, log=print) -> dict:
-    """Prints the plan; returns its figures (the setting's Memory, the pick and its verified Memory)."""
+    """Prints the plan; returns its figures (the setting's Memory, the pick, its verified Memory and
+    every Memory the search compiled)."""
     from jsft import config
     from jsft.models import shapes
 
@@ -450,16 +501,15 @@ def run(cfg, config_argv: list[str], args: argparse.Namespace, log=print) -> dic
     log(f"model       {cfg.model.path}: config.json from {source}")
     log(f"devices     {what}")
     trainer = build_trainer(cfg, hf_config, devices)
-    _, memory, _ = compile_step(trainer)
-    for line in describe(trainer, memory, budget) + schedule_lines(
-        trainer, data_plan(cfg, args.examples, args.mean_tokens), devices, args
-    ):
+    steps = data_plan(cfg, args.examples, args.mean_tokens)
+    _, memory, _ = compile_step(trainer, step_rows(trainer, steps)[0])
+    for line in describe(trainer, memory, budget) + schedule_lines(trainer, steps, devices, args):
         log(line)
-    result = {"memory": memory, "pick": None, "pick_memory": None}
+    result = {"memory": memory, "pick": None, "pick_memory": None, "searched": {}}
     if memory.peak <= budget or args.no_search:
         return result
     log("search      remat x accumulation x fsdp/tensor, cheapest first:")
-    pick, _ = search(cfg, hf_config, devices, budget, log=log)
+    pick, result["searched"] = search(cfg, hf_config, devices, budget, steps, log=log)
     if pick is None:
         log(f"search      nothing fits {budget / GIB:.1f} GiB per device: use more devices, or LoRA")
         return result
@@ -467,17 +517,19 @@ def run(cfg, config_argv: list[str], args: argparse.Namespace, log=print) -> dic
     log(f"pick        {' '.join(overrides)}")
     verified = config.load([sys.argv[0], *config_argv, *overrides])  # the printed overrides themselves
     checked = build_trainer(verified, hf_config, devices)
-    _, pick_memory, _ = compile_step(checked)
+    if verified.to_dict() == pick.apply(cfg).to_dict():  # the config the search compiled: no second compile
+        pick_memory, how = result["searched"][pick], "give the config the search compiled"
+    else:
+        _, pick_memory, _ = compile_step(checked, step_rows(checked, steps)[0])
+        how = "compiled"
     log(
-        f"verified    compiled with these overrides: peak {pick_memory.peak / GIB:.2f} GiB "
-        f"of {budget / GIB:.1f} GiB "
+        f"verified    these overrides {how}: peak {pick_memory.peak / GIB:.2f} GiB of {budget / GIB:.1f} GiB "
         f"({'fits' if pick_memory.peak <= budget else 'DOES NOT FIT'})"
     )
-    for line in schedule_lines(checked, data_plan(verified, args.examples, args.mean_tokens), devices, args)[
-        2:
-    ]:
+    batch, _, *time = schedule_lines(checked, steps, devices, args)
+    for line in (batch, *time):
         log(line)
-    return result | {"pick": pick, "pick_memory": pick_memory}
+    return result | {"pick": pick, "pick_memory": pick_memory, "verified": verified}
 
 
 def main(argv: list[str] | None = None) -> None:

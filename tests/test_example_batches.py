@@ -45,7 +45,7 @@ def test_each_batch_holds_exactly_n_intact_examples_in_bucketed_rows():
     it = iter(
         example_batches(examples, batch_size=batch_size, max_seq_length=length, seed=0, row_multiple=multiple)
     )
-    seen, shapes = [], set()
+    seen, shapes, counts = [], set(), []
     for _ in range(200 // batch_size):  # one epoch
         batch = next(it)
         found = _segments(batch)
@@ -58,8 +58,14 @@ def test_each_batch_holds_exactly_n_intact_examples_in_bucketed_rows():
         assert sum(lengths[t - 1000] for t in found) <= rows * length
         seen += found
         shapes.add(rows)
+        counts.append(rows)
     assert len(set(seen)) == len(seen) == (200 // batch_size) * batch_size  # no example twice in an epoch
     assert len(shapes) <= 3
+    # What jsft.plan compiles for: the same row counts, from the lengths alone.
+    lengths_only = data.example_batch_rows(
+        examples, batch_size=batch_size, max_seq_length=length, seed=0, row_multiple=multiple
+    )
+    assert lengths_only == counts
 
 
 def test_processes_agree_on_the_row_count_and_share_the_examples():

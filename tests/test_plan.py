@@ -4,10 +4,11 @@ its search's pick fits when compiled, and the Tulu config is planned from the sh
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 from conftest import ROOT
 
-from jsft import config, models, plan
+from jsft import config, data, models, plan
 from jsft.models import shapes
 from jsft.trainer import Trainer
 
@@ -47,19 +48,17 @@ def test_search_pick_fits_when_compiled():
     hf_config, _ = shapes.hf_config(cfg.model.path)
     devices = jax.devices()
 
-    def peak(setting: plan.Setting) -> float:
-        return plan.compile_step(plan.build_trainer(setting.apply(cfg), hf_config, devices))[1].peak
-
-    cheapest, smallest = plan.Setting("none", 1, 8, 1), plan.Setting("full", 2, 8, 1)
-    budget = peak(smallest)
-    assert peak(cheapest) > budget  # the config as given does not fit: the search has work to do
+    smallest = plan.Setting("dots_saveable", 2, 8, 1)
+    budget = plan.compile_step(plan.build_trainer(smallest.apply(cfg), hf_config, devices))[1].peak
     lines: list[str] = []
     args, config_argv = plan.parse_args([f"--config={TINY}", *FSDP, f"--device_memory={budget}B"])
     result = plan.run(cfg, config_argv, args, log=lines.append)
     pick = result["pick"]
-    assert result["memory"].peak > budget and pick is not None
-    assert result["pick_memory"].peak <= budget
-    assert result["pick_memory"].peak == peak(pick)  # the printed overrides compile to the same step
+    assert result["memory"].peak > budget  # the config as given does not fit: the search has work to do
+    assert pick is not None and result["pick_memory"].peak <= budget
+    # The printed overrides give exactly the setting the search compiled and found to fit.
+    assert result["verified"].to_dict() == pick.apply(cfg).to_dict()
+    assert result["pick_memory"] == result["searched"][pick]
     assert any(line.startswith("pick ") and " ".join(pick.overrides()) in line for line in lines)
     assert any(line.startswith("verified") and "fits" in line for line in lines)
     order = plan.REMAT_ORDER.index
@@ -80,6 +79,27 @@ def test_tulu_planned_from_the_shape_table_without_weights():
     # rank 16 on q, k, v, o, gate, up, down of 32 layers: 16 x (in + out) per kernel
     d, f, kv = 4096, 14336, 1024
     assert (total, trained) == (8_030_261_248, 32 * 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3))
+
+
+def test_batches_of_conversations_compile_the_rows_they_pack_into():
+    """With batch_unit=examples the plan compiles the rows a step's conversations take, not one each."""
+    cfg = load(TINY, *FSDP, "--config.train.batch_unit=examples", "--config.train.global_batch_size=64")
+    hf_config, _ = shapes.hf_config(cfg.model.path)
+    trainer = plan.build_trainer(cfg, hf_config, jax.devices())  # 8 devices: rows in multiples of 8
+    assert plan.step_rows(trainer)[0] == 64  # nothing known of the data: one row per conversation
+    assert plan.data_plan(cfg, examples=1000, mean_tokens=40).steps_per_epoch == 1000 // 64
+    estimated = plan.step_rows(trainer, plan.data_plan(cfg, examples=1000, mean_tokens=40))[0]
+    assert estimated == 24  # 64 x 40 tokens fill 20 rows of 128: bucketed to 8 x 3
+    lengths = np.random.default_rng(0).integers(10, 120, 640)
+    examples = [
+        dict.fromkeys(("input_ids", "target_ids", "loss_mask"), np.ones(n, np.int32)) for n in lengths
+    ]
+    rows, how = plan.step_rows(trainer, plan.DataPlan(10, 10, "", examples))
+    packed = data.example_batches(
+        examples, batch_size=64, max_seq_length=128, seed=cfg.train.seed, row_multiple=8
+    )
+    assert rows == max(batch["segment_ids"].shape[0] for batch, _ in zip(packed, range(10), strict=False))
+    assert "largest of one epoch" in how
 
 
 def test_steps_from_examples_and_bad_flags():

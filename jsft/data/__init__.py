@@ -14,7 +14,7 @@ from jsft.data.chat import (
     encode_messages_incremental,
     resolve_template,
 )
-from jsft.data.pipeline import batches, count_batches, example_batches, packing_report
+from jsft.data.pipeline import batches, count_batches, example_batch_rows, example_batches, packing_report
 from jsft.data.preprocess import EncodedData, encode_mixture, prepare
 from jsft.data.sources import DataError
 
@@ -27,6 +27,7 @@ __all__ = [
     "SetupError",
     "batches",
     "count_batches",
+    "example_batch_rows",
     "example_batches",
     "encode_messages",
     "encode_messages_incremental",

@@ -118,6 +118,21 @@ def example_batches(
     return groups(examples, shard_index).map_with_index(pack).to_iter_dataset(READ_OPTIONS)
 
 
+def example_batch_rows(
+    examples: Sequence[dict[str, np.ndarray]],
+    *,
+    batch_size: int,
+    max_seq_length: int,
+    seed: int,
+    row_multiple: int,
+) -> list[int]:
+    """The row count of each batch of one epoch of `example_batches` on one process (from lengths only):
+    the shapes its train step compiles for."""
+    lengths = grain.MapDataset.source(example_lengths(examples)).shuffle(seed=seed)
+    groups = lengths.batch(batch_size, drop_remainder=True, batch_fn=list)
+    return [row_bucket(len(_first_fit_decreasing(group, max_seq_length)), row_multiple) for group in groups]
+
+
 def row_bucket(rows: int, row_multiple: int) -> int:
     """The smallest of row_multiple x (1, 2, 3, 4, 6, 8, 12, 16, ...) that holds `rows` rows."""
     units = -(-rows // row_multiple)
