@@ -70,11 +70,12 @@ class StepLogger:
 
     @classmethod
     def for_run(cls, cfg, trainer, metrics_log: MetricsLog) -> StepLogger:
-        """The logger of a run (MFU counts every position a step computes, padding included)."""
+        """The logger of a run (MFU as `flops.MFU_DEFINITION`: causal attention, every position a step
+        computes, padding included; the same as the roofline of `jsft.tpu`)."""
         return cls(
             metrics_log,
             trainer.schedule,
-            flops_per_token=flops.flops_per_token(trainer.layout.cfg, cfg.data.max_seq_length),
+            flops_per_token=flops.mfu_flops_per_token(trainer.layout.cfg, cfg.data.max_seq_length),
             peak_flops=flops.device_peak_flops(override=cfg.log.peak_flops or None),
         )
 

@@ -64,15 +64,79 @@ class TopologyError(ValueError):
     """An unknown TPU slice name or a missing libtpu, named in one line."""
 
 
+# libtpu flags jsft sets for every TPU program (training on a TPU and compiling for one here), unless
+# LIBTPU_INIT_ARGS names the flag already or JSFT_LIBTPU_DEFAULTS=0. Checked with libtpu 0.0.52 (an
+# unknown flag aborts libtpu at start). Collective matmul v2 ("post_spmd"): the partitioner's FSDP
+# all-gather -> einsum and einsum -> reduce-scatter become loops of async collective-permutes, each
+# overlapped with the einsum on the part already received. Without them only large einsums became
+# windowed (the 8B layers on v5p-64); the tiny model's layer all-gathers and gradient all-reduces stayed
+# synchronous on v5p-8, and so did a 2048-wide model's (v1 is the default; libtpu's message for it
+# says to migrate to v2 with these two flags). The
+# latency hiding scheduler's "experimental features" let it place the last permute of a windowed
+# gradient reduce-scatter over other work (without them one per layer had nothing between its
+# start and done). MaxText's continuation-fusion flags (xla_tpu_enable_async_collective_fusion_*)
+# are refused on v5p and v6e by this libtpu ("not supported on platforms other than TPU v5e"), and
+# xla_enable_async_all_gather / xla_enable_async_all_reduce change nothing there.
+LIBTPU_DEFAULT_FLAGS = (
+    "--xla_tpu_all_gather_collective_matmul_mode=post_spmd",
+    "--xla_tpu_reduce_scatter_collective_matmul_mode=post_spmd",
+    "--xla_tpu_enable_all_experimental_scheduler_features=true",
+)
+
+
+def _flag_name(arg: str) -> str:
+    name = arg.lstrip("-").split("=", 1)[0]
+    return name[2:] if name.startswith("no") and "=" not in arg else name
+
+
+def libtpu_init_args(current: str = "") -> str:
+    """`current` LIBTPU_INIT_ARGS with each of LIBTPU_DEFAULT_FLAGS it does not set itself appended
+    (a flag given there, with any value or as --noNAME, is the user's choice and stays)."""
+    given = {_flag_name(a) for a in current.split()}
+    added = [f for f in LIBTPU_DEFAULT_FLAGS if _flag_name(f) not in given]
+    return " ".join([*current.split(), *added])
+
+
+LIBTPU_FLAGS_CHECKED_WITH = (0, 0, 52)
+
+
+def _libtpu_version() -> tuple[int, ...] | None:
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    numbers = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return tuple(int(n) for n in numbers.groups()) if numbers else None
+
+
+def set_libtpu_defaults(environ=os.environ) -> None:
+    """Adds LIBTPU_DEFAULT_FLAGS to LIBTPU_INIT_ARGS, keeping what the user set; call before JAX
+    initialises its backends (libtpu reads the variable once). Only with a pip-installed libtpu at least
+    as new as LIBTPU_FLAGS_CHECKED_WITH (an older one may not know a flag, and aborts on it);
+    JSFT_LIBTPU_DEFAULTS=0 turns it off."""
+    version = _libtpu_version()
+    if (
+        environ.get("JSFT_LIBTPU_DEFAULTS", "1") == "0"
+        or version is None
+        or version < LIBTPU_FLAGS_CHECKED_WITH
+    ):
+        return
+    environ["LIBTPU_INIT_ARGS"] = libtpu_init_args(environ.get("LIBTPU_INIT_ARGS", ""))
+
+
 def prepare_environment() -> None:
     """Environment for compiling TPU programs on this machine; call before JAX initialises.
 
     JAX's own backend stays CPU. Several processes may load libtpu at once (other JAX processes of
-    the machine hold its lock file otherwise), and no cloud metadata server is asked for a TPU.
+    the machine hold its lock file otherwise), and no cloud metadata server is asked for a TPU. The
+    compiler gets the flags a TPU run of jsft gets (`set_libtpu_defaults`).
     """
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    set_libtpu_defaults()
 
 
 def device_memory(name: str) -> float:
@@ -234,25 +298,46 @@ def _trip_count(loop: Instruction, by_computation: dict[str, list[Instruction]])
 
 def program_facts(text: str) -> ProgramFacts:
     """Async collective pairs (with the compute scheduled inside them), synchronous collectives, loop
-    nesting and the splash kernels of a compiled TPU program's text."""
+    nesting and the splash kernels of a compiled TPU program's text.
+
+    Async pairs are `<collective>-start`/`-done`, `async-start`/`-done` around a collective, and the
+    continuation fusions of TPU v5e (`async-collective-start`/`-done` fusions whose computations end in
+    the AsyncCollectiveStart/Done custom calls; the collective inside them is not a synchronous one)."""
     instructions = parse(text)
     depth, repeats = _loops(instructions)
-    by_name = {i.name: i for i in instructions}
     async_bodies = {c for i in instructions if i.opcode == "async-start" for c in _called(i)}
+    continuation = {
+        i.computation: role
+        for i in instructions
+        if i.opcode == "custom-call"
+        for role in re.findall(r'custom_call_target="AsyncCollective(Start|Done)"', i.operands)
+    }
+    # the compute fusions a continuation carries its collective through (start -> these -> done)
+    continuation |= {
+        i.computation: "Step"
+        for i in instructions
+        if i.computation.startswith("%async_collective_fusion") and i.opcode in COLLECTIVES
+    }
     collective_bodies = {
         i.computation: i.opcode
         for i in instructions
-        if i.computation in async_bodies and i.opcode in COLLECTIVES
+        if (i.computation in async_bodies or continuation.get(i.computation) == "Start")
+        and i.opcode in COLLECTIVES
     }
+    done_bodies = {c for c, role in continuation.items() if role == "Done"}
     position = {i.name: n for n, i in enumerate(instructions)}
     pairs, sync = [], []
     for n, i in enumerate(instructions):
-        if i.opcode in COLLECTIVES and i.computation not in async_bodies:
+        if (
+            i.opcode in COLLECTIVES
+            and i.computation not in async_bodies
+            and i.computation not in continuation
+        ):
             sync.append((i, repeats.get(i.computation, 1)))
         kind = _started_collective(i, collective_bodies)
         if kind is None:
             continue
-        done = _done_of(i, instructions[n + 1 :], by_name)
+        done = _done_of(i, instructions[n + 1 :], done_bodies)
         if done is None:
             continue
         between = instructions[n + 1 : position[done.name]]
@@ -262,6 +347,7 @@ def program_facts(text: str) -> ProgramFacts:
             if b.computation == i.computation
             and b.opcode not in _BOOKKEEPING
             and not b.opcode.endswith(("-start", "-done", "-update"))
+            and not any(continuation.get(c) in ("Start", "Done") for c in _called(b))
         )
         pairs.append(AsyncPair(kind, i, compute, i.bytes, repeats.get(i.computation, 1)))
     kernels = {
@@ -274,18 +360,28 @@ def program_facts(text: str) -> ProgramFacts:
 def _started_collective(instruction: Instruction, collective_bodies: dict[str, str]) -> str | None:
     if instruction.opcode.endswith("-start") and instruction.opcode[: -len("-start")] in COLLECTIVES:
         return instruction.opcode[: -len("-start")]
-    if instruction.opcode == "async-start":
+    if instruction.opcode in ("async-start", "fusion"):
         return next((collective_bodies[c] for c in _called(instruction) if c in collective_bodies), None)
     return None
 
 
-def _done_of(start: Instruction, after: list[Instruction], by_name: dict) -> Instruction | None:
-    """The done that ends `start` (following async-update links), in the same computation."""
+def _done_of(start: Instruction, after: list[Instruction], done_bodies: set[str]) -> Instruction | None:
+    """The done that ends `start` (following async-update links; for a continuation fusion, the done
+    fusion that takes elements of the start's tuple), in the same computation."""
     chain = {start.name}
     for i in after:
-        if i.computation != start.computation or not set(_operand_names(i)[:1]) & chain:
+        if i.computation != start.computation:
             continue
-        if i.opcode.endswith("-update"):
+        operands = _operand_names(i)
+        if any(c in done_bodies for c in _called(i)) and set(operands) & chain:
+            return i
+        if not set(operands if start.opcode == "fusion" else operands[:1]) & chain:
+            continue
+        carried = start.opcode == "fusion" and (
+            i.opcode == "get-tuple-element"
+            or any(c.startswith("%async_collective_fusion") for c in _called(i))
+        )
+        if i.opcode.endswith("-update") or carried:
             chain.add(i.name)
         elif i.opcode.endswith("-done"):
             return i
@@ -301,37 +397,72 @@ def _dims(instruction: Instruction) -> tuple[int, ...]:
     return tuple(int(d) for d in found.group(2).split(",") if d and int(d) != 1) if found else ()
 
 
-def parameter_dims(layout) -> tuple[set[tuple[int, ...]], set[tuple[int, ...]]]:
-    """(every parameter's full dims and its one-layer slice, size-1 axes dropped; the stacked dims)."""
-    full, stacked = set(), set()
+def parameter_dims(layout, sharded: set[str] | None = None) -> dict[str, set[tuple[int, ...]]]:
+    """Parameter dims (size-1 axes dropped) by kind: "layers" (the layer parameters split over the mesh:
+    stacked dims and one layer's slice), "other" (split, outside the layers: embedding, LM head),
+    "replicated" (every device holds all of it, e.g. norm scales), "stacked" (the stacked dims).
+    `sharded` names the parameters split over the mesh (default: all)."""
+    kinds: dict[str, set[tuple[int, ...]]] = {
+        "layers": set(),
+        "other": set(),
+        "replicated": set(),
+        "stacked": set(),
+    }
     for name, shape in layout.shapes.items():
-        dims = tuple(d for d in shape.shape if d != 1)
-        full.add(dims)
-        if name.startswith("layers.") and layout.cfg.scan_layers:
-            stacked.add(dims)
-            full.add(tuple(d for d in shape.shape[1:] if d != 1))
-    return full, stacked
+        dims = {tuple(d for d in shape.shape if d != 1)}
+        in_layers = name.startswith("layers.")
+        if in_layers and layout.cfg.scan_layers:
+            kinds["stacked"] |= dims
+            dims.add(tuple(d for d in shape.shape[1:] if d != 1))
+        split = sharded is None or name in sharded
+        kinds["replicated" if not split else "layers" if in_layers else "other"] |= dims
+    return kinds
 
 
-def check_program(facts: ProgramFacts, layout) -> dict[str, list[str]]:
+def sharded_parameters(trainer) -> set[str]:
+    """Names of the trained parameters split over more than one device of the mesh."""
+    mesh = trainer.mesh.shape
+    return {
+        name
+        for name, sharding in trainer.shardings.params.items()
+        if math.prod(
+            mesh[a] for axes in sharding.spec if axes for a in ((axes,) if isinstance(axes, str) else axes)
+        )
+        > 1
+    }
+
+
+_PARAMETER_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter")
+
+
+def check_program(facts: ProgramFacts, layout, sharded: set[str] | None = None) -> dict[str, list[str]]:
     """What the program should not contain, by rule; an empty list means the rule holds.
 
-    - synchronous parameter collectives: an all-gather or gradient all-reduce/reduce-scatter of a whole
-      parameter (or one layer's slice) that is not an async start/done pair;
+    - synchronous FSDP collectives in the layers: an all-gather or gradient all-reduce/reduce-scatter of
+      a layer parameter split over the mesh (whole, or one layer's slice) that is not an async pair;
+    - synchronous FSDP collectives outside the layers: the same for the split embedding and LM head
+      (they run once per step, not once per layer);
     - async pairs with nothing scheduled between start and done (nothing overlaps them);
     - all-to-alls other than the embedding lookup's resharding (its gather and scatter-add);
     - stacked-layer parameters gathered whole (outside the layer scan);
     - attention not done by the splash kernel (a missing forward/backward kernel, or XLA's attention).
+
+    Gradient all-reduces of replicated parameters (norm scales) are data-parallel reductions, not FSDP
+    traffic (no all-gather or reduce-scatter exists for them): `replicated_all_reduces` lists them.
     """
-    full, stacked = parameter_dims(layout)
+    kinds = parameter_dims(layout, sharded)
     describe = lambda i, r: f"{i.opcode} {_ARRAY.search(i.shape).group(0)} x{r} ({i.op_name or i.name})"  # noqa: E731
     gathers = [p.start for p in facts.async_pairs if p.collective == "all-gather"]
     gathers += [i for i, _ in facts.sync_collectives if i.opcode == "all-gather"]
+    parameter_sync = [(i, r) for i, r in facts.sync_collectives if i.opcode in _PARAMETER_COLLECTIVES]
     return {
-        "synchronous parameter collectives": [
+        "synchronous FSDP collectives in the layers": [
+            describe(i, r) for i, r in parameter_sync if _dims(i) in kinds["layers"]
+        ],
+        "synchronous FSDP collectives outside the layers": [
             describe(i, r)
-            for i, r in facts.sync_collectives
-            if i.opcode in ("all-gather", "all-reduce", "reduce-scatter") and _dims(i) in full
+            for i, r in parameter_sync
+            if _dims(i) in kinds["other"] and _dims(i) not in kinds["layers"]
         ],
         "async pairs without compute between": [
             describe(p.start, p.repeats) for p in facts.async_pairs if p.compute_between == 0
@@ -341,10 +472,22 @@ def check_program(facts: ProgramFacts, layout) -> dict[str, list[str]]:
             for i, r in facts.sync_collectives + [(p.start, p.repeats) for p in facts.async_pairs]
             if i.opcode.startswith("all-to-all") and not i.op_name.endswith(("/gather", "/scatter-add"))
         ],
-        "whole stacked parameters gathered": [i.name for i in gathers if _dims(i) in stacked],
+        "whole stacked parameters gathered": [i.name for i in gathers if _dims(i) in kinds["stacked"]],
         "attention not by splash": [f"no splash {k} kernel" for k, n in facts.splash_kernels.items() if not n]
         + [i.name for i in facts.instructions if "bkgts" in i.op_name][:5],
     }
+
+
+def replicated_all_reduces(facts: ProgramFacts, layout, sharded: set[str] | None = None) -> list[str]:
+    """Synchronous all-reduces shaped like a replicated parameter and like no split one (norm-scale
+    gradients): data-parallel reductions, listed apart from the FSDP rules."""
+    kinds = parameter_dims(layout, sharded)
+    split = kinds["layers"] | kinds["other"]
+    return [
+        f"{i.opcode} {_ARRAY.search(i.shape).group(0)} x{r} ({i.op_name[-60:] or i.name})"
+        for i, r in facts.sync_collectives
+        if i.opcode == "all-reduce" and _dims(i) in kinds["replicated"] and _dims(i) not in split
+    ]
 
 
 def async_summary(facts: ProgramFacts) -> dict[str, int]:
@@ -360,10 +503,12 @@ def async_summary(facts: ProgramFacts) -> dict[str, int]:
 # --- roofline ----------------------------------------------------------------------------------------
 
 # Published per-chip peaks (one JAX device): dense bf16 FLOP/s, HBM bytes/s, ICI bytes/s (all links).
-# Sources: cloud.google.com/tpu/docs/v5p (459 TFLOP/s, 2765 GB/s HBM, 4800 Gbps ICI) and
+# Sources: cloud.google.com/tpu/docs/v5p (459 TFLOP/s, 2765 GB/s HBM, 4800 Gbps ICI),
+# cloud.google.com/tpu/docs/v5e (197 TFLOP/s, 819 GB/s HBM, 1600 Gbps ICI) and
 # cloud.google.com/tpu/docs/v6e (918 TFLOP/s, 1640 GB/s HBM, 3584 Gbps ICI).
 CHIP_PEAKS: dict[str, tuple[float, float, float]] = {
     "v5p": (459e12, 2765e9, 4800e9 / 8),
+    "v5e": (197e12, 819e9, 1600e9 / 8),
     "v6e": (918e12, 1640e9, 3584e9 / 8),
 }
 
@@ -386,7 +531,9 @@ def wire_bytes(facts: ProgramFacts, devices: int) -> tuple[float, float]:
 
 def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
     """Expected step time and MFU: compute and HBM time overlap the async collectives; synchronous
-    collectives add to it. Model FLOPs are jsft.flops' (causal attention executed, PaLM's count for MFU)."""
+    collectives add to it. Compute time and MFU count the same model FLOPs, `flops.mfu_flops_per_token`
+    (causal attention; `flops.MFU_DEFINITION`, the training log's MFU), so MFU = compute time / step
+    time <= 1."""
     from jsft import flops
 
     chip = topology.split("-")[0]
@@ -395,7 +542,8 @@ def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
     seq = trainer.cfg.data.max_seq_length
     tokens = trainer.cfg.train.global_batch_size * seq
     model = trainer.layout.cfg
-    compute = flops.flops_per_token(model, seq, causal=True) * tokens / devices / peak
+    model_flops = flops.mfu_flops_per_token(model, seq) * tokens / devices
+    compute = model_flops / peak
     # HBM floor: the gathered bf16 weights read in the forward, the backward and the recomputation
     # of each micro-batch, and the float32 state (parameters, gradients, two moments) read and written.
     params = model.num_params()
@@ -403,7 +551,7 @@ def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
     memory = streamed / hbm
     overlapped, blocking = wire_bytes(facts, devices)
     step = max(compute, memory, overlapped / ici) + blocking / ici
-    mfu = flops.flops_per_token(model, seq) * tokens / devices / (step * peak)
+    mfu = model_flops / (step * peak)
     return {
         "compute_s": compute,
         "hbm_s": memory,
@@ -421,13 +569,14 @@ def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
 
 def topology_report(cfg, topology: str) -> dict:
     """Compiles the config's train step for a TPU slice: memory, async pairs, rule violations, roofline."""
-    from jsft import plan
+    from jsft import flops, plan
     from jsft.models import shapes
 
     hf_config, _ = shapes.hf_config(cfg.model.path, cfg.model.revision)
     trainer = plan.build_trainer(cfg, hf_config, topology_devices(topology))
     _, memory, text = plan.compile_step(trainer, with_text=True)
     facts = program_facts(text)
+    sharded = sharded_parameters(trainer)
     return {
         "topology": topology,
         "devices": trainer.mesh.size,
@@ -441,8 +590,11 @@ def topology_report(cfg, topology: str) -> dict:
         ],
         "collective_gib_per_step": {k: v / GIB for k, v in facts.collective_bytes().items()},
         "splash_kernels": facts.splash_kernels,
-        "problems": check_program(facts, trainer.layout),
+        "problems": check_program(facts, trainer.layout, sharded),
+        "replicated_all_reduces": replicated_all_reduces(facts, trainer.layout, sharded),
         "roofline": roofline(facts, trainer, topology),
+        "mfu_definition": flops.MFU_DEFINITION,
+        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
     }
 
 

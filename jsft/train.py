@@ -21,7 +21,7 @@ import transformers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jsft import config, data, hf, models, sharding
+from jsft import config, data, hf, models, sharding, tpu
 from jsft.checkpoint import Checkpointer
 from jsft.errors import JsftError
 from jsft.generate import TrainingSamples
@@ -226,6 +226,7 @@ def hf_assets(model_path: str, tokenizer, chat_template: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tpu.set_libtpu_defaults()  # before JAX starts libtpu: jsft's TPU compiler flags, the user's kept
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
     )

@@ -6,7 +6,8 @@ Compute time = model FLOPs per device / the chip's bf16 peak; HBM time = the wei
 micro-batch and the optimizer state / HBM bandwidth; collective time = bytes each device moves (result
 sizes and loop trip counts read from the TPU compiler's program, ring factors) / ICI bandwidth.
 Async collectives overlap compute, synchronous ones add to it. Peaks: `jsft.tpu.CHIP_PEAKS` (Cloud TPU
-v5p and v6e pages). A bound from published peaks, not a measurement.
+v5e, v5p and v6e pages). A bound from published peaks, not a measurement. MFU is the training log's
+(`jsft.flops.MFU_DEFINITION`: model FLOPs with causal attention), so it is compute time / step time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def main() -> None:
             f"  compute {r['compute_s']:.3f} s, HBM {r['hbm_s']:.3f} s, async collectives "
             f"{r['async_collectives_s']:.3f} s ({r['async_bytes'] / 2**30:.1f} GiB), synchronous collectives "
             f"{r['sync_collectives_s']:.3f} s ({r['sync_bytes'] / 2**30:.1f} GiB)\n"
-            f"  expected step {r['step_s']:.3f} s, MFU {r['mfu']:.1%}"
+            f"  expected step {r['step_s']:.3f} s, MFU {r['mfu']:.1%}\n"
+            f"  (MFU: {report['mfu_definition']})"
         )
 
 
