@@ -4,7 +4,8 @@
 
 Compiles the train step for each TPU slice with the real TPU compiler (splash attention) and prints the
 TPU compiler's memory per device, the async collective pairs (and how many have compute scheduled
-inside them), the synchronous collectives with their size and repeats per step, and the rules of
+inside them), the synchronous collectives with their size and repeats per step, the libtpu flags it was
+compiled with (jsft's defaults, `jsft.tpu.LIBTPU_DEFAULT_FLAGS`, plus LIBTPU_INIT_ARGS), and the rules of
 `jsft.tpu.check_program` that the program breaks.
 """
 
@@ -30,6 +31,9 @@ def main() -> None:
         print(f"collective results per step and device (GiB): {gib}")
         for line in report["sync_collectives"]:
             print(f"  sync {line}")
+        for line in report["replicated_all_reduces"]:
+            print(f"  replicated-parameter gradient all-reduce (data parallel, not FSDP): {line}")
+        print(f"libtpu flags: {report['libtpu_init_args'] or '(none)'}")
         for rule, found in report["problems"].items():
             print(f"{'ok  ' if not found else 'FAIL'} {rule}" + "".join(f"\n       {f}" for f in found[:8]))
 
