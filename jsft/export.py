@@ -46,6 +46,12 @@ def _trained_params(mngr, step: int, layout: models.Layout, mesh) -> models.Para
     return params
 
 
+def _base_revision(mngr, step: int, train_cfg: dict) -> str:
+    """The base model's commit the run read (saved with each step), else its `model.revision`."""
+    saved = checkpoint.read_json_item(mngr, step, "hf").get("revision")
+    return saved or train_cfg["model"].get("revision", "")
+
+
 def convert(
     checkpoint_dir: str,
     output_dir: str,
@@ -62,9 +68,10 @@ def convert(
     mesh = sharding.single_device_mesh()
     params = _trained_params(mngr, step, layout, mesh)
     if layout.lora:  # fold the factors into the base weights of the model folder
-        model = train_cfg["model"]  # a Hub id is read through the cache, as in training
+        model = train_cfg["model"]  # a Hub id is read through the cache, at the commit training read
         base_layout = models.Layout(layout.cfg)
-        base = models.load_params(model["path"], base_layout, mesh, revision=model.get("revision") or None)
+        revision = _base_revision(mngr, step, train_cfg) or None
+        base = models.load_params(model["path"], base_layout, mesh, revision=revision)
         params = layout.lora.merge(base, params)
         layout = base_layout
     dtype = dtype or train_cfg["model"]["param_dtype"]
@@ -93,11 +100,17 @@ def convert_adapter(
         layout,
         train_cfg["model"]["path"],
         readme=model_card(train_cfg, step, meta.get("total_steps"), library="peft"),
+        revision=_base_revision(mngr, step, train_cfg),
     )
 
 
 def write_adapter(
-    output_dir: str, trained: dict, layout: models.Layout, base_model: str, readme: str = ""
+    output_dir: str,
+    trained: dict,
+    layout: models.Layout,
+    base_model: str,
+    readme: str = "",
+    revision: str = "",
 ) -> str:
     """A PEFT adapter folder of `trained` (host arrays of `layout.trainable`), local or on an object store."""
     from safetensors.numpy import save_file
@@ -105,7 +118,7 @@ def write_adapter(
     tensors = lora_lib.peft_tensors(trained, layout)
     with paths.local_staging(output_dir) as folder:
         save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = lora_lib.peft_config(layout, base_model)
+        config = lora_lib.peft_config(layout, base_model, revision)
         epath.Path(folder, "adapter_config.json").write_text(json.dumps(config, indent=2))
         if readme:
             epath.Path(folder, "README.md").write_text(readme)

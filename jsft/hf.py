@@ -65,6 +65,11 @@ class ModelFolderError(JsftError):
     """A model folder that cannot be read, named in one line."""
 
 
+def resolved_revision(path: str, folder: str) -> str:
+    """The commit `resolve_model(path)` gave `folder` at (its snapshot's name); "" for a local folder."""
+    return "" if os.path.isdir(path) else os.path.basename(os.path.normpath(folder))
+
+
 def resolve_model(path: str, revision: str | None = None) -> str:
     """The local folder of `model.path`: a folder as given, or a Hub id's snapshot in the Hugging Face cache.
 

@@ -375,13 +375,14 @@ def modules_to_save(layout: Layout) -> list[str]:
     return sorted(names)
 
 
-def peft_config(layout: Layout, base_model: str) -> dict:
-    """adapter_config.json for PEFT's LoraConfig."""
+def peft_config(layout: Layout, base_model: str, revision: str = "") -> dict:
+    """adapter_config.json for PEFT's LoraConfig; `revision` is the base model's commit it was trained on."""
     spec = layout.lora
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
+        "revision": revision or None,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,

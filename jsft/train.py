@@ -45,7 +45,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     train_data, eval_data = load_data(cfg, tokenizer)
     total_steps = count_steps(cfg, train_data.examples)
     train_iter = iter(train_batches(cfg, train_data.examples, mesh))
-    assets = hf_assets(folder, tokenizer, template)
+    assets = hf_assets(folder, tokenizer, template, hf.resolved_revision(cfg.model.path, folder))
     checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets)
     trainer = Trainer(cfg, layout, mesh, total_steps=total_steps, checkpointer=checkpointer)
     state = trainer.load_state(folder)
@@ -209,8 +209,10 @@ def count_steps(cfg: ml_collections.ConfigDict, examples) -> int:
     return total
 
 
-def hf_assets(model_path: str, tokenizer, chat_template: str | None) -> dict:
-    """config.json and the tokenizer files (with the chat template used in training), base64-encoded."""
+def hf_assets(model_path: str, tokenizer, chat_template: str | None, revision: str = "") -> dict:
+    """config.json and the tokenizer files (with the chat template used in training), base64-encoded,
+    and the commit the base model was read at (a Hub id's; empty for a local folder): a LoRA export
+    merges into that commit's weights, even after the branch it came from has moved."""
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     files = {}
@@ -222,7 +224,7 @@ def hf_assets(model_path: str, tokenizer, chat_template: str | None) -> dict:
                 if name not in files and os.path.isfile(path):
                     with open(path, "rb") as f:
                         files[name] = base64.b64encode(f.read()).decode()
-    return {"files": files}
+    return {"files": files, "revision": revision}
 
 
 def main(argv: list[str] | None = None) -> None:

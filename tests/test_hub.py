@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import ROOT, TINY_MODEL, make_hf_llama
+from conftest import ROOT, TINY_DATA, TINY_MODEL, make_hf_llama
 
 from jsft import hf, models
 from jsft.errors import JsftError
@@ -60,6 +60,29 @@ for repo, revision in requests:
     out["chat_ids"].append(list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)))
 out["opened"] = opened
 print(json.dumps(out))
+"""
+
+# Runs in a fresh process: a LoRA run on a Hub id whose main then moves; its export merges into the
+# commit the run read. Prints each exported tensor's distance to commit A's and to commit B's weights.
+LORA_EXPORT_WORKER = """
+import json, pathlib, sys
+import numpy as np
+from jsft import config, export, hf, train
+out, data, moved_to = sys.argv[1], sys.argv[2], sys.argv[3]
+cfg = config.load([
+    "train", "--config=configs/tiny.py", "--config.model.path=org/tiny", "--config.lora.rank=4",
+    f"--config.output_dir={out}/run", f"--config.data.mixer=(('{data}', 64),)", "--config.data.eval_mixer=()",
+    "--config.train.max_steps=2", "--config.checkpoint.every_steps=2", "--config.log.every_steps=1",
+])
+train.run(cfg)
+pathlib.Path(hf.resolve_model("org/tiny")).parent.parent.joinpath("refs", "main").write_text(moved_to)
+export.convert(f"{out}/run/checkpoints", f"{out}/export")
+export.convert_adapter(f"{out}/run/checkpoints", f"{out}/adapter")
+assert json.loads(pathlib.Path(out, "adapter", "adapter_config.json").read_text())["revision"] == "a" * 40
+exported = dict(hf.iter_tensors(f"{out}/export"))
+commits = [dict(hf.iter_tensors(folder)) for folder in sys.argv[4:]]
+print(json.dumps({name: [float(np.abs(np.asarray(value, np.float32) - np.asarray(c[name], np.float32)).max())
+                         for c in commits] for name, value in exported.items()}))
 """
 
 # Runs in a fresh process: the one-line error of resolving each Hub id.
@@ -147,6 +170,23 @@ def test_offline_cache_serves_hub_ids_and_revisions_without_reading_pickles(tmp_
     assert np.abs(logits_a - logits_b).max() > 0.1  # the revisions really differ
     assert out["chat_ids"] == [_tiny_chat_ids()] * 3
     assert out["opened"] == []  # pytorch_model.bin and original/*.pth sit in the snapshot, unread
+
+
+def test_lora_export_merges_into_the_commit_training_read_after_main_moves(tmp_path, hub_repos):
+    (files_a, _), (files_b, _) = hub_repos["a"], hub_repos["b"]
+    hf_home = tmp_path / "hf"
+    _cache_snapshot(hf_home, "org/tiny", COMMIT_A, files_a, refs=("main",))
+    _cache_snapshot(hf_home, "org/tiny", COMMIT_B, files_b)
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_TOKEN": "", "JAX_PLATFORMS": "cpu"}
+    data = TINY_DATA / "train.jsonl"
+    distances = _python(
+        LORA_EXPORT_WORKER, env, str(tmp_path), str(data), COMMIT_B, str(files_a), str(files_b)
+    )
+    untouched = {n: d for n, d in distances.items() if not n.endswith(("proj.weight",))}  # no LoRA factors
+    assert untouched and all(to_a == 0.0 and to_b > 0.01 for to_a, to_b in untouched.values()), untouched
+    # Commit A's base plus the trained update (2 steps: ~0.015 at most), not commit B's (0.1 away).
+    merged = {n: d for n, d in distances.items() if n.endswith("proj.weight")}
+    assert merged and all(to_a < to_b / 4 for to_a, to_b in merged.values()), merged
 
 
 def test_offline_errors_name_the_model_in_one_line(tmp_path, hub_repos):
