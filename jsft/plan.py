@@ -34,6 +34,7 @@ REMAT_ORDER = ("none", "dots_saveable", "minimal", "full")
 # each further tensor split all-reduces every layer's activations.
 REMAT_COST = {"none": 1.0, "dots_saveable": 1.05, "minimal": 1.15, "full": 1.33}
 MICRO_BATCH_COST, TENSOR_COST = 0.04, 0.08
+_HBM_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT])")
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -136,6 +137,7 @@ class Memory:
     batch: float
     temporaries: float
     peak: float
+    refused: str = ""  # the TPU compiler's out-of-memory message, when it refused to compile
 
     @classmethod
     def of(cls, compiled, batch_bytes: float) -> Memory:
@@ -146,6 +148,19 @@ class Memory:
             batch_bytes,
             m.temp_size_in_bytes,
             live + m.temp_size_in_bytes,
+        )
+
+    @classmethod
+    def refused_by_compiler(cls, message: str, state_bytes: float, batch_bytes: float) -> Memory:
+        """The TPU compiler stops at a program that cannot fit its HBM (CompileTimeHbmOom) and names
+        the temporaries it needed; the state is the shards' own size."""
+        found = _HBM_OOM.search(message)
+        temporaries = (
+            float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024 if found else math.inf
+        )
+        line = next((x for x in message.splitlines() if "Ran out of memory" in x), message.splitlines()[0])
+        return cls(
+            state_bytes, batch_bytes, temporaries, state_bytes + batch_bytes + temporaries, line.strip()
         )
 
 
@@ -175,18 +190,30 @@ def build_trainer(cfg, hf_config: dict, devices: list):
 
 def compile_step(trainer, rows: int | None = None, with_text: bool = False):
     """(compiled train step, its Memory, program text or None) for a global batch of `rows` rows
-    (default: `step_rows` without data figures)."""
+    (default: `step_rows` without data figures). A TPU program too large for HBM, which the TPU
+    compiler refuses, gives (None, Memory with `refused` set, None)."""
+    import jax
+
     from jsft import tpu
 
     rows = rows or step_rows(trainer)[0]
     seq = trainer.cfg.data.max_seq_length
     shards = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     batch_bytes = 5 * 4 * rows * seq / shards  # five int32 [rows, seq] arrays split over data x fsdp
-    if with_text:
-        lowered = trainer.train_step.lower(trainer.abstract_state(), trainer.abstract_batch(rows, seq))
-        compiled, text = tpu.compile_with_text(lowered)
-    else:
-        compiled, text = trainer.compile_train_step(rows, seq), None
+    try:
+        if with_text:
+            lowered = trainer.train_step.lower(trainer.abstract_state(), trainer.abstract_batch(rows, seq))
+            compiled, text = tpu.compile_with_text(lowered)
+        else:
+            compiled, text = trainer.compile_train_step(rows, seq), None
+    except jax.errors.JaxRuntimeError as e:
+        if "CompileTimeHbmOom" not in str(e):
+            raise
+        state_bytes = sum(
+            math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(trainer.abstract_state())
+        )
+        return None, Memory.refused_by_compiler(str(e), state_bytes, batch_bytes), None
     return compiled, Memory.of(compiled, batch_bytes), text
 
 
@@ -335,7 +362,7 @@ def step_seconds(trainer, rows: int, devices: int, peak_flops: float, mfu: float
 
     seq = trainer.cfg.data.max_seq_length
     tokens = rows * seq
-    return flops.flops_per_token(trainer.layout.cfg, seq) * tokens / (devices * peak_flops * mfu)
+    return flops.mfu_flops_per_token(trainer.layout.cfg, seq) * tokens / (devices * peak_flops * mfu)
 
 
 def _count(n: int) -> str:
@@ -351,9 +378,9 @@ def candidates(cfg, hf_config: dict, devices: int) -> list[Setting]:
     """Every setting the batch and the heads allow, cheapest first: less recomputation (remat), then
     fewer micro-batches (each gathers the parameters again), then less tensor parallelism (each layer
     then all-reduces activations). The mesh is data=1 x fsdp x tensor: all devices shard the state.
-    With `batch_unit="examples"` every accumulation splits: the rows are a multiple of the shards."""
+    With `batch_unit="examples"` the batch counts conversations and a micro-batch still needs one per
+    device: more micro-batches only add rows of padding (rows are a multiple of shards x micro-batches)."""
     rows = cfg.train.global_batch_size
-    by_examples = cfg.train.batch_unit == "examples"
     heads = hf_config["num_attention_heads"]
     kv_heads = hf_config.get("num_key_value_heads") or heads
     tensors = [t for t in (1, 2, 4, 8) if devices % t == 0 and heads % t == 0 and kv_heads % t == 0]
@@ -363,7 +390,7 @@ def candidates(cfg, hf_config: dict, devices: int) -> list[Setting]:
         for remat in REMAT_ORDER
         for accum in accums
         for tensor in tensors
-        if by_examples or (rows // accum) % (devices // tensor) == 0
+        if (rows // accum) % (devices // tensor) == 0
     ]
 
 
@@ -384,7 +411,9 @@ def search(
         if setting not in measured:
             trainer = build_trainer(setting.apply(cfg), hf_config, devices)
             _, measured[setting], _ = compile_step(trainer, step_rows(trainer, steps)[0])
-            log(f"  tried {' '.join(setting.overrides())}: peak {measured[setting].peak / GIB:.2f} GiB")
+            memory = measured[setting]
+            refused = " (refused by the compiler: out of HBM)" if memory.refused else ""
+            log(f"  tried {' '.join(setting.overrides())}: peak {memory.peak / GIB:.2f} GiB{refused}")
         return measured[setting].peak <= budget
 
     settings = candidates(cfg, hf_config, len(devices))
@@ -452,6 +481,7 @@ def describe(trainer, memory: Memory, budget: float) -> list[str]:
         f"memory      per device: state {memory.state / GIB:.2f} GiB, batch {memory.batch / GIB:.3f} GiB, "
         f"temporaries {memory.temporaries / GIB:.2f} GiB; peak {memory.peak / GIB:.2f} GiB of "
         f"{budget / GIB:.1f} GiB: {verdict} ({memory.peak / budget:.0%})",
+        *([f"            the TPU compiler refused it: {memory.refused}"] if memory.refused else []),
     ]
 
 

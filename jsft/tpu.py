@@ -575,6 +575,8 @@ def topology_report(cfg, topology: str) -> dict:
     hf_config, _ = shapes.hf_config(cfg.model.path, cfg.model.revision)
     trainer = plan.build_trainer(cfg, hf_config, topology_devices(topology))
     _, memory, text = plan.compile_step(trainer, with_text=True)
+    if memory.refused:
+        raise TopologyError(f"the train step does not fit {topology}: {memory.refused}")
     facts = program_facts(text)
     sharded = sharded_parameters(trainer)
     return {

@@ -102,6 +102,17 @@ def test_batches_of_conversations_compile_the_rows_they_pack_into():
     assert "largest of one epoch" in how
 
 
+def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit():
+    # libtpu 0.0.52's error for the Tulu step on v5e-64 (16 GiB chips), as compile() raises it.
+    message = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
+        "for HLO temporaries (26.34G) exceeds available HBM (15.75G). HLO module: jit_traced.\nSee https://..."
+    )
+    memory = plan.Memory.refused_by_compiler(message, state_bytes=2 * 2**30, batch_bytes=2**20)
+    assert memory.temporaries == 26.34 * 2**30 and memory.peak == memory.temporaries + 2 * 2**30 + 2**20
+    assert memory.refused.startswith("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM")
+
+
 def test_steps_from_examples_and_bad_flags():
     cfg = load(TINY)
     steps = plan.data_plan(cfg, examples=1000, mean_tokens=100)

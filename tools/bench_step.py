@@ -168,7 +168,7 @@ def main() -> None:
     config = hf_config(args)
     cfg = models.ModelConfig.from_hf(config.to_dict())
     tokens = args.batch * args.seq
-    model_flops = flops.flops_per_token(cfg, args.seq) * tokens
+    model_flops = flops.mfu_flops_per_token(cfg, args.seq) * tokens
     peak = flops.device_peak_flops(override=args.peak_flops)
     print(
         f"Llama: {cfg.num_params() / 1e6:.1f}M parameters, hidden {args.hidden}, {args.layers} layers, "

@@ -124,7 +124,7 @@ def check_step(rows: int, seq: int, steps: int) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     jsft_s = statistics.median(times[1:])
-    per_token = flops.flops_per_token(model_cfg, seq)
+    per_token = flops.mfu_flops_per_token(model_cfg, seq)
     peak = flops.device_peak_flops()
     out = {
         "model": "Llama-3.2-1B shape" if on_gpu() else "small (CPU)",
