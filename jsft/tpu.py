@@ -583,7 +583,7 @@ def topology_report(cfg, topology: str) -> dict:
         "topology": topology,
         "devices": trainer.mesh.size,
         "mesh": dict(trainer.mesh.shape),
-        "memory_gib": {k: v / GIB for k, v in dataclasses.asdict(memory).items()},
+        "memory_gib": {k: v / GIB for k, v in dataclasses.asdict(memory).items() if k != "refused"},
         "device_memory_gib": device_memory(topology) / GIB,
         "async_pairs": async_summary(facts),
         "sync_collectives": [
