@@ -177,6 +177,21 @@ def generate_all(
             yield record if reference is None else record | {"reference": reference}
 
 
+def exact_match_by_task(records: Iterable[dict]) -> dict[str, tuple[int, int]]:
+    """(answered right, asked) per task over the records of `generate_all` that carry a `reference`: a
+    completion is right when it equals the reference up to surrounding whitespace. A record's task is its
+    last user turn up to the first ':' (`count: abc` -> `count`, the tiny data's prompts), else ''."""
+    scores: dict[str, tuple[int, int]] = {}
+    for record in records:
+        if record.get("reference") is None:
+            continue
+        users = [m["content"] for m in record["messages"] if m.get("role") == "user"]
+        task = users[-1].split(":", 1)[0].strip() if users and ":" in users[-1] else ""
+        right, asked = scores.get(task, (0, 0))
+        scores[task] = (right + (record["completion"].strip() == record["reference"].strip()), asked + 1)
+    return dict(sorted(scores.items()))
+
+
 def interactive(model: ChatModel, sampling: Sampling, lines: TextIO, out: TextIO) -> None:
     """A conversation on a terminal: replies stream as they are decoded."""
     messages: list[dict] = []

@@ -12,9 +12,10 @@ Outputs, written beside this file:
   ``sort``, ``count`` and ``add: 12 + 7``). About 30% of conversations open with a system message and
   about 25% have two user/assistant exchanges. Held-out operands (words and number pairs) never occur in
   train, so held-out accuracy measures generalisation rather than memorisation.
-* ``model/``: a byte-level BPE tokenizer (vocab 384, tulu-style chat template with special-token headers
-  and a leading BOS) and a randomly initialised 4-layer Llama saved as a single ``model.safetensors``
-  with ``config.json`` and ``generation_config.json``.
+* ``model/``: a byte-level BPE tokenizer (every letter and digit its own token, 263 entries; tulu-style
+  chat template with special-token headers and a leading BOS) and a randomly initialised 4-layer Llama
+  (vocabulary padded to 384) saved as a single ``model.safetensors`` with ``config.json`` and
+  ``generation_config.json``. Operand words have 3-5 letters.
 
 Everything is seeded, so rerunning gives byte-identical data files. Regenerate with::
 
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +45,7 @@ P_SYSTEM = 0.30
 P_TWO_TURN = 0.25
 # Share of unordered number pairs reserved for held-out (~250 pairs, ~500 ordered ones).
 HELD_OUT_FRACTION = 0.05
+WORD_LENGTH = 5  # longest operand of the word tasks
 
 VOCAB_SIZE = 384
 MODEL_MAX_LENGTH = 2048
@@ -90,8 +92,9 @@ WORD_TASKS: dict[str, Task] = {
 
 
 def random_word(rng: random.Random) -> str:
-    """A random 3-8 letter lowercase string; random letters keep the task about the transform, not words."""
-    return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
+    """A random 3-5 letter lowercase string; random letters keep the task about the transform, not words.
+    Up to 5 letters, so the default run's 600 steps see each task's outputs often enough to learn them."""
+    return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, WORD_LENGTH)))
 
 
 def split_number_pairs(rng: random.Random) -> tuple[list[str], list[str]]:
@@ -168,9 +171,16 @@ def message_texts(rows: list[Conversation]) -> Iterator[str]:
 def build_tokenizer(rows: list[Conversation]) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE so the model exercises a real HF tokenizer with merges and specials."""
     tok = Tokenizer(models.BPE())
-    # Individual digits make addition learnable: the model never has to decode merged number tokens.
+    # Every letter and every digit is its own token: the tasks act on letters and digits, and a model
+    # whose tokens merge letters (`oq`, or ` d` with the space before a word) has to learn the
+    # transforms once per merged piece. With letters BPE trains on the rest of the text; its merges
+    # (` +`) and the special tokens still exercise a real tokenizer.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex("[A-Za-z]"), "isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -199,7 +209,7 @@ def build_tokenizer(rows: list[Conversation]) -> PreTrainedTokenizerFast:
 def build_model(tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A ~0.8M-parameter Llama with GQA and untied embeddings, to cover the real checkpoint layout."""
     config = LlamaConfig(
-        vocab_size=-(-len(tok) // 64) * 64,  # round up to a multiple of 64, as real checkpoints pad
+        vocab_size=VOCAB_SIZE,  # above the tokenizer's 263 entries: real checkpoints pad their vocabulary
         hidden_size=128,
         intermediate_size=352,
         num_hidden_layers=4,
