@@ -132,7 +132,11 @@ def test_parallel_encoding_matches_serial(tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def encoded(tmp_path_factory, tokenizer):
-    cfg = data_cfg(tmp_path_factory.mktemp("enc"), ((str(TINY_DATA / "held_out.jsonl"), 1.0),))
+    # 64 tokens: the tiny tokenizer spells words letter by letter, so a system prompt and a first turn
+    # take up to ~55 tokens (32 left a fifth of the rows without a trained token)
+    cfg = data_cfg(
+        tmp_path_factory.mktemp("enc"), ((str(TINY_DATA / "held_out.jsonl"), 1.0),), max_seq_length=64
+    )
     return data.prepare(cfg, tokenizer, seed=0)
 
 
@@ -189,7 +193,8 @@ def test_sharegpt_and_alpaca_files_are_read_as_conversations(tmp_path, tokenizer
         (str(REALDATA / "datasets" / "fastchat" / "dummy_conversation.json"), 0.2),
         (str(REALDATA / "datasets" / "llama-factory" / "alpaca_en_demo.json"), 50),
     )
-    encoded = data.prepare(data_cfg(tmp_path, mixer, max_seq_length=512), tokenizer, seed=0)
+    # 1024: the tiny tokenizer spells words letter by letter; one Alpaca prompt is over 512 of its tokens
+    encoded = data.prepare(data_cfg(tmp_path, mixer, max_seq_length=1024), tokenizer, seed=0)
     assert [s["rows_kept"] for s in encoded.stats["sources"]] == [100, 50]
 
 
