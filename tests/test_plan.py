@@ -116,7 +116,7 @@ def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit():
 def test_steps_from_examples_and_bad_flags():
     cfg = load(TINY)
     steps = plan.data_plan(cfg, examples=1000, mean_tokens=100)
-    assert steps.steps_per_epoch == -(-1000 * 100 // (16 * 128)) and steps.total_steps == 400  # max_steps
+    assert steps.steps_per_epoch == -(-1000 * 100 // (16 * 128)) and steps.total_steps == cfg.train.max_steps
     assert plan.parse_bytes("80GiB") == 80 * 2**30 and plan.parse_bytes("80GB") == 80e9
     for bad in (
         ["--devices=8", "--topology=v5p-8"],
