@@ -29,26 +29,18 @@ import transformers
 
 from jsft import config, flops, models, sharding, train
 from jsft.config import default_config
-from jsft.models import attention
+from jsft.models import attention, shapes
 from jsft.trainer import Trainer
 
-LLAMA_1B = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-)
-CPU_SMALL = dict(
+# Llama-3.2-1B's published config.json (jsft's shape table), and a small model of its kind for CPU runs.
+LLAMA_1B = {k: v for k, v in shapes.LLAMA_32_1B.items() if k != "model_type"}
+CPU_SMALL = LLAMA_1B | dict(
     hidden_size=256,
     intermediate_size=768,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     vocab_size=4096,
-    tie_word_embeddings=True,
 )
 
 
@@ -97,7 +89,8 @@ def check_attention(seq: int) -> dict:
 def check_step(rows: int, seq: int, steps: int) -> dict:
     shape = LLAMA_1B if on_gpu() else CPU_SMALL
     seq = seq if on_gpu() else 256
-    hf = transformers.LlamaConfig(**shape, max_position_embeddings=seq, attn_implementation="sdpa")
+    # RoPE's llama3 scaling reads original_max_position_embeddings (8192) against this bound
+    hf = transformers.LlamaConfig(**shape, max_position_embeddings=max(seq, 8192), attn_implementation="sdpa")
     cfg = default_config()
     cfg.train.global_batch_size = rows
     cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.clip_grad_norm = "constant", 0.0, 0.0
