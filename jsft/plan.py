@@ -232,13 +232,7 @@ def sharding_table(trainer) -> list[str]:
     lines = []
     for name, shape in params.items():
         spec = shardings[name].spec
-        split = math.prod(
-            trainer.mesh.shape[a]
-            for axes in spec
-            if axes
-            for a in ((axes,) if isinstance(axes, str) else axes)
-        )
-        per_device = math.prod(shape.shape) * shape.dtype.itemsize / split
+        per_device = math.prod(shardings[name].shard_shape(shape.shape)) * shape.dtype.itemsize
         lines.append(
             f"  {name:<34} {str(tuple(shape.shape)):<22} {str(tuple(spec)):<34} {per_device / 2**20:9.1f} MiB"
         )

@@ -421,15 +421,20 @@ def parameter_dims(layout, sharded: set[str] | None = None) -> dict[str, set[tup
 
 def sharded_parameters(trainer) -> set[str]:
     """Names of the trained parameters split over more than one device of the mesh."""
-    mesh = trainer.mesh.shape
+    shapes = trainer.layout.shapes
     return {
         name
         for name, sharding in trainer.shardings.params.items()
-        if math.prod(
-            mesh[a] for axes in sharding.spec if axes for a in ((axes,) if isinstance(axes, str) else axes)
-        )
-        > 1
+        if sharding.shard_shape(shapes[name].shape) != shapes[name].shape
     }
+
+
+def describe(instruction: Instruction, repeats: int, name_chars: int | None = None) -> str:
+    """`all-gather bf16[4096,14336] x32 (op name)`: a collective, its array, how often it runs, where
+    it comes from (the last `name_chars` characters of its op name)."""
+    op_name = instruction.op_name[-name_chars:] if name_chars else instruction.op_name
+    array = _ARRAY.search(instruction.shape).group(0)
+    return f"{instruction.opcode} {array} x{repeats} ({op_name or instruction.name})"
 
 
 _PARAMETER_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter")
@@ -451,7 +456,6 @@ def check_program(facts: ProgramFacts, layout, sharded: set[str] | None = None) 
     traffic (no all-gather or reduce-scatter exists for them): `replicated_all_reduces` lists them.
     """
     kinds = parameter_dims(layout, sharded)
-    describe = lambda i, r: f"{i.opcode} {_ARRAY.search(i.shape).group(0)} x{r} ({i.op_name or i.name})"  # noqa: E731
     gathers = [p.start for p in facts.async_pairs if p.collective == "all-gather"]
     gathers += [i for i, _ in facts.sync_collectives if i.opcode == "all-gather"]
     parameter_sync = [(i, r) for i, r in facts.sync_collectives if i.opcode in _PARAMETER_COLLECTIVES]
@@ -484,7 +488,7 @@ def replicated_all_reduces(facts: ProgramFacts, layout, sharded: set[str] | None
     kinds = parameter_dims(layout, sharded)
     split = kinds["layers"] | kinds["other"]
     return [
-        f"{i.opcode} {_ARRAY.search(i.shape).group(0)} x{r} ({i.op_name[-60:] or i.name})"
+        describe(i, r, 60)
         for i, r in facts.sync_collectives
         if i.opcode == "all-reduce" and _dims(i) in kinds["replicated"] and _dims(i) not in split
     ]
@@ -586,10 +590,7 @@ def topology_report(cfg, topology: str) -> dict:
         "memory_gib": {k: v / GIB for k, v in dataclasses.asdict(memory).items() if k != "refused"},
         "device_memory_gib": device_memory(topology) / GIB,
         "async_pairs": async_summary(facts),
-        "sync_collectives": [
-            f"{i.opcode} {_ARRAY.search(i.shape).group(0)} x{r} ({i.op_name[-60:] or i.name})"
-            for i, r in facts.sync_collectives
-        ],
+        "sync_collectives": [describe(i, r, 60) for i, r in facts.sync_collectives],
         "collective_gib_per_step": {k: v / GIB for k, v in facts.collective_bytes().items()},
         "splash_kernels": facts.splash_kernels,
         "problems": check_program(facts, trainer.layout, sharded),
