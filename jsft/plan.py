@@ -244,7 +244,7 @@ class DataPlan:
     steps_per_epoch: int | None  # None: unknown (no data cache, no --examples)
     total_steps: int | None
     note: str  # where the figures come from
-    examples: object = None  # the data cache's encoded examples (their lengths), when it is built
+    packed_rows: list[int] | None = None  # batch_unit=examples: each batch's rows (data.example_batch_rows)
     mean_tokens: float = 0.0  # --mean_tokens, when only that is known
 
 
@@ -284,7 +284,14 @@ def data_plan(cfg, examples: int = 0, mean_tokens: float = 0.0) -> DataPlan:
         per_epoch = None
         note = f"unknown: {why}; run `python -m jsft.prepare` first, or pass --examples=N --mean_tokens=T"
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else (per_epoch and per_epoch * cfg.train.epochs)
-    return DataPlan(per_epoch, total, note, cached.examples if cached is not None else None, mean_tokens)
+    packed_rows = None
+    if cached is not None and by_examples:  # once here: the search asks for every mesh's bucket
+        from jsft import data
+
+        packed_rows = data.example_batch_rows(
+            cached.examples, batch_size=rows, max_seq_length=seq, seed=cfg.train.seed
+        )
+    return DataPlan(per_epoch, total, note, packed_rows, mean_tokens)
 
 
 def step_rows(trainer, steps: DataPlan | None = None) -> tuple[int, str]:
@@ -293,7 +300,6 @@ def step_rows(trainer, steps: DataPlan | None = None) -> tuple[int, str]:
     With `train.batch_unit="rows"` that is `global_batch_size`. With "examples" a step's conversations
     are packed into a bucketed number of rows (`data.example_batches`): the largest of one epoch over
     the data cache's lengths; else the mean length's estimate; else the worst case, one row each."""
-    from jsft import data
     from jsft.data.pipeline import row_bucket
     from jsft.trainer import row_multiple
 
@@ -302,10 +308,8 @@ def step_rows(trainer, steps: DataPlan | None = None) -> tuple[int, str]:
     if cfg.train.batch_unit == "rows":
         return batch, ""
     multiple = row_multiple(cfg.train, trainer.mesh)
-    if steps is not None and steps.examples is not None:
-        counts = data.example_batch_rows(
-            steps.examples, batch_size=batch, max_seq_length=seq, seed=cfg.train.seed, row_multiple=multiple
-        )
+    if steps is not None and steps.packed_rows:
+        counts = [row_bucket(n, multiple) for n in steps.packed_rows]
         shapes = ", ".join(f"{r} rows x{counts.count(r)}" for r in sorted(set(counts)))
         return max(counts), f"the largest of one epoch's packed batches ({shapes})"
     if steps is not None and steps.mean_tokens:

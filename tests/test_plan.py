@@ -94,11 +94,12 @@ def test_batches_of_conversations_compile_the_rows_they_pack_into():
     examples = [
         dict.fromkeys(("input_ids", "target_ids", "loss_mask"), np.ones(n, np.int32)) for n in lengths
     ]
-    rows, how = plan.step_rows(trainer, plan.DataPlan(10, 10, "", examples))
-    packed = data.example_batches(
+    packed = data.example_batch_rows(examples, batch_size=64, max_seq_length=128, seed=cfg.train.seed)
+    rows, how = plan.step_rows(trainer, plan.DataPlan(10, 10, "", packed))
+    batches = data.example_batches(
         examples, batch_size=64, max_seq_length=128, seed=cfg.train.seed, row_multiple=8
-    )
-    assert rows == max(batch["segment_ids"].shape[0] for batch, _ in zip(packed, range(10), strict=False))
+    )  # one epoch: 640 conversations in batches of 64
+    assert rows == max(batch["segment_ids"].shape[0] for batch, _ in zip(batches, range(10), strict=False))
     assert "largest of one epoch" in how
 
 
