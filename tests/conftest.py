@@ -35,6 +35,18 @@ def isolated_data_cache(tmp_path_factory):
         os.environ["JSFT_CACHE"] = previous
 
 
+def tiny_run_args(output_dir, train_rows: int, eval_rows: int = 0) -> list[str]:
+    """The tiny config's command-line arguments for a short test run: output in `output_dir`, the first
+    `train_rows` training conversations, `eval_rows` held-out ones (0: no held-out set)."""
+    held_out = f"(('{TINY_DATA}/held_out.jsonl', {eval_rows}),)" if eval_rows else "()"
+    return [
+        f"--config={ROOT}/configs/tiny.py",
+        f"--config.output_dir={output_dir}",
+        f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', {train_rows}),)",
+        f"--config.data.eval_mixer={held_out}",
+    ]
+
+
 def make_hf_llama(folder: pathlib.Path, seed: int = 0, **overrides) -> pathlib.Path:
     """Saves a tiny random Llama with odd sizes (catches transposes) and GQA into `folder`."""
     import torch

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import transformers
-from conftest import ROOT, TINY_DATA, TINY_MODEL
+from conftest import TINY_MODEL, tiny_run_args
 
 from jsft import config, data, sharding, train
 from jsft.data.pipeline import example_batches, row_bucket
@@ -103,10 +103,7 @@ def _config(out, *extra):
     return config.load(
         [
             "prog",
-            f"--config={ROOT}/configs/tiny.py",
-            f"--config.output_dir={out}",
-            f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 400),)",
-            "--config.data.eval_mixer=()",
+            *tiny_run_args(out, 400),
             "--config.train.batch_unit=examples",
             "--config.train.global_batch_size=24",
             "--config.train.max_steps=6",

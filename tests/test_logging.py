@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_DATA
+from conftest import ROOT, TINY_DATA, tiny_run_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jsft import config, logging_backends, train
@@ -27,10 +27,7 @@ def logged_run(tmp_path_factory):
     cfg = config.load(
         [
             "prog",
-            f"--config={ROOT}/configs/tiny.py",
-            f"--config.output_dir={out}",
-            f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 1000),)",
-            f"--config.data.eval_mixer=(('{TINY_DATA}/held_out.jsonl', 50),)",
+            *tiny_run_args(out, 1000, 50),
             "--config.train.max_steps=20",
             "--config.checkpoint.every_steps=20",
             "--config.log.every_steps=5",

@@ -14,7 +14,7 @@ import optax
 import pytest
 import torch
 import transformers
-from conftest import ROOT, TINY_DATA, TINY_MODEL, assert_params_close, gradient_recorder
+from conftest import ROOT, TINY_MODEL, assert_params_close, gradient_recorder, tiny_run_args
 
 from jsft import checkpoint, config, models, sharding, train
 from jsft.config import default_config
@@ -206,10 +206,7 @@ def _mesh_cfg(**sizes):
 def _tiny_run_args(out, *extra):
     return [
         "prog",
-        f"--config={ROOT}/configs/tiny.py",
-        f"--config.output_dir={out}",
-        f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 1500),)",
-        f"--config.data.eval_mixer=(('{TINY_DATA}/held_out.jsonl', 200),)",
+        *tiny_run_args(out, 1500, 200),
         "--config.log.eval_every_steps=0",
         "--config.lora.rank=8",
         "--config.optim.lr=1e-2",

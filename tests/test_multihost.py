@@ -13,7 +13,7 @@ import time
 import multihost_worker
 import numpy as np
 import portpicker
-from conftest import ROOT, assert_params_close, make_hf_llama
+from conftest import ROOT, assert_params_close, make_hf_llama, tiny_run_args
 
 WORKER = ROOT / "tests" / "multihost_worker.py"
 
@@ -49,8 +49,6 @@ def test_two_processes_reach_the_parameters_of_one(tmp_path):
 
 
 def _start_two_process_run(out, *extra: str, per_process=lambda i: ()) -> list[subprocess.Popen]:
-    from conftest import TINY_DATA
-
     port = portpicker.pick_unused_port()
     return [
         subprocess.Popen(
@@ -58,10 +56,7 @@ def _start_two_process_run(out, *extra: str, per_process=lambda i: ()) -> list[s
                 sys.executable,
                 "-m",
                 "jsft.train",
-                f"--config={ROOT}/configs/tiny.py",
-                f"--config.output_dir={out}",
-                f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 1000),)",
-                "--config.data.eval_mixer=()",
+                *tiny_run_args(out, 1000),
                 "--config.log.every_steps=1",
                 "--config.mesh.num_processes=2",
                 f"--config.mesh.process_id={i}",

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_DATA, TINY_MODEL
+from conftest import TINY_MODEL, tiny_run_args
 
 from jsft import config, models, sharding, train
 from jsft.config import default_config
@@ -100,10 +100,7 @@ def test_qlora_trains_the_tiny_config(tmp_path, quantization):
     cfg = config.load(
         [
             "prog",
-            f"--config={ROOT}/configs/tiny.py",
-            f"--config.output_dir={tmp_path}",
-            f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 1000),)",
-            f"--config.data.eval_mixer=(('{TINY_DATA}/held_out.jsonl', 200),)",
+            *tiny_run_args(tmp_path, 1000, 200),
             "--config.train.max_steps=25",
             "--config.log.eval_every_steps=0",
             "--config.lora.rank=8",

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_DATA
+from conftest import ROOT, tiny_run_args
 
 from jsft import checkpoint, sharding
 
@@ -30,10 +30,7 @@ def _command(out: pathlib.Path, *extra: str) -> list[str]:
         sys.executable,
         "-m",
         "jsft.train",
-        f"--config={ROOT}/configs/tiny.py",
-        f"--config.output_dir={out}",
-        f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 1500),)",
-        "--config.data.eval_mixer=()",
+        *tiny_run_args(out, 1500),
         f"--config.train.max_steps={STEPS}",
         f"--config.checkpoint.every_steps={EVERY}",
         "--config.checkpoint.keep=10",

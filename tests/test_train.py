@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import ROOT, TINY_DATA, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, tiny_run_args
 
 from jsft import config, hf, train
 from jsft import export as jsft_export
@@ -23,10 +23,7 @@ def tiny_run(tmp_path_factory):
     cfg = config.load(
         [
             "prog",
-            f"--config={ROOT}/configs/tiny.py",
-            f"--config.output_dir={out}",
-            f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 2000),)",
-            f"--config.data.eval_mixer=(('{TINY_DATA}/held_out.jsonl', 200),)",
+            *tiny_run_args(out, 2000, 200),
             "--config.train.max_steps=40",
             "--config.train.grad_accum_steps=2",
             "--config.checkpoint.every_steps=20",
