@@ -35,6 +35,26 @@ def isolated_data_cache(tmp_path_factory):
         os.environ["JSFT_CACHE"] = previous
 
 
+def small_model_config(**changes):
+    """A 4-layer GQA Llama ModelConfig (hidden 64, heads 4/2 of 16) for step and attention tests."""
+    import dataclasses
+
+    from jsft.models import ModelConfig
+
+    small = ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10_000.0,
+    )
+    return dataclasses.replace(small, **changes)
+
+
 def tiny_run_args(output_dir, train_rows: int, eval_rows: int = 0) -> list[str]:
     """The tiny config's command-line arguments for a short test run: output in `output_dir`, the first
     `train_rows` training conversations, `eval_rows` held-out ones (0: no held-out set)."""

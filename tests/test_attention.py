@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_model_config
 from flax import nnx
 
 from jsft import models, sharding
@@ -29,17 +30,7 @@ SCALE = 0.3
 CPU = jax.devices()[0]
 NVIDIA = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
 TPU = types.SimpleNamespace(platform="tpu", device_kind="TPU v5p")
-SMALL = ModelConfig(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    rms_norm_eps=1e-5,
-    rope_theta=10_000.0,
-)
+SMALL = small_model_config()
 
 
 def _packed_segments(rows: int, seq: int, seed: int) -> np.ndarray:

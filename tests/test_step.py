@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_params_close, gradient_recorder
+from conftest import assert_params_close, gradient_recorder, small_model_config
 
 from jsft import loss, models, sharding, step
 from jsft.config import default_config
@@ -335,18 +334,7 @@ def test_chunked_loss_memory_stays_flat_as_the_vocabulary_grows():
 def train_step_temp_bytes(remat: str) -> int:
     """XLA's temporary memory for the compiled train step (Adam, float32) of a 4-layer scanned model
     on 2 rows of 256 tokens, on one device."""
-    cfg = models.ModelConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=10_000.0,
-    )
-    cfg = dataclasses.replace(cfg, scan_layers=True, remat=remat)
+    cfg = small_model_config(scan_layers=True, remat=remat)
     trainer = Trainer(default_config(), models.Layout(cfg), sharding.single_device_mesh(), total_steps=10)
     return trainer.compile_train_step(2, 256).memory_analysis().temp_size_in_bytes
 
