@@ -11,7 +11,7 @@ conversations / 128 as in the reference run, and `sum` weights each step by the 
 `sum` vs `mean` does not call for another learning rate: AdamW's update is unchanged when a step's
 gradient is scaled by one constant (up to eps). They differ in how steps with different token counts
 are weighted against each other, and where clipping acts (this config does not clip, as open-instruct).
-Measured on the tiny model (`tools/bench_loss_reduction.py`): at one lr, mean and sum reach the same
+Measured on the tiny model (`tools/bench/loss_reduction.py`): at one lr, mean and sum reach the same
 held-out loss (within 0.3%), with constant and with varying tokens per step.
 
 The mesh shards the model fully (FSDP over all devices), which fits an 8B model in bfloat16 compute
@@ -29,7 +29,7 @@ def get_config():
     c.model.param_dtype = "float32"
     # Keep the projections' outputs, recompute norms, RoPE and attention: 2 rows x 4096 tokens per
     # device save 43k bfloat16 values per token per layer, 0.7 GB per layer, 23 GB for 32 layers.
-    # `tools/bench_memory.py --config=configs/tulu.py --devices=64` (compiled on simulated devices, an
+    # `tools/bench/memory.py --config=configs/tulu.py --devices=64` (compiled on simulated devices, an
     # upper estimate): 49.6 GiB per device with minimal, 12.3 with full, 293 with none.
     c.model.remat = "minimal"
     c.data.mixer = (("allenai/tulu-3-sft-mixture", 1.0),)

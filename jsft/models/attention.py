@@ -135,7 +135,7 @@ def blocked_attention(
     Heads come first ([batch, kv_heads, group, seq, head_dim]) so the score matmuls are plain batched
     matmuls, and queries go in blocks that only score the keys they can see: none after the block's
     end (the causal upper triangle) and, with a sliding window, none before its reach. One layer's
-    attention forward+backward on a 2-core CPU (batch 4 x 1024, 8 heads of 64; `tools/bench_attention.py`):
+    attention forward+backward on a 2-core CPU (batch 4 x 1024, 8 heads of 64; `tools/bench/attention.py`):
     0.66 s for the reference, 0.22 s here (blocks of 128, normalised after the value matmul), 0.11 s
     for torch SDPA.
     """

@@ -1,6 +1,6 @@
 """Peak temporary memory of the loss and its gradient, plain vs chunked, as the vocabulary grows.
 
-    python tools/bench_loss_memory.py [--batch=2] [--seq=2048] [--hidden=512] [--chunk=512]
+    python tools/bench/loss_memory.py [--batch=2] [--seq=2048] [--hidden=512] [--chunk=512]
 
 Reads XLA's compiled memory analysis (no execution), so it runs on CPU for any size.
 """

@@ -1,6 +1,6 @@
 """`train.loss_reduction` mean vs sum at one learning rate, with constant and with varying tokens per step.
 
-    python tools/bench_loss_reduction.py [--steps=120] [--lr=3e-3] [--config=configs/tiny.py ...]
+    python tools/bench/loss_reduction.py [--steps=120] [--lr=3e-3] [--config=configs/tiny.py ...]
 
 AdamW's update is unchanged when every gradient is scaled by one constant (up to `eps`), so `sum` and
 `mean` differ only where the scale changes from step to step (the trained-token count), and where

@@ -1,6 +1,6 @@
 """Benchmarks data preparation: fast versus incremental masking, and packing versus padding.
 
-    python tools/bench_data.py [--tokenizer=FOLDER] [--template=NAME] [--rows=400]
+    python tools/bench/data.py [--tokenizer=FOLDER] [--template=NAME] [--rows=400]
 
 Conversations are built from the real ShareGPT and Alpaca files in ../shared/realdata (the tiny
 training set where absent) with a long-tailed mix of lengths like instruction-tuning sets have:
@@ -21,7 +21,7 @@ import transformers
 
 from jsft.data import ChatEncoder, pipeline, sources
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 REALDATA = ROOT.parent / "shared" / "realdata"
 TINY = ROOT / "tools" / "tiny"
 

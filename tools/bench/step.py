@@ -1,6 +1,6 @@
 """Times jsft's jitted train step on a random Llama against the same step in PyTorch transformers.
 
-    python tools/bench_step.py [--hidden=512 --layers=8 --heads=8 --seq=1024 --batch=4 ...]
+    python tools/bench/step.py [--hidden=512 --layers=8 --heads=8 --seq=1024 --batch=4 ...]
         [--peak_flops=1.2e11] [--skip_torch] [--no-scan_layers]
 
 Both sides train the same architecture on the same unpacked batch (loss on every token) with AdamW of

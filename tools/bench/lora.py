@@ -1,10 +1,10 @@
 """What LoRA and QLoRA save: memory of an 8B train step, and time of a ~60M step on the CPU.
 
-    python tools/bench_lora.py [--rank=16] [--seq=4096] [--skip_memory] [--skip_time]
+    python tools/bench/lora.py [--rank=16] [--seq=4096] [--skip_memory] [--skip_time]
 
 Memory: a Llama-3.1-8B-shaped model (`jsft.models.shapes.LLAMA_31_8B`) on one device, one row of
 `--seq` tokens per step, remat full, scanned layers, bf16 compute, XLA attention; the train step is
-compiled, never run (XLA:CPU's memory analysis, with the memory-minimising scheduler as bench_memory
+compiled, never run (XLA:CPU's memory analysis, with the memory-minimising scheduler as bench/memory.py
 uses), for full fine-tuning (float32 weights and Adam moments), LoRA over a bf16 base and QLoRA over
 an nf4 base (factors on every projection). Columns: the frozen base, the trained parameters with their
 Adam moments (full FT: all weights), the step's temporaries (activations kept for the backward pass,

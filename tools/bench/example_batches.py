@@ -1,6 +1,6 @@
 """Padding of `train.batch_unit="examples"` on a real length mix, against packed rows and plain padding.
 
-    python tools/bench_example_batches.py --config=configs/tiny.py [--config.data.mixer=...] \
+    python tools/bench/example_batches.py --config=configs/tiny.py [--config.data.mixer=...] \
         [--config.train.global_batch_size=128] [--config.data.max_seq_length=4096] [--steps=200]
 
 Encodes (or reads from the cache) the config's mixture, then over `--steps` batches reports the share of

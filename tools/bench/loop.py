@@ -1,6 +1,6 @@
 """The whole training loop against the bare jitted step, on the same packed batches.
 
-    python tools/bench_loop.py [--steps=6] [--hidden=512 --layers=8 --heads=8 --kv_heads=4 --vocab=32000]
+    python tools/bench/loop.py [--steps=6] [--hidden=512 --layers=8 --heads=8 --kv_heads=4 --vocab=32000]
         [--config=configs/tiny.py --config.data.max_seq_length=1024 --config.train.global_batch_size=4 ...]
 
 Builds a run as `train.run` does (data, packing, Trainer, Checkpointer, logging hooks) over a random

@@ -1,6 +1,6 @@
 """Times one layer's attention, forward and backward, per backend that runs here, against torch SDPA.
 
-    python tools/bench_attention.py [--batch 4 --seq 1024 --heads 8 --kv_heads 8 --head_dim 64]
+    python tools/bench/attention.py [--batch 4 --seq 1024 --heads 8 --kv_heads 8 --head_dim 64]
 
 Causal attention over full rows (one segment each), float32; the best of `--repeats` runs after one
 untimed run. jsft's reference (`dot_product_attention`), its "xla" backend (`blocked_attention`) at

@@ -1,6 +1,6 @@
 """Per-device memory of a config's train step, from the compiled program, on simulated devices.
 
-    python tools/bench_memory.py --config=configs/tulu.py --devices=64 [--config.model.remat=full ...]
+    python tools/bench/memory.py --config=configs/tulu.py --devices=64 [--config.model.remat=full ...]
         [--hf_config=path/to/config.json]
 
 Compiles (never runs) the train step of the config's model and batch over `--devices` simulated CPU

@@ -1,6 +1,6 @@
 """Compile time of the train step against depth, with layers scanned and unrolled.
 
-    python tools/bench_compile.py [--layers 2 4 8 16 32] [--hidden 256 --seq 256 --batch 2]
+    python tools/bench/compile.py [--layers 2 4 8 16 32] [--hidden 256 --seq 256 --batch 2]
 
 Compiles (never runs) the `Trainer`'s train step for a random Llama of each depth, once with
 `scan_layers=True` (one layer body in the program, whatever the depth) and once unrolled, and prints

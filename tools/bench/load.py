@@ -1,6 +1,6 @@
 """Benchmark: load time and peak host memory of `models.load_params` on a sharded checkpoint.
 
-    python tools/bench_load.py [--folder=/tmp/jsft-bench-load] [--layers=10] [--dtype=bfloat16]
+    python tools/bench/load.py [--folder=/tmp/jsft-bench-load] [--layers=10] [--dtype=bfloat16]
         [--mesh=1,4,2] [--devices=8]
 
 Writes (once) a random Llama-shaped checkpoint of about 1.2 GB in bfloat16 safetensors shards of 256 MB,
