@@ -15,11 +15,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jsft.errors import JsftError
-
-
-class ConfigError(JsftError):
-    """A configuration problem, reported as one line."""
+from jsft.errors import ConfigError, one_line
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -301,7 +297,7 @@ def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
         # Load the file alone first, so overrides can be checked against its keys.
         base = _parse(argv[:1] + [f"--config={files[-1]}"])
     except Exception as e:  # config_flags reports a missing or broken file in many ways
-        raise ConfigError(f"cannot load config file {files[-1]}: {_one_line(e)}") from None
+        raise ConfigError(f"cannot load config file {files[-1]}: {one_line(e)}") from None
     known = list(_paths(base))
     for arg in argv[1:]:
         if arg.startswith("--config."):
@@ -313,7 +309,7 @@ def load(argv: Sequence[str]) -> ml_collections.ConfigDict:
     try:
         cfg = _parse(argv)
     except Exception as e:
-        raise ConfigError(f"bad config override: {_one_line(e)}") from None
+        raise ConfigError(f"bad config override: {one_line(e)}") from None
     validate(cfg, where=files[-1])
     return cfg
 
@@ -325,11 +321,6 @@ def _parse(argv: list[str]) -> ml_collections.ConfigDict:
     )
     flag_values(argv)
     return holder.value
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).replace("\\n", " ").replace("\n", " ").strip()
-    return " ".join(text.split()) or type(e).__name__
 
 
 def load_or_exit(argv: Sequence[str] | None = None) -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.numpy import save_file
 
-from jsft.errors import JsftError
+from jsft.errors import ModelFolderError, one_line
 
 _DTYPES = {
     "F64": np.float64,
@@ -59,10 +59,6 @@ HUB_METADATA_FILES = (
     SAFETENSORS_INDEX,
     *TOKENIZER_FILES,
 )
-
-
-class ModelFolderError(JsftError):
-    """A model folder that cannot be read, named in one line."""
 
 
 def resolved_revision(path: str, folder: str) -> str:
@@ -104,7 +100,7 @@ def resolve_model(path: str, revision: str | None = None) -> str:
             )
     except OSError as e:  # huggingface_hub's HTTP, offline and incomplete-cache errors are all OSErrors
         raise ModelFolderError(
-            f"{name} is no local folder, and fetching it from the Hub failed: {_one_line(e)}"
+            f"{name} is no local folder, and fetching it from the Hub failed: {one_line(e)}"
         ) from None
     missing = [w for w in weights if not os.path.isfile(os.path.join(folder, w))]
     if missing:
@@ -138,10 +134,6 @@ def _host_lock(repo_id: str) -> contextlib.AbstractContextManager:
     lock_dir = os.path.join(hub_constants.HF_HUB_CACHE, ".locks", "jsft")
     os.makedirs(lock_dir, exist_ok=True)
     return filelock.FileLock(os.path.join(lock_dir, repo_id.replace("/", "--") + ".lock"))
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def read_config(path: str) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 import transformers
 
 from jsft import config, data, hf
-from jsft.errors import JsftError
+from jsft.errors import JsftError, SetupError
 
 TRAINED_COLOUR = ("\033[1;32m", "\033[0m")  # bold green
 TRAINED_BRACKETS = ("[[", "]]")
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as e:
-            raise data.SetupError(
+            raise SetupError(
                 f"cannot load the tokenizer of {cfg.model.path}: {' '.join(str(e).split())}"
             ) from None
         encoded = {}

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jsft.config import ConfigError
+from jsft.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from jsft import config, data, hf, models, sharding, tpu
 from jsft.checkpoint import Checkpointer
-from jsft.errors import JsftError
+from jsft.errors import JsftError, SetupError
 from jsft.generate import TrainingSamples
 from jsft.logging_backends import LogBackends
 from jsft.metrics import MetricsLog, StepLogger
@@ -142,7 +142,7 @@ def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:  # an unreadable or corrupt tokenizer file: the environment, not data
-        raise data.SetupError(
+        raise SetupError(
             f"cannot load the tokenizer of {cfg.model.path}: {' '.join(str(e).split())}"
         ) from None
     if len(tokenizer) > model_cfg.vocab_size:

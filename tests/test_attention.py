@@ -23,8 +23,9 @@ from conftest import small_model_config
 from flax import nnx
 
 from jsft import models, sharding
+from jsft.errors import ModelOptionError
 from jsft.models import attention
-from jsft.models.config import ModelConfig, ModelOptionError, RopeScaling
+from jsft.models.config import ModelConfig, RopeScaling
 
 SCALE = 0.3
 CPU = jax.devices()[0]

@@ -7,8 +7,9 @@ import pytest
 import transformers
 from conftest import REALDATA, TINY_MODEL
 
-from jsft.data import BadRow, encode_messages
+from jsft.data import encode_messages
 from jsft.data.chat import IGNORE, TULU_TEMPLATE
+from jsft.errors import BadRow
 
 CONVERSATION = [
     {"role": "system", "content": "You transform strings."},

@@ -12,7 +12,7 @@ import pytest
 import transformers
 from conftest import REALDATA, TINY_DATA, TINY_MODEL
 
-from jsft import config, data, prepare
+from jsft import config, data, errors, prepare
 from jsft.data import preprocess, sources
 
 
@@ -118,7 +118,7 @@ def test_bad_rows_are_counted_by_reason_and_truncation_is_reported(tmp_path, tok
     assert encoded.drops == {"empty": 1, "no_assistant": 1, "bad_role": 1, "over_length": 1}
     assert encoded.stats["repairs"] == {"truncated": 1} and len(encoded) == 2
     assert max(len(e["input_ids"]) for e in encoded) == 32
-    with pytest.raises(data.DataError, match=r"4 of 6 rows are bad.*bad.jsonl line 2: empty"):
+    with pytest.raises(errors.DataError, match=r"4 of 6 rows are bad.*bad.jsonl line 2: empty"):
         data.prepare(data_cfg(tmp_path, ((str(path), 1.0),), max_bad_fraction=0.5), tokenizer, seed=0)
 
 

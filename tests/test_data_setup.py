@@ -12,8 +12,8 @@ import pytest
 import transformers
 from conftest import ROOT, TINY_MODEL
 
-from jsft.data import SetupError, encode_mixture, preprocess
-from jsft.errors import JsftError
+from jsft.data import encode_mixture, preprocess
+from jsft.errors import JsftError, SetupError
 
 
 @pytest.fixture(scope="module")

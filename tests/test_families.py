@@ -19,8 +19,9 @@ from conftest import FAMILY_CONFIGS, make_hf_family
 from jax.sharding import PartitionSpec as P
 
 from jsft import hf, loss, models, sharding
+from jsft.errors import UnsupportedModelError
 from jsft.models.attention import attention_mask
-from jsft.models.config import SLIDING_ATTENTION, ModelConfig, UnsupportedModelError
+from jsft.models.config import SLIDING_ATTENTION, ModelConfig
 
 ATOL = 1e-4
 LOSS_ATOL = 1e-5

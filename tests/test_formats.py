@@ -10,7 +10,8 @@ import transformers
 from conftest import TINY_MODEL
 
 from jsft import config
-from jsft.data import DataError, encode_mixture, sources
+from jsft.data import encode_mixture, sources
+from jsft.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from conftest import REALDATA, TINY_MODEL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jsft.data import BadRow, ChatEncoder, preprocess, sources
+from jsft.data import ChatEncoder, preprocess, sources
 from jsft.data.chat import IGNORE
+from jsft.errors import BadRow
 
 TOKENIZERS = {
     "tiny": TINY_MODEL,

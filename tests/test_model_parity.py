@@ -92,7 +92,7 @@ def test_export_round_trip_is_bit_identical(hf_llama):
 
 def test_bad_folders_are_clear_errors(tmp_path):
     from jsft import hf
-    from jsft.hf import ModelFolderError
+    from jsft.errors import ModelFolderError
 
     with pytest.raises(ModelFolderError, match="does not exist"):
         models.load_pretrained(str(tmp_path / "nope"))

@@ -9,7 +9,7 @@ import pytest
 import transformers
 from conftest import TINY_MODEL
 
-from jsft import data
+from jsft import data, errors
 from jsft.data import preprocess, sources
 
 
@@ -102,12 +102,12 @@ def test_rows_without_messages_are_clear_errors(tmp_path):
     kwargs = dict(tokenizer=tok, max_seq_length=64, chat_template=None, seed=0, max_bad_fraction=0.01)
     no_format = _write_jsonl(tmp_path / "a.jsonl", [{"question": "hello", "answer": "hi"}])
     with pytest.raises(
-        data.DataError, match=r"a.jsonl: expected a known format but found columns question, answer"
+        errors.DataError, match=r"a.jsonl: expected a known format but found columns question, answer"
     ):
         data.encode_mixture(((no_format, 1.0),), **kwargs)
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     one_bad = _write_jsonl(tmp_path / "b.jsonl", [good, {"messages": None}, good])
-    with pytest.raises(data.DataError, match=r"1 of 3 rows are bad.*b.jsonl line 2: empty"):
+    with pytest.raises(errors.DataError, match=r"1 of 3 rows are bad.*b.jsonl line 2: empty"):
         data.encode_mixture(((one_bad, 1.0),), **kwargs)
     kwargs["max_bad_fraction"] = 0.5
     encoded = data.encode_mixture(((one_bad, 1.0),), **kwargs)

@@ -13,7 +13,8 @@ import pytest
 import transformers
 from conftest import TINY_DATA, TINY_MODEL
 
-from jsft.data import DataError, encode_mixture, sources
+from jsft.data import encode_mixture, sources
+from jsft.errors import DataError
 
 ROWS = [json.loads(line) for line in (TINY_DATA / "train.jsonl").read_text().splitlines()[:24]]
 HUB_NAME = "jsft-test/tiny_chat"

@@ -20,8 +20,9 @@ import pytest
 import transformers
 from conftest import TINY_MODEL
 
-from jsft.data import BadRow, ChatEncoder
+from jsft.data import ChatEncoder
 from jsft.data.chat import IGNORE
+from jsft.errors import BadRow
 
 QWEN3_LIKE = (
     "{%- set ns = namespace(last_user=-1) -%}"

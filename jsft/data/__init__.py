@@ -7,24 +7,18 @@ entries `(source, amount)` or `(source, amount, format)`;
 
 from jsft.data.chat import (
     BUILTIN_TEMPLATES,
-    BadRow,
     ChatEncoder,
-    SetupError,
     encode_messages,
     encode_messages_incremental,
     resolve_template,
 )
 from jsft.data.pipeline import batches, count_batches, example_batch_rows, example_batches, packing_report
 from jsft.data.preprocess import EncodedData, encode_mixture, prepare
-from jsft.data.sources import DataError
 
 __all__ = [
     "BUILTIN_TEMPLATES",
-    "BadRow",
     "ChatEncoder",
-    "DataError",
     "EncodedData",
-    "SetupError",
     "batches",
     "count_batches",
     "example_batch_rows",

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jsft.errors import JsftError
+from jsft.errors import BadRow, JsftError, SetupError, one_line
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -73,23 +73,6 @@ CHATML_TEMPLATE = (
 BUILTIN_TEMPLATES = {"tulu": TULU_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
 
-class BadRow(ValueError):
-    """A conversation that cannot be trained on; `reason` is a short tag used to count drops."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-class SetupError(JsftError):
-    """The environment failed, not a row (a missing package, an unreadable file): the run stops."""
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 @functools.lru_cache(maxsize=64)
 def resolve_template(name_or_path: str | None) -> str | None:
     """None/"" -> the tokenizer's own template; a built-in name; a Jinja file path; or Jinja text."""
@@ -102,7 +85,9 @@ def resolve_template(name_or_path: str | None) -> str | None:
             with open(name_or_path) as f:
                 return f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise SetupError(f"chat template file {name_or_path}: cannot read it: {one_line(e)}") from None
+            raise SetupError(
+                f"chat template file {name_or_path}: cannot read it: {one_line(e, with_type=True)}"
+            ) from None
     if "{%" in name_or_path or "{{" in name_or_path:
         return name_or_path
     raise JsftError(
@@ -269,9 +254,9 @@ class ChatEncoder:
                 tokenize=False,
             )
         except (ImportError, OSError, MemoryError) as e:
-            raise SetupError(f"rendering the chat template failed: {one_line(e)}") from None
+            raise SetupError(f"rendering the chat template failed: {one_line(e, with_type=True)}") from None
         except Exception as e:  # jinja raises many kinds of errors for templates that reject input
-            raise BadRow("template_error", one_line(e)) from None
+            raise BadRow("template_error", one_line(e, with_type=True)) from None
 
     def _render_each(self, conversations: list[list[dict]], add_generation_prompt: bool, tools) -> list:
         """Like `render`, with None for each conversation the template rejects."""

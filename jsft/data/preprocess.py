@@ -34,8 +34,8 @@ from etils import epath
 
 from jsft import paths
 from jsft.data import sources
-from jsft.data.chat import BadRow, ChatEncoder, SetupError, one_line, resolve_template
-from jsft.errors import JsftError
+from jsft.data.chat import ChatEncoder, resolve_template
+from jsft.errors import BadRow, DataError, JsftError, SetupError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _start_worker(tokenizer, chat_template: str | None, train_on: str, on_unloca
         _worker_encoder = ChatEncoder(tokenizer, chat_template, None, train_on, on_unlocated_turn)
         _worker_error = None
     except Exception as e:
-        detail = str(e) if isinstance(e, JsftError) else one_line(e)
+        detail = str(e) if isinstance(e, JsftError) else one_line(e, with_type=True)
         _worker_encoder, _worker_error = None, SetupError(f"a tokenization worker could not start: {detail}")
 
 
@@ -192,8 +192,8 @@ def _chunk_results(tasks, num_proc: int, initargs: tuple):
             yield pending.popleft().result()
     except concurrent.futures.process.BrokenProcessPool as e:
         raise SetupError(
-            f"a tokenization worker process died ({one_line(e)}); data.num_proc=1 encodes in this process "
-            "and shows the cause"
+            f"a tokenization worker process died ({one_line(e, with_type=True)}); "
+            "data.num_proc=1 encodes in this process and shows the cause"
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -316,7 +316,7 @@ def encode_mixture(
     check_bad_fraction({"total_rows": total, "drops": drops, "first_bad": first_bad}, max_bad_fraction)
     row_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if not len(row_lengths):
-        raise sources.DataError(f"no trainable rows in {[d.source for d in drawn]}")
+        raise DataError(f"no trainable rows in {[d.source for d in drawn]}")
     row_source_ids = np.concatenate(row_sources)
     untrained_turns = sum((t.untrained_turns for t in tallies), collections.Counter())
     truncated = sum(t.truncated for t in tallies)
@@ -362,7 +362,7 @@ def check_bad_fraction(stats: dict, max_bad_fraction: float) -> None:
     """Fails with the first bad row when more than `max_bad_fraction` of the rows were dropped."""
     bad, total = sum(stats["drops"].values()), stats["total_rows"]
     if total and bad > max_bad_fraction * total:
-        raise sources.DataError(
+        raise DataError(
             f"{bad} of {total} rows are bad, more than data.max_bad_fraction={max_bad_fraction}; "
             f"first: {stats['first_bad']}"
         )
@@ -401,7 +401,7 @@ def template_text(tokenizer, chat_template: str | None) -> str:
     try:
         return tokenizer.get_chat_template(resolve_template(chat_template))
     except ValueError as e:
-        raise sources.DataError(f"{e} Set data.chat_template to 'tulu', 'chatml' or a Jinja file.") from None
+        raise DataError(f"{e} Set data.chat_template to 'tulu', 'chatml' or a Jinja file.") from None
 
 
 def cache_key(

@@ -34,8 +34,7 @@ from collections.abc import Iterator
 import datasets
 import numpy as np
 
-from jsft.data.chat import one_line
-from jsft.errors import JsftError
+from jsft.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +60,6 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "alpaca": (("instruction", "output"), ("input",)),
     "text": (("text",), ()),
 }  # detection tries them in this order
-
-
-class DataError(JsftError):
-    """A data problem reported in one line, naming the source (and row)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +202,7 @@ class JsonRows:
             try:
                 self.parts.append((path, self._read(path)))
             except OSError as e:
-                raise DataError(f"data file {path}: cannot read it: {one_line(e)}") from None
+                raise DataError(f"data file {path}: cannot read it: {one_line(e, with_type=True)}") from None
         self.starts = np.cumsum(
             [0] + [len(rows if isinstance(rows, list) else rows[0]) for _, rows in self.parts]
         )
@@ -265,7 +260,9 @@ class JsonRows:
                         handles[path].seek(rows[0][local])
                         line = handles[path].readline()
                     except OSError as e:
-                        raise DataError(f"data file {path}: cannot read it: {one_line(e)}") from None
+                        raise DataError(
+                            f"data file {path}: cannot read it: {one_line(e, with_type=True)}"
+                        ) from None
                     batch.append((line, f"{path} line {rows[1][local]}"))
                 if len(batch) == batch_size:
                     yield batch

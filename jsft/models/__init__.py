@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.typing import DTypeLike
 
 from jsft import hf, sharding
-from jsft.errors import JsftError
+from jsft.errors import JsftError, ModelFolderError
 from jsft.models.attention import resolve_attention_impl, soft_cap
 from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder, LoraParam
@@ -151,17 +151,17 @@ def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = No
                 hf_name == "lm_head.weight" and layout.cfg.tie_word_embeddings
             ):
                 continue
-            raise hf.ModelFolderError(f"{path}: tensor {hf_name} has no place in a {layout.model_type} model")
+            raise ModelFolderError(f"{path}: tensor {hf_name} has no place in a {layout.model_type} model")
         name, transform, layer = found
         target = layout.shapes.get(name)
         if target is None or (layer is not None and layer >= num_layers):
-            raise hf.ModelFolderError(
+            raise ModelFolderError(
                 f"{path}: tensor {hf_name} does not fit this config ({name} does not exist)"
             )
         shape = target.shape[1:] if layer is not None else target.shape
         expected = transform.hf_shape(shape)
         if tensor.shape != expected:
-            raise hf.ModelFolderError(
+            raise ModelFolderError(
                 f"{path}: tensor {hf_name} has shape {tensor.shape}, expected {expected} for {name}"
             )
         view = transform.to_jsft(tensor, shape)
@@ -177,7 +177,7 @@ def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = No
         if name not in views or (layer is not None and layer not in views[name])
     ]
     if missing:
-        raise hf.ModelFolderError(f"{path}: missing tensors {', '.join(missing)}")
+        raise ModelFolderError(f"{path}: missing tensors {', '.join(missing)}")
     shardings = layout.shardings(mesh)
     params: Params = {}
     for name in base_names:

@@ -23,7 +23,8 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from jsft import sharding
-from jsft.models.config import ModelConfig, ModelOptionError, RopeScaling
+from jsft.errors import ModelOptionError
+from jsft.models.config import ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jsft.errors import JsftError
+from jsft.errors import ModelOptionError, UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -21,14 +21,6 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # What each decoder block keeps for the backward pass (see `decoder.REMAT_POLICIES`).
 REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
-
-
-class UnsupportedModelError(JsftError):
-    """A config.json asking for an architecture feature jsft does not implement."""
-
-
-class ModelOptionError(JsftError):
-    """A `model.attention` or `model.remat` choice that is unknown or cannot run this model here."""
 
 
 @dataclasses.dataclass(frozen=True)

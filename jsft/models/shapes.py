@@ -12,7 +12,7 @@ import os
 import huggingface_hub
 from huggingface_hub.utils import HFValidationError
 
-from jsft.hf import ModelFolderError
+from jsft.errors import ModelFolderError
 
 _LLAMA3_ROPE = {
     "rope_type": "llama3",
