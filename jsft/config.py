@@ -15,7 +15,32 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jsft.errors import ConfigError, one_line
+from jsft.errors import ConfigError, DataError, one_line
+
+# The values of every choice key, declared with the schema; the modules that implement a choice import its
+# names from here, so the config loads without JAX and a name exists in one place.
+DTYPES = ("float32", "bfloat16")  # model.param_dtype; model.dtype also takes "auto"
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal")  # what each decoder block keeps for backward
+PACKERS = ("first_fit", "best_fit")  # Grain's packers
+TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
+ON_UNLOCATED_TURN = ("drop_row", "train_located")
+LOSS_REDUCTIONS = ("mean", "sum")
+BATCH_UNITS = ("rows", "examples")  # what train.global_batch_size counts
+SCHEDULES = ("linear", "cosine", "constant")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_BASE_DTYPES = ("auto", "float32", "bfloat16")  # auto: the compute dtype (model.dtype)
+QUANTIZATIONS = ("none", "int8", "nf4")
+# Row formats a mixer entry may name: format -> (required fields, optional fields); a field's column is the
+# field's name unless the entry maps it. Detection tries them in this order.
+FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "prompt_messages": (("prompt", "messages"), ("tools",)),
+    "messages": (("messages",), ("tools",)),
+    "prompt_completion": (("prompt", "completion"), ("tools",)),
+    "sharegpt": (("conversations",), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "text": (("text",), ()),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -182,30 +207,21 @@ LIST_VALUED_KEYS = ("lora.targets",)
 
 
 def choices() -> dict[str, tuple[str, ...]]:
-    """Every choice-valued key and the values it takes: the one table `validate` checks.
-
-    Names implemented elsewhere are imported from their one definition, here rather than at the top
-    so that config files load without JAX and those modules may import this one.
-    """
-    from jsft import lora, models
-    from jsft.data.chat import ON_UNLOCATED_TURN, TRAIN_ON
-    from jsft.data.pipeline import PACKERS
-    from jsft.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES
-
+    """Every choice-valued key and the values it takes: the one table `validate` checks."""
     return {
-        "model.dtype": ("auto", *models.DTYPE_NAMES),
-        "model.param_dtype": models.DTYPE_NAMES,
+        "model.dtype": ("auto", *DTYPES),
+        "model.param_dtype": DTYPES,
         "model.attention": ATTENTION_IMPLEMENTATIONS,
         "model.remat": REMAT_CHOICES,
-        "data.packer": tuple(PACKERS),
+        "data.packer": PACKERS,
         "data.train_on": TRAIN_ON,
         "data.on_unlocated_turn": ON_UNLOCATED_TURN,
-        "train.loss_reduction": ("mean", "sum"),
-        "train.batch_unit": ("rows", "examples"),
-        "optim.schedule": ("linear", "cosine", "constant"),
-        "lora.targets": tuple(lora.INPUT_AXES),
-        "lora.base_dtype": lora.BASE_DTYPES,
-        "lora.base_quantization": lora.QUANTIZATIONS,
+        "train.loss_reduction": LOSS_REDUCTIONS,
+        "train.batch_unit": BATCH_UNITS,
+        "optim.schedule": SCHEDULES,
+        "lora.targets": LORA_TARGETS,
+        "lora.base_dtype": LORA_BASE_DTYPES,
+        "lora.base_quantization": QUANTIZATIONS,
     }
 
 
@@ -273,13 +289,44 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{message} ({where})")
-    from jsft.data.sources import DataError, mixer_entry
-
     for entry in list(cfg.data.mixer) + list(cfg.data.eval_mixer):
         try:
             mixer_entry(entry)
         except DataError as e:
             raise ConfigError(f"data.mixer: {e} ({where})") from None
+
+
+def parse_format(spec: object, where: str) -> tuple[str | None, dict[str, str]]:
+    """(format name or None to detect, {field: column}) from a mixer entry's third element."""
+    if spec is None or spec == "auto":
+        return None, {}
+    if isinstance(spec, str):
+        spec = {"format": spec}
+    if not isinstance(spec, dict):
+        raise DataError(f"{where}: the format must be a name or a dict, got {spec!r}")
+    mapping = dict(spec)
+    name = mapping.pop("format", None)
+    if name is not None and name not in FORMATS:
+        raise DataError(f"{where}: unknown format {name!r}; formats: {', '.join(FORMATS)}")
+    fields = set().union(*(set(r) | set(o) for r, o in ([FORMATS[name]] if name else FORMATS.values())))
+    for field, column in mapping.items():
+        if field not in fields:
+            raise DataError(
+                f"{where}: {field!r} is not a field of format {name or 'any'} ({', '.join(sorted(fields))})"
+            )
+        if not isinstance(column, str):
+            raise DataError(f"{where}: the column for {field!r} must be a string, got {column!r}")
+    return name, mapping
+
+
+def mixer_entry(entry: object) -> tuple[str, int | float, object]:
+    """(source, amount, format spec or None) from a `(source, amount[, format])` entry."""
+    if not (isinstance(entry, (tuple, list)) and len(entry) in (2, 3) and isinstance(entry[0], str)):
+        raise DataError(f"mixer entries must be (source, amount) or (source, amount, format), got {entry!r}")
+    source, amount, *spec = entry
+    spec = spec[0] if spec else None
+    parse_format(spec, f"mixer entry for {source}")
+    return source, amount, spec
 
 
 def load(argv: Sequence[str]) -> ml_collections.ConfigDict:

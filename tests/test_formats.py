@@ -107,9 +107,9 @@ def test_detection_and_unknown_shapes_are_one_clear_error(tmp_path, tok):
     ):
         encode(tok, ((odd, 1.0, "prompt_completion"),))
     with pytest.raises(DataError, match=r"unknown format 'chatml'; formats: prompt_messages, messages"):
-        sources.mixer_entry(("x.jsonl", 1.0, "chatml"))
+        config.mixer_entry(("x.jsonl", 1.0, "chatml"))
     with pytest.raises(DataError, match=r"'promt' is not a field of format prompt_completion"):
-        sources.mixer_entry(("x.jsonl", 1.0, {"format": "prompt_completion", "promt": "q"}))
+        config.mixer_entry(("x.jsonl", 1.0, {"format": "prompt_completion", "promt": "q"}))
     cfg = config.default_config()
     cfg.model.path, cfg.data.mixer = "m", (("x.jsonl", 1.0, {"format": "text", "text": 3}),)
     with pytest.raises(config.ConfigError, match=r"data.mixer: .*the column for 'text' must be a string"):

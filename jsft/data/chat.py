@@ -39,12 +39,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jsft.config import ON_UNLOCATED_TURN, TRAIN_ON
 from jsft.errors import BadRow, JsftError, SetupError, one_line
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
-TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
-ON_UNLOCATED_TURN = ("drop_row", "train_located")
 # Pairs of private-use characters that open and close a sentinel; the first pair absent from a
 # conversation's render is used.
 _SENTINEL_MARKS = (("\ue000", "\ue001"), ("\ue002", "\ue003"), ("\uf8fe", "\uf8ff"))

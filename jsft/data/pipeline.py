@@ -12,16 +12,20 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from jsft import config
 from jsft.errors import JsftError
 
 FEATURES = ("input_ids", "target_ids", "loss_mask")
 # Examples are slices of arrays in memory: reading them inline beats Grain's prefetch threads, whose
 # polling costs about 0.5 ms per example.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-PACKERS = {
-    "first_fit": grain.experimental.FirstFitPackIterDataset,
-    "best_fit": grain.experimental.BestFitPackIterDataset,
-}
+PACKER_CLASSES = dict(
+    zip(
+        config.PACKERS,
+        (grain.experimental.FirstFitPackIterDataset, grain.experimental.BestFitPackIterDataset),
+        strict=True,
+    )
+)
 
 
 def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -60,14 +64,14 @@ def batches(
     keeps its last, partial batch, padded with empty rows, so that evaluation sees every example.
     `iter()` of the result is a Grain iterator whose `get_state`/`set_state` resume exactly.
     """
-    if packer not in PACKERS:
-        raise JsftError(f"data.packer must be one of {', '.join(PACKERS)}, got {packer!r}")
+    if packer not in PACKER_CLASSES:
+        raise JsftError(f"data.packer must be one of {', '.join(config.PACKERS)}, got {packer!r}")
     ds = grain.MapDataset.source(examples)[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     if packing:
-        rows = PACKERS[packer](
+        rows = PACKER_CLASSES[packer](
             ds.to_iter_dataset(READ_OPTIONS),
             length_struct=dict.fromkeys(FEATURES, max_seq_length),
             num_packing_bins=batch_size,

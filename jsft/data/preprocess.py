@@ -32,7 +32,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jsft import paths
+from jsft import config, paths
 from jsft.data import sources
 from jsft.data.chat import ChatEncoder, resolve_template
 from jsft.errors import BadRow, DataError, JsftError, SetupError, one_line
@@ -415,7 +415,7 @@ def cache_key(
     on_unlocated_turn: str = "drop_row",
 ) -> str:
     """The hash of everything the encoded rows depend on (sources by content, amounts by type too)."""
-    entries = [sources.mixer_entry(e) for e in mixer]
+    entries = [config.mixer_entry(e) for e in mixer]
     parts = {
         "version": CACHE_VERSION,
         "sources": [(sources.fingerprint(s), repr(a), json.dumps(f, sort_keys=True)) for s, a, f in entries],

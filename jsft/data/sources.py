@@ -34,6 +34,7 @@ from collections.abc import Iterator
 import datasets
 import numpy as np
 
+from jsft.config import FORMATS, mixer_entry, parse_format
 from jsft.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,6 @@ _SHAREGPT_ROLES = {
 }
 # Integer amounts at most this large and below this fraction of their source look like a mistyped fraction.
 _AMBIGUOUS_COUNT, _AMBIGUOUS_SHARE = 10, 0.01
-
-# Format name -> (required fields, optional fields).
-FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "prompt_messages": (("prompt", "messages"), ("tools",)),
-    "messages": (("messages",), ("tools",)),
-    "prompt_completion": (("prompt", "completion"), ("tools",)),
-    "sharegpt": (("conversations",), ()),
-    "alpaca": (("instruction", "output"), ("input",)),
-    "text": (("text",), ()),
-}  # detection tries them in this order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,29 +140,6 @@ def sharegpt_messages(turns: object) -> object:
 def row_messages(row: dict) -> object:
     """A messages, ShareGPT or Alpaca row's conversation in the messages format (detected by its keys)."""
     return detect_format("row", list(row), None).convert(row).messages
-
-
-def parse_format(spec: object, where: str) -> tuple[str | None, dict[str, str]]:
-    """(format name or None to detect, {field: column}) from a mixer entry's third element."""
-    if spec is None or spec == "auto":
-        return None, {}
-    if isinstance(spec, str):
-        spec = {"format": spec}
-    if not isinstance(spec, dict):
-        raise DataError(f"{where}: the format must be a name or a dict, got {spec!r}")
-    mapping = dict(spec)
-    name = mapping.pop("format", None)
-    if name is not None and name not in FORMATS:
-        raise DataError(f"{where}: unknown format {name!r}; formats: {', '.join(FORMATS)}")
-    fields = set().union(*(set(r) | set(o) for r, o in ([FORMATS[name]] if name else FORMATS.values())))
-    for field, column in mapping.items():
-        if field not in fields:
-            raise DataError(
-                f"{where}: {field!r} is not a field of format {name or 'any'} ({', '.join(sorted(fields))})"
-            )
-        if not isinstance(column, str):
-            raise DataError(f"{where}: the column for {field!r} must be a string, got {column!r}")
-    return name, mapping
 
 
 def detect_format(source: str, columns: list[str], spec: object) -> RowFormat:
@@ -347,16 +315,6 @@ def load_source(source: str) -> JsonRows | ArrowRows:
         return ArrowRows(datasets.load_dataset(name, config, split=split or "train"), source)
     except Exception as e:
         raise DataError(f"data source {source}: not a local path, and the Hub load failed: {e}") from None
-
-
-def mixer_entry(entry: object) -> tuple[str, int | float, object]:
-    """(source, amount, format spec or None) from a `(source, amount[, format])` entry."""
-    if not (isinstance(entry, (tuple, list)) and len(entry) in (2, 3) and isinstance(entry[0], str)):
-        raise DataError(f"mixer entries must be (source, amount) or (source, amount, format), got {entry!r}")
-    source, amount, *spec = entry
-    spec = spec[0] if spec else None
-    parse_format(spec, f"mixer entry for {source}")
-    return source, amount, spec
 
 
 def draw(num_rows: int, amount: int | float, seed: int) -> np.ndarray:

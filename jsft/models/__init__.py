@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.typing import DTypeLike
 
 from jsft import hf, sharding
+from jsft.config import DTYPES
 from jsft.errors import JsftError, ModelFolderError
 from jsft.models.attention import resolve_attention_impl, soft_cap
 from jsft.models.config import ModelConfig
@@ -28,8 +29,7 @@ from jsft.models.names import IGNORED_HF_TENSORS, NameMap
 
 Params = dict[str, jax.Array]
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DTYPE_NAMES = tuple(_DTYPES)  # the choices of model.dtype (besides "auto") and model.param_dtype
+_DTYPES = dict(zip(DTYPES, (jnp.float32, jnp.bfloat16), strict=True))
 
 
 def dtype_of(dtype: str | DTypeLike) -> type:
@@ -39,7 +39,7 @@ def dtype_of(dtype: str | DTypeLike) -> type:
     except TypeError:
         name = None
     if name not in _DTYPES:
-        raise JsftError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        raise JsftError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return _DTYPES[name]
 
 

@@ -12,14 +12,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jsft.config import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES
 from jsft.errors import ModelOptionError, UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-# "auto" picks cuDNN on NVIDIA GPUs, splash on TPUs, XLA elsewhere (see `attention.resolve_attention_impl`).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-# What each decoder block keeps for the backward pass (see `decoder.REMAT_POLICIES`).
-REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 

@@ -103,7 +103,7 @@ def main() -> None:
     )
 
     examples = pipeline._LengthStubs(np.minimum(np.array(lengths) - 1, args.max_seq_length))
-    for packer in pipeline.PACKERS:
+    for packer in pipeline.PACKER_CLASSES:
         started = time.perf_counter()
         report = pipeline.packing_report(
             examples,
