@@ -8,7 +8,8 @@ import transformers
 from conftest import REALDATA, TINY_MODEL
 
 from jsft.data import encode_messages
-from jsft.data.chat import IGNORE, TULU_TEMPLATE
+from jsft.data.masking import IGNORE
+from jsft.data.templates import TULU_TEMPLATE
 from jsft.errors import BadRow
 
 CONVERSATION = [

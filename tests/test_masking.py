@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jsft.data import ChatEncoder, preprocess, sources
-from jsft.data.chat import IGNORE
+from jsft.data.masking import IGNORE
 from jsft.errors import BadRow
 
 TOKENIZERS = {

@@ -21,7 +21,7 @@ import transformers
 from conftest import TINY_MODEL
 
 from jsft.data import ChatEncoder
-from jsft.data.chat import IGNORE
+from jsft.data.masking import IGNORE
 from jsft.errors import BadRow
 
 QWEN3_LIKE = (

@@ -34,7 +34,8 @@ from etils import epath
 
 from jsft import config, paths
 from jsft.data import sources
-from jsft.data.chat import ChatEncoder, resolve_template
+from jsft.data.masking import ChatEncoder
+from jsft.data.templates import resolve_template
 from jsft.errors import BadRow, DataError, JsftError, SetupError, one_line
 
 log = logging.getLogger(__name__)
