@@ -16,18 +16,17 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 import transformers
 from etils import epath
-from jax.experimental import multihost_utils
 
-from jsft import config, data, hf, models, sharding, tpu
+from jsft import config, data, hf, models, runtime, sharding
 from jsft.checkpoint import Checkpointer
+from jsft.data.batching import Batching
 from jsft.errors import JsftError, SetupError
 from jsft.generate import TrainingSamples
 from jsft.logging_backends import LogBackends
 from jsft.metrics import MetricsLog, StepLogger
-from jsft.trainer import Trainer, check_batch_fits, row_multiple
+from jsft.trainer import Trainer
 
 log = logging.getLogger("jsft")
 
@@ -35,16 +34,17 @@ log = logging.getLogger("jsft")
 def run(cfg: ml_collections.ConfigDict) -> dict:
     """Trains per `cfg`; returns a summary (losses, steps, wall time, whether it was stopped)."""
     started = time.perf_counter()
-    initialize_distributed(cfg.mesh)
+    runtime.initialize_distributed(cfg.mesh)
     mesh = sharding.make_mesh(cfg.mesh)
-    check_batch_fits(cfg.train, mesh)
+    batching = Batching.from_config(cfg, mesh)
+    batching.check_fits()
     epath.Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # local, gs://, s3://
     checkpointer = Checkpointer(cfg)  # may the run start here? (before any heavy work)
     folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)  # a Hub id is fetched once
     layout, tokenizer, template = load_model_description(cfg, folder, mesh.devices.flat[0])
     train_data, eval_data = load_data(cfg, tokenizer)
-    total_steps = count_steps(cfg, train_data.examples)
-    train_iter = iter(train_batches(cfg, train_data.examples, mesh))
+    total_steps = count_steps(batching, train_data.examples)
+    train_iter = iter(batching.train_batches(train_data.examples))
     assets = hf_assets(folder, tokenizer, template, hf.resolved_revision(cfg.model.path, folder))
     checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets)
     trainer = Trainer(cfg, layout, mesh, total_steps=total_steps, checkpointer=checkpointer)
@@ -57,7 +57,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     logger = StepLogger.for_run(cfg, trainer, metrics_log)
     trainer.add_hook(logger.count, every=1)
     trainer.add_hook(logger.write, every=cfg.log.every_steps, at_end=True)
-    held_out = HeldOutLoss(trainer, eval_data, metrics_log) if eval_data is not None else None
+    held_out = HeldOutLoss(trainer, batching, eval_data, metrics_log) if eval_data is not None else None
     summary: dict = {"total_steps": total_steps}
     if held_out:
         summary["eval_loss_start"] = held_out(state, first_step)
@@ -102,27 +102,18 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
 class HeldOutLoss:
     """The held-out set's mean trained-token loss, written to the metrics log at each evaluation."""
 
-    def __init__(self, trainer: Trainer, eval_data: data.EncodedData, metrics_log: MetricsLog):
-        self.trainer, self.examples, self.metrics_log = trainer, eval_data.examples, metrics_log
+    def __init__(
+        self, trainer: Trainer, batching: Batching, eval_data: data.EncodedData, metrics_log: MetricsLog
+    ):
+        self.trainer, self.batching, self.metrics_log = trainer, batching, metrics_log
+        self.examples = eval_data.examples
         self.losses: dict[int, float] = {}
 
     def __call__(self, state, step: int) -> float:
-        args = pipeline_args(self.trainer.cfg)
-        batches = data.batches(self.examples, **args | {"shuffle": False, "num_epochs": 1})
-        self.losses[step] = self.trainer.evaluate(state, batches)
+        self.losses[step] = self.trainer.evaluate(state, self.batching.eval_batches(self.examples))
         self.metrics_log.write({"step": step, "eval_loss": self.losses[step]})
         log.info("held-out loss at step %d: %.4f", step, self.losses[step])
         return self.losses[step]
-
-
-def initialize_distributed(mesh_cfg: ml_collections.ConfigDict) -> None:
-    """Joins a multi-process run: explicit coordinator from the config, else SLURM/TPU auto-detection."""
-    if mesh_cfg.num_processes > 1:
-        # CPU processes need a collectives backend; accelerators ignore this setting.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(mesh_cfg.coordinator_address, mesh_cfg.num_processes, mesh_cfg.process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        jax.distributed.initialize()
 
 
 def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: jax.Device):
@@ -167,44 +158,16 @@ def load_data(cfg: ml_collections.ConfigDict, tokenizer) -> tuple[data.EncodedDa
     return train_data, data.prepare(cfg.data, tokenizer, seed=cfg.train.seed, mixer=cfg.data.eval_mixer)
 
 
-def pipeline_args(cfg: ml_collections.ConfigDict) -> dict:
-    """How this process batches examples: its share of the global batch, packing, its data shard."""
-    return dict(
-        batch_size=cfg.train.global_batch_size // jax.process_count(),
-        max_seq_length=cfg.data.max_seq_length,
-        packing=cfg.data.packing,
-        packer=cfg.data.packer,
-        seed=cfg.train.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-
-
-def train_batches(cfg: ml_collections.ConfigDict, examples, mesh):
-    """This process's endless, resumable stream of training batches (`train.batch_unit` decides what
-    `global_batch_size` counts: packed rows, or conversations packed into as few rows as they need)."""
-    args = pipeline_args(cfg)
-    if cfg.train.batch_unit == "rows":
-        return data.batches(examples, **args)
-    del args["packing"], args["packer"]
-    return data.example_batches(examples, **args, row_multiple=row_multiple(cfg.train, mesh))
-
-
-def count_steps(cfg: ml_collections.ConfigDict, examples) -> int:
-    """`train.max_steps`, else epochs x the batches of one epoch (the fewest of any process's shard)."""
-    if cfg.train.batch_unit == "examples":
-        shard = len(range(jax.process_index(), len(examples), jax.process_count()))
-        per_process = np.asarray(shard // pipeline_args(cfg)["batch_size"])
-    else:
-        per_process = np.asarray(data.count_batches(examples, **pipeline_args(cfg)))
-    steps_per_epoch = int(np.min(multihost_utils.process_allgather(per_process)))
-    total = cfg.train.max_steps if cfg.train.max_steps > 0 else cfg.train.epochs * steps_per_epoch
+def count_steps(batching: Batching, examples) -> int:
+    """The run's steps: `train.max_steps`, else epochs x the steps of one epoch."""
+    steps_per_epoch = batching.steps_per_epoch(examples)
+    total = batching.total_steps(steps_per_epoch)
     log.info(
         "%d steps (%d per epoch), global batch %d %s",
         total,
         steps_per_epoch,
-        cfg.train.global_batch_size,
-        cfg.train.batch_unit,
+        batching.global_batch_size,
+        batching.unit,
     )
     return total
 
@@ -228,7 +191,7 @@ def hf_assets(model_path: str, tokenizer, chat_template: str | None, revision: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    tpu.set_libtpu_defaults()  # before JAX starts libtpu: jsft's TPU compiler flags, the user's kept
+    runtime.set_libtpu_defaults()  # before JAX starts libtpu: jsft's TPU compiler flags, the user's kept
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
     )

@@ -10,7 +10,6 @@ the registered hooks that are due (logging, evaluation, ...) and then the checkp
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Iterator
 
 import jax
@@ -43,28 +42,6 @@ class Hook:
     fn: Callable[[StepInfo], None]
     every: int
     at_end: bool  # also after the last step, whatever its number
-
-
-def check_batch_fits(train_cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """Every micro-batch splits evenly over the batch-sharded devices, and the batch over processes.
-
-    With `batch_unit="examples"` the row count is chosen per step as a multiple of `row_multiple`,
-    so only the split of the examples over the processes is checked here."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro_batch = train_cfg.global_batch_size // train_cfg.grad_accum_steps
-    rows_split = train_cfg.batch_unit == "examples" or micro_batch % shards == 0
-    if not rows_split or train_cfg.global_batch_size % jax.process_count():
-        raise JsftError(
-            f"train.global_batch_size={train_cfg.global_batch_size} / grad_accum_steps="
-            f"{train_cfg.grad_accum_steps} must split evenly over data x fsdp = {shards} devices "
-            f"and {jax.process_count()} processes"
-        )
-
-
-def row_multiple(train_cfg: ml_collections.ConfigDict, mesh: Mesh) -> int:
-    """Rows per process that keep every micro-batch split evenly over the data x fsdp devices."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"] * train_cfg.grad_accum_steps
-    return math.lcm(shards, jax.process_count()) // jax.process_count()
 
 
 class Trainer:

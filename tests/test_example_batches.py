@@ -11,6 +11,7 @@ import transformers
 from conftest import TINY_MODEL, tiny_run_args
 
 from jsft import config, data, sharding, train
+from jsft.data.batching import Batching
 from jsft.data.pipeline import example_batches, row_bucket
 from jsft.metrics import batch_fingerprint
 
@@ -136,7 +137,7 @@ def test_a_run_takes_n_conversations_a_step_and_resumes_exactly(tmp_path, mesh):
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
     examples = data.prepare(cfg.data, tokenizer, seed=cfg.train.seed).examples
-    stream = iter(train.train_batches(cfg, examples, sharding.make_mesh(cfg.mesh)))
+    stream = iter(Batching.from_config(cfg, sharding.make_mesh(cfg.mesh)).train_batches(examples))
     for step in range(1, 7):
         batch = next(stream)
         assert int(batch["segment_ids"].max(axis=1).sum()) == 24  # segments are numbered 1..k per row

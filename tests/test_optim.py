@@ -15,6 +15,7 @@ from conftest import gradient_recorder
 
 from jsft import models, optim, sharding, train
 from jsft.config import default_config
+from jsft.data.batching import Batching
 from jsft.trainer import Trainer
 
 TOTAL = 40
@@ -160,4 +161,4 @@ def test_steps_are_epochs_times_batches_unless_max_steps(epochs, max_steps, expe
     examples = [
         dict.fromkeys(("input_ids", "target_ids", "loss_mask"), np.ones(5 + i, np.int32)) for i in range(24)
     ]
-    assert train.count_steps(cfg, examples) == expected
+    assert train.count_steps(Batching.from_config(cfg), examples) == expected

@@ -188,13 +188,14 @@ def _config(out, *extra: str):
 def _trainer_for(cfg, checkpointer):
     import jax
 
-    from jsft import data, train
+    from jsft import train
+    from jsft.data.batching import Batching
     from jsft.trainer import Trainer
 
     layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path, jax.devices()[0])
     train_data, _ = train.load_data(cfg, tokenizer)
     checkpointer.attach(
-        iter(data.batches(train_data.examples, **train.pipeline_args(cfg))), total_steps=STEPS, hf_assets={}
+        iter(Batching.from_config(cfg).train_batches(train_data.examples)), total_steps=STEPS, hf_assets={}
     )
     mesh = sharding.make_mesh(cfg.mesh, jax.devices())
     return Trainer(cfg, layout, mesh, total_steps=STEPS, checkpointer=checkpointer)

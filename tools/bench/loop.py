@@ -24,6 +24,7 @@ import transformers
 
 from jsft import config, data, sharding, train
 from jsft.checkpoint import Checkpointer
+from jsft.data.batching import Batching
 from jsft.metrics import MetricsLog, StepLogger
 from jsft.trainer import Trainer
 
@@ -75,7 +76,7 @@ def main() -> None:
     mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
     layout, tokenizer, _ = train.load_model_description(cfg, cfg.model.path, jax.devices()[0])
     examples = data.prepare(cfg.data, tokenizer, seed=cfg.train.seed).examples
-    stream = iter(train.train_batches(cfg, examples, mesh))
+    stream = iter(Batching.from_config(cfg, mesh).train_batches(examples))
     checkpointer = Checkpointer(cfg)
     checkpointer.attach(stream, total_steps=10**9, hf_assets={"files": {}})
     trainer = Trainer(cfg, layout, mesh, total_steps=10**9, checkpointer=checkpointer)
