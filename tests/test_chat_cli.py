@@ -1,4 +1,4 @@
-"""python -m jsft.chat: the chat template applied, greedy completions equal transformers' generate, a
+"""python -m jsft.cli.chat: the chat template applied, greedy completions equal transformers' generate, a
 short run of the tiny task answers held-out prompts (batch and streamed), and bad input is one line."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 import transformers
 from conftest import ROOT, TINY_DATA, TINY_MODEL
 
-from jsft import chat, config, train
+from jsft import config, inference, train
+from jsft.cli import chat
 
 
 def write_jsonl(path, rows) -> str:
@@ -108,12 +109,12 @@ def short_run(tmp_path_factory):
 
 def test_short_run_answers_held_out_prompts(short_run, tmp_path, monkeypatch, capsys):
     """Greedy answers to the held-out prompts of the short run's tasks, scored by
-    chat.exact_match_by_task: a `count` answer is one of 3 digits (words have 3-5 letters), so guessing
+    inference.exact_match_by_task: a `count` answer is one of 3 digits (words have 3-5 letters), so guessing
     gets about 1 in 3, and 90% of the 89 prompts right by chance has odds below 1e-25. Measured: 89 of 89."""
     records = run_chat(
         tmp_path, f"--model={short_run}/run", f"--prompts={short_run}/held_out.jsonl", "--batch_size=64"
     )
-    scores = chat.exact_match_by_task(records)
+    scores = inference.exact_match_by_task(records)
     assert set(scores) == set(SHORT_RUN_TASKS)
     for task, (right, asked) in scores.items():
         assert asked >= 30 and right >= SHORT_RUN_RIGHT[task] * asked, (task, right, asked)

@@ -12,7 +12,8 @@ import pytest
 import transformers
 from conftest import REALDATA, TINY_DATA, TINY_MODEL
 
-from jsft import config, data, errors, prepare
+from jsft import config, data, errors
+from jsft.cli import prepare
 from jsft.data import preprocess, sources
 
 
@@ -211,7 +212,7 @@ def test_prepare_command_prints_statistics(tmp_path, capsys):
         "    c.data.max_seq_length = 64\n"
         "    return c\n"
     )
-    prepare.main(["prepare", f"--config={config_file}"])
+    prepare.main([f"--config={config_file}"])
     report = json.loads(capsys.readouterr().out)
     assert report["train"]["rows"] == 30 and report["train"]["drops"] == {}
     assert set(report["train"]["length_percentiles"]) == {"p50", "p90", "p99", "p100"}
@@ -237,7 +238,7 @@ def test_prepare_show_prints_examples_with_trained_tokens_and_per_source_statist
         "    c.data.max_bad_fraction = 0.1\n"
         "    return c\n"
     )
-    prepare.main(["prepare", f"--config={config_file}", "--show=3"])
+    prepare.main([f"--config={config_file}", "--show=3"])
     out = capsys.readouterr().out
     tok = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
     eos = tok.eos_token

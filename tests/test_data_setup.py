@@ -52,7 +52,7 @@ def test_missing_jinja2_stops_at_once_with_the_cause(tmp_path):
     config_file = write_config(tmp_path, write_rows(tmp_path / "a.jsonl", 200))
     code = (
         "import sys; sys.modules['jinja2'] = None\n"  # what `import jinja2` sees when it is not installed
-        f"from jsft import prepare; prepare.main(['prepare', '--config={config_file}'])"
+        f"from jsft.cli import prepare; prepare.main(['--config={config_file}'])"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
@@ -99,7 +99,7 @@ def test_an_unreadable_tokenizer_or_template_file_is_one_line(tmp_path, tok):
     shutil.copytree(TINY_MODEL, model)
     (model / "tokenizer.json").write_text('{"version": "1.0", "truncated')
     config_file = write_config(tmp_path, write_rows(tmp_path / "a.jsonl", 10), str(model))
-    code = f"from jsft import prepare; prepare.main(['prepare', '--config={config_file}'])"
+    code = f"from jsft.cli import prepare; prepare.main(['--config={config_file}'])"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert (

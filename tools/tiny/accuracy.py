@@ -1,4 +1,4 @@
-"""Greedy held-out accuracy per task of a tiny run, with jsft's own generation (`python -m jsft.chat`'s).
+"""Greedy held-out accuracy per task of a tiny run, with jsft's own generation (`jsft.inference`, as in chat).
 
     python tools/tiny/accuracy.py --model=runs/tiny [--prompts=tools/tiny/data/held_out.jsonl] [--limit=N]
 
@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from jsft import chat
+from jsft import inference
 
 HELD_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "held_out.jsonl")
 
@@ -28,16 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="also write the records here (JSON lines)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    model = chat.load(args.model, args.step)
-    prompts = chat.read_prompts(args.prompts)[: args.limit]
-    sampling_args = chat.parse_args([f"--model={args.model}", "--max_new_tokens=16"])
-    records = list(
-        chat.generate_all(model, prompts, chat.sampling_for(model, sampling_args), args.batch_size)
-    )
+    model = inference.load(args.model, args.step)
+    prompts = inference.read_prompts(args.prompts)[: args.limit]
+    sampling = inference.sampling(model, max_new_tokens=16)
+    records = list(inference.generate_all(model, prompts, sampling, args.batch_size))
     if args.output:
         with open(args.output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    scores = chat.exact_match_by_task(records)
+    scores = inference.exact_match_by_task(records)
     for task, (right, asked) in scores.items():
         print(f"{task or '(none)':8} {right:4}/{asked:<4} {right / asked:.2f}")
     right, asked = (sum(x) for x in zip(*scores.values(), strict=True))

@@ -1,16 +1,15 @@
-"""Builds the encoded-data cache and prints its statistics: `python -m jsft.prepare --config=FILE [--show=N]`.
+"""Builds the encoded-data cache and prints its statistics: `jsft-prepare --config=FILE [--show=N]`.
 
 Run it once before training (on one host, with a cache_dir every host can read) so that training
 starts without tokenizing; a second run only reads the cache and prints the same statistics.
 `--show=N` prints N encoded training examples with their trained tokens highlighted (in colour on
 a terminal, between [[ and ]] otherwise) and per-source statistics, to check the labels before
-paying for a run.
+paying for a run. `--verbose` shows the libraries' logs.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
@@ -18,7 +17,8 @@ import numpy as np
 import transformers
 
 from jsft import config, data, hf
-from jsft.errors import JsftError, SetupError
+from jsft.cli import command
+from jsft.errors import ConfigError, SetupError, one_line
 
 TRAINED_COLOUR = ("\033[1;32m", "\033[0m")  # bold green
 TRAINED_BRACKETS = ("[[", "]]")
@@ -112,41 +112,31 @@ def split_show(argv: list[str]) -> tuple[list[str], int]:
         if arg.startswith("--show="):
             value = arg.split("=", 1)[1]
             if not value.isdigit() or int(value) < 1:
-                raise config.ConfigError(f"--show takes a number of examples (1 or more), got {value!r}")
+                raise ConfigError(f"--show takes a number of examples (1 or more), got {value!r}")
             count = int(value)
         else:
             rest.append(arg)
     return rest, count
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax", "datasets", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+@command("jsft")
+def main(argv: list[str]) -> None:
+    argv, count = split_show(argv)
+    cfg = config.load(["jsft-prepare", *argv])
     try:
-        argv, count = split_show(list(sys.argv if argv is None else argv))
-    except config.ConfigError as e:
-        sys.exit(f"jsft: config error: {e}")
-    cfg = config.load_or_exit(argv)
-    try:
-        try:
-            folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:
-            raise SetupError(
-                f"cannot load the tokenizer of {cfg.model.path}: {' '.join(str(e).split())}"
-            ) from None
-        encoded = {}
-        report = statistics(cfg, tokenizer, encoded)
-        if not count:
-            print(json.dumps(report, indent=1))
-            return
-        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        print(show(tokenizer, encoded["train"], count, colour))
-        for name, stats in report.items():
-            print(source_table(name, stats))
-    except JsftError as e:
-        sys.exit(f"jsft: error: {e}")
+        folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"cannot load the tokenizer of {cfg.model.path}: {one_line(e)}") from None
+    encoded = {}
+    report = statistics(cfg, tokenizer, encoded)
+    if not count:
+        print(json.dumps(report, indent=1))
+        return
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(show(tokenizer, encoded["train"], count, colour))
+    for name, stats in report.items():
+        print(source_table(name, stats))
 
 
 if __name__ == "__main__":

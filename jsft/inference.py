@@ -1,24 +1,17 @@
-"""Talk to a model: `python -m jsft.chat --model=<run or checkpoint dir, or HF folder>`.
+"""A trained model ready to answer: a run's checkpoint step or a Hugging Face folder loaded for generation,
+prompts read from JSON lines, answers generated in batches and scored per task.
 
-Interactive (the default): each line you type is a user turn; the reply streams token by token and
-the conversation is kept (`/reset` clears it, `/quit` or end of input leaves). With `--prompts=FILE`
-(JSON lines of `{"messages": [...]}` or `{"prompt": "..."}`) every prompt is generated in batches
-and written as JSON lines (`messages`, `completion`, and `reference` when the file's conversation
-ended with an assistant turn). The model's own chat template is applied: the HF folder's, or the one
-a checkpoint was trained with (saved in it). Greedy unless `--temperature` > 0.
+`jsft.cli.chat` (interactive or batch chat) and tools/tiny/accuracy.py are built on it. The model's own chat
+template is applied: the HF folder's, or the one a checkpoint was trained with (saved in it).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterable, Sequence
-from typing import TextIO
 
 import ml_collections
 import transformers
@@ -112,11 +105,19 @@ def _chat_model(generator: Generator, params: Params, base: Params | None, asset
     return ChatModel(generator, params, base, tokenizer, hf.read_config(assets), generation_config)
 
 
-def sampling_for(model: ChatModel, args: argparse.Namespace) -> Sampling:
-    """Sampling from the command line; stop tokens: `--stop` (single tokens), else the model's EOS."""
+def sampling(
+    model: ChatModel,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: str = "",
+    use_cache: bool = True,
+) -> Sampling:
+    """How to sample `model`; stop tokens: `stop` (comma-separated single tokens), else the model's EOS."""
     tokenizer = model.tokenizer
     stop_ids: list[int] = []
-    for text in filter(None, (s.strip() for s in (args.stop or "").split(","))):
+    for text in filter(None, (s.strip() for s in stop.split(","))):
         ids = tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
             raise JsftError(f"--stop {text!r} is {len(ids)} tokens, not one token of this tokenizer")
@@ -128,12 +129,12 @@ def sampling_for(model: ChatModel, args: argparse.Namespace) -> Sampling:
     pad_id = model.hf_config.get("pad_token_id")
     pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     return Sampling(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
         stop_ids=tuple(stop_ids),
         pad_id=pad_id or 0,
-        use_cache=not args.no_cache,
+        use_cache=use_cache,
     )
 
 
@@ -190,71 +191,3 @@ def exact_match_by_task(records: Iterable[dict]) -> dict[str, tuple[int, int]]:
         right, asked = scores.get(task, (0, 0))
         scores[task] = (right + (record["completion"].strip() == record["reference"].strip()), asked + 1)
     return dict(sorted(scores.items()))
-
-
-def interactive(model: ChatModel, sampling: Sampling, lines: TextIO, out: TextIO) -> None:
-    """A conversation on a terminal: replies stream as they are decoded."""
-    messages: list[dict] = []
-    out.write("jsft chat: /reset starts over, /quit leaves\n")
-    while True:
-        out.write("> ")
-        out.flush()
-        line = lines.readline()
-        if not line or line.strip() == "/quit":
-            return
-        if line.strip() == "/reset":
-            messages = []
-            continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        tokens: list[int] = []
-        shown = ""
-        for token in model.generator.stream(model.params, model.encode(messages), sampling, base=model.base):
-            tokens.append(token)
-            text = model.decode(tokens, sampling.stop_ids)
-            out.write(text[len(shown) :])
-            out.flush()
-            shown = text
-        out.write("\n")
-        messages.append({"role": "assistant", "content": shown})
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jsft.chat", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", required=True, help="a run's output_dir or checkpoints folder, or an HF folder"
-    )
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument(
-        "--prompts", default=None, help="JSONL prompts to batch-generate (default: interactive)"
-    )
-    parser.add_argument("--output", default=None, help="where batch results go (default: stdout)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--stop", default="", help="comma-separated stop tokens (default: the model's EOS)")
-    parser.add_argument("--no_cache", action="store_true", help="full forward per token (the slow reference)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        if args.batch_size < 1:
-            raise JsftError(f"--batch_size must be at least 1, got {args.batch_size}")
-        prompts = read_prompts(args.prompts) if args.prompts else None
-        model = load(args.model, args.step)
-        sampling = sampling_for(model, args)
-        if prompts is None:
-            interactive(model, sampling, sys.stdin, sys.stdout)
-            return
-        with open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout) as out:
-            for record in generate_all(model, prompts, sampling, args.batch_size):
-                out.write(json.dumps(record) + "\n")
-                out.flush()
-    except JsftError as e:
-        sys.exit(f"jsft.chat: error: {e}")
-
-
-if __name__ == "__main__":
-    main()
