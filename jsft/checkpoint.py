@@ -31,8 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from jsft import config, models
 from jsft import step as step_lib
-from jsft.errors import JsftError
-from jsft.lora import LoraSpec
+from jsft.errors import JsftError, one_line
+from jsft.lora.spec import LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Checkpointer:
                 log.warning(
                     "checkpoint step %d cannot be restored (%s); moved it to %s",
                     candidate,
-                    _first_line(e),
+                    one_line(e, with_type=True, first_line=True),
                     aside,
                 )
         return None
@@ -319,8 +319,3 @@ def restore_for_export(mngr: ocp.CheckpointManager, step: int, abstract_params: 
         ),
     )
     return restored["params"], restored["meta"], restored["hf"]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"

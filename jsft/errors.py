@@ -48,11 +48,15 @@ class BadRow(ValueError):
         self.reason = reason
 
 
-def one_line(error: BaseException, *, with_type: bool = False) -> str:
+def one_line(error: BaseException, *, with_type: bool = False, first_line: bool = False) -> str:
     """`error`'s message on one line (escaped and real newlines folded), else its type's name.
 
-    `with_type` prefixes the type, for errors of libraries whose message alone is ambiguous."""
-    text = " ".join(str(error).replace("\\n", " ").split())
+    `with_type` prefixes the type, for errors of libraries whose message alone is ambiguous; `first_line`
+    keeps only the message's first line, for libraries that append pages of context (Orbax, datasets)."""
+    message = str(error).strip()
+    if first_line:
+        message = message.splitlines()[0] if message else ""
+    text = " ".join(message.replace("\\n", " ").split())
     if with_type:
         return f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text or type(error).__name__

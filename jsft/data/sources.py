@@ -306,7 +306,7 @@ def load_source(source: str) -> JsonRows | ArrowRows:
         try:
             return ArrowRows(datasets.load_dataset("parquet", data_files=files, split="train"), source)
         except Exception as e:
-            raise DataError(f"data source {source}: cannot read it: {str(e).splitlines()[0]}") from None
+            raise DataError(f"data source {source}: cannot read it: {one_line(e, first_line=True)}") from None
     parts = source.split(":")
     if len(parts) > 3:
         raise DataError(f"data source {source}: expected name, name:split or name:config:split")
