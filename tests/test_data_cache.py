@@ -14,7 +14,7 @@ from conftest import REALDATA, TINY_DATA, TINY_MODEL
 
 from jsft import config, data, errors
 from jsft.cli import prepare
-from jsft.data import preprocess, sources
+from jsft.data import cache, preprocess, sources
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_prepare_reports_per_source_and_reads_the_cache_the_second_time(tmp_path
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
     # Anything the rows depend on changes the key.
-    key = preprocess.cache_key
+    key = cache.cache_key
     base = dict(chat_template="", max_seq_length=32, train_on="all_assistant_turns", seed=0)
     reference = key(cfg.mixer, tokenizer, **base)
     assert key(((a, 1.0), (b, 10.0)), tokenizer, **base) != reference  # 10 rows versus 10x

@@ -113,7 +113,7 @@ def test_data_cache_on_the_store_is_mirrored_locally(tmp_path, fake_gcs, monkeyp
     from conftest import TINY_DATA
 
     from jsft import data
-    from jsft.data import preprocess
+    from jsft.data import cache, preprocess
 
     local_caches = [tmp_path.parent / f"{tmp_path.name}-host{i}" for i in range(2)]
     data_cfg = default_config().data
@@ -124,7 +124,7 @@ def test_data_cache_on_the_store_is_mirrored_locally(tmp_path, fake_gcs, monkeyp
     first = data.prepare(data_cfg, tokenizer, seed=0)
     (entry,) = epath.Path("gs://bucket/cache").iterdir()
     assert sorted(p.name for p in entry.iterdir()) == sorted(
-        [f"{a}.npy" for a in preprocess._ARRAYS] + ["stats.json"]
+        [f"{a}.npy" for a in cache._ARRAYS] + ["stats.json"]
     )
     monkeypatch.setenv("JSFT_CACHE", str(local_caches[1]))
     monkeypatch.setattr(preprocess, "encode_mixture", lambda *a, **k: pytest.fail("encoded again"))

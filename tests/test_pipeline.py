@@ -10,7 +10,7 @@ import transformers
 from conftest import TINY_MODEL
 
 from jsft import data, errors
-from jsft.data import preprocess, sources
+from jsft.data import cache, sources
 
 
 def _examples(lengths, seed=0):
@@ -20,7 +20,7 @@ def _examples(lengths, seed=0):
         ids = rng.integers(1, 100, n + 1).astype(np.int32)
         ids[0] = 1000 + i  # tags the example so it can be found in a packed row
         labels = np.where(rng.random(n + 1) < 0.5, ids, -100).astype(np.int32)
-        out.append(preprocess.shifted(ids, labels != -100))
+        out.append(cache.shifted(ids, labels != -100))
     return out
 
 
@@ -60,7 +60,7 @@ def test_one_epoch_holds_every_example_once_and_intact(packing):
 def test_shift_never_trains_across_examples():
     ids = np.array([5, 6, 7, 8], np.int32)
     labels = np.array([-100, -100, 7, 8], np.int32)
-    ex = preprocess.shifted(ids, labels != -100)
+    ex = cache.shifted(ids, labels != -100)
     np.testing.assert_array_equal(ex["input_ids"], [5, 6, 7])
     np.testing.assert_array_equal(ex["target_ids"], [0, 7, 8])
     np.testing.assert_array_equal(ex["loss_mask"], [0, 1, 1])

@@ -5,9 +5,10 @@ entries `(source, amount)` or `(source, amount, format)`;
 `batches(encoded.examples, ...)` gives packed, sharded, resumable training batches.
 """
 
+from jsft.data.cache import EncodedData
 from jsft.data.masking import ChatEncoder, encode_messages, encode_messages_incremental
 from jsft.data.pipeline import batches, count_batches, example_batch_rows, example_batches, packing_report
-from jsft.data.preprocess import EncodedData, encode_mixture, prepare
+from jsft.data.preprocess import encode_mixture, prepare
 from jsft.data.templates import BUILTIN_TEMPLATES, resolve_template
 
 __all__ = [

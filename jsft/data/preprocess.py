@@ -2,12 +2,9 @@
 
 `prepare` is the entry point: it hashes everything the encoded rows depend on into a cache key, and
 either maps the cached arrays (a second run, or another host sharing the cache folder) or encodes
-the mixture in parallel worker processes and writes the cache atomically. Workers are spawned, not
-forked, so a parent that has started JAX threads cannot deadlock them.
-
-Rows are stored flat: `token_ids` (int32) and `trained` (bool) of every kept row back to back,
-`row_starts` (int64, rows + 1 entries) and `row_sources` (int32, the mixer entry of each row).
-`EncodedData` reads them lazily as shifted examples.
+the mixture in parallel worker processes and writes the cache atomically (`cache` holds the stored
+format, the key and the writes). Workers are spawned, not forked, so a parent that has started JAX
+threads cannot deadlock them.
 
 Environment failures (a missing package, an unreadable file, a worker that cannot start) stop the
 run with their cause; only faults of a row itself are dropped and counted.
@@ -18,92 +15,27 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import hashlib
-import json
 import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import tqdm
 from etils import epath
 
-from jsft import config, paths
+from jsft import paths
 from jsft.data import sources
+from jsft.data.cache import EncodedData, cache_key, default_cache_dir, download, load, save, upload
 from jsft.data.masking import ChatEncoder
 from jsft.data.templates import resolve_template
 from jsft.errors import BadRow, DataError, JsftError, SetupError, one_line
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the stored format or the encoding changes
 CHUNK_ROWS = 256  # rows per task sent to a worker process
 MIN_ROWS_PER_PROCESS = 1000  # below this, spawning workers costs more than it saves
 SETUP_CHECK_ROWS = 64  # a source whose first rows all fail for one reason stops the run
-_ARRAYS = ("token_ids", "trained", "row_starts", "row_sources")
-
-
-def shifted(token_ids: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
-    """One encoded conversation as the step's example: `input_ids` (tokens 0..n-2), `target_ids`
-    (tokens 1..n-1, 0 where untrained) and `loss_mask` (1 where the target is trained). Shifting each
-    conversation before packing means no target ever crosses into the next example."""
-    targets_trained = trained[1:]
-    return {
-        "input_ids": np.array(token_ids[:-1], np.int32),
-        "target_ids": np.where(targets_trained, token_ids[1:], 0).astype(np.int32),
-        "loss_mask": targets_trained.astype(np.int32),
-    }
-
-
-@dataclasses.dataclass
-class EncodedData(Sequence):
-    """Encoded rows, indexed as shifted examples: `input_ids`, `target_ids`, `loss_mask` (int32)."""
-
-    token_ids: np.ndarray
-    trained: np.ndarray
-    row_starts: np.ndarray
-    row_sources: np.ndarray
-    stats: dict
-
-    def __len__(self) -> int:
-        return len(self.row_starts) - 1
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(index)
-        index %= len(self)
-        start, end = int(self.row_starts[index]), int(self.row_starts[index + 1])
-        return shifted(self.token_ids[start:end], self.trained[start:end])
-
-    @property
-    def examples(self) -> EncodedData:
-        """The examples themselves (this object is a sequence of them)."""
-        return self
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Tokens of each example after the shift."""
-        return np.diff(self.row_starts) - 1
-
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum())
-
-    @property
-    def trained_tokens(self) -> int:
-        return int(self.trained.sum() - self.trained[self.row_starts[:-1]].sum()) if len(self) else 0
-
-    @property
-    def drops(self) -> collections.Counter:
-        return collections.Counter(self.stats["drops"])
-
-    @property
-    def total_rows(self) -> int:
-        return self.stats["total_rows"]
 
 
 # One encoder per worker process, built by `_start_worker`, or the error that kept it from being built.
@@ -287,30 +219,11 @@ def encode_mixture(
     chat_template = resolve_template(chat_template)
     initargs = (tokenizer, chat_template, train_on, on_unlocated_turn)
     ChatEncoder(tokenizer, chat_template, None, train_on, on_unlocated_turn)  # bad settings fail here, once
-    max_tokens = max_seq_length + 1
     drawn = sources.mix(mixer, seed)
     total = sum(len(d.indices) for d in drawn)
     num_proc = max(1, min(num_proc or default_num_proc(), total // MIN_ROWS_PER_PROCESS))
     tallies = [_SourceTally(d) for d in drawn]
-    ids, trained, lengths, row_sources = [], [], [], []
-
-    def tasks():
-        for source_index, d in enumerate(drawn):
-            for task in _row_tasks(d, max_tokens):
-                labels.append((source_index, [where for _, where in task[0]]))
-                yield task
-
-    labels = collections.deque()  # (source index, row labels) of each task sent, in order
-    with tqdm.tqdm(total=total, desc="encoding", leave=False, mininterval=2.0) as bar:
-        for out in _chunk_results(tasks(), num_proc, initargs):
-            source_index, chunk_labels = labels.popleft()
-            tallies[source_index].add(out, chunk_labels)
-            ids.append(out["ids"])
-            trained.append(out["trained"])
-            lengths.append(out["lengths"])
-            row_sources.append(np.full(len(out["lengths"]), source_index, np.int32))
-            bar.update(len(chunk_labels))
-
+    ids, trained, lengths, row_sources = _encode_sources(tallies, max_seq_length + 1, num_proc, initargs)
     drops = sum((t.drops for t in tallies), collections.Counter())
     first_bad = next((t.first_bad for t in tallies if t.first_bad), None)
     _log_sources(tallies, total, drops, first_bad)
@@ -339,6 +252,35 @@ def encode_mixture(
     )
     data.stats.update(summary(data))
     return data
+
+
+def _encode_sources(
+    tallies: list[_SourceTally], max_tokens: int, num_proc: int, initargs: tuple
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Encodes the drawn rows of each tally's source in order, adding every chunk to its tally.
+
+    Returns the chunks' token ids, trained flags, row lengths and row sources, in the order drawn.
+    """
+    ids, trained, lengths, row_sources = [], [], [], []
+    labels = collections.deque()  # (source index, row labels) of each task sent, in order
+
+    def tasks():
+        for source_index, tally in enumerate(tallies):
+            for task in _row_tasks(tally.drawn, max_tokens):
+                labels.append((source_index, [where for _, where in task[0]]))
+                yield task
+
+    total = sum(len(t.drawn.indices) for t in tallies)
+    with tqdm.tqdm(total=total, desc="encoding", leave=False, mininterval=2.0) as bar:
+        for out in _chunk_results(tasks(), num_proc, initargs):
+            source_index, chunk_labels = labels.popleft()
+            tallies[source_index].add(out, chunk_labels)
+            ids.append(out["ids"])
+            trained.append(out["trained"])
+            lengths.append(out["lengths"])
+            row_sources.append(np.full(len(out["lengths"]), source_index, np.int32))
+            bar.update(len(chunk_labels))
+    return ids, trained, lengths, row_sources
 
 
 def _log_sources(tallies: list, total: int, drops: collections.Counter, first_bad) -> None:
@@ -387,78 +329,6 @@ def summary(data: EncodedData) -> dict:
     }
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides token ids: the full tokenizer definition and special tokens."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    definition = (
-        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    )
-    extra = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map], sort_keys=True, default=str)
-    return hashlib.sha256((definition + extra).encode()).hexdigest()
-
-
-def template_text(tokenizer, chat_template: str | None) -> str:
-    """The template that will actually render rows: the chosen one or the tokenizer's own."""
-    try:
-        return tokenizer.get_chat_template(resolve_template(chat_template))
-    except ValueError as e:
-        raise DataError(f"{e} Set data.chat_template to 'tulu', 'chatml' or a Jinja file.") from None
-
-
-def cache_key(
-    mixer,
-    tokenizer,
-    *,
-    chat_template,
-    max_seq_length: int,
-    train_on: str,
-    seed: int,
-    on_unlocated_turn: str = "drop_row",
-) -> str:
-    """The hash of everything the encoded rows depend on (sources by content, amounts by type too)."""
-    entries = [config.mixer_entry(e) for e in mixer]
-    parts = {
-        "version": CACHE_VERSION,
-        "sources": [(sources.fingerprint(s), repr(a), json.dumps(f, sort_keys=True)) for s, a, f in entries],
-        "seed": seed,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": template_text(tokenizer, chat_template),
-        "max_seq_length": max_seq_length,
-        "train_on": train_on,
-        "on_unlocated_turn": on_unlocated_turn,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("JSFT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jsft", "data"))
-
-
-def save(data: EncodedData, folder: str) -> None:
-    """Writes the arrays and stats into a temporary sibling folder, then renames it into place."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        for name in _ARRAYS:
-            np.save(os.path.join(tmp, f"{name}.npy"), getattr(data, name))
-        with open(os.path.join(tmp, "stats.json"), "w") as f:
-            json.dump(data.stats, f, indent=1)
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(folder, "stats.json")):  # not another process winning the race
-            raise
-
-
-def load(folder: str) -> EncodedData:
-    """Maps a cached data set's arrays into memory (read-only, shared between readers)."""
-    arrays = {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r") for name in _ARRAYS}
-    with open(os.path.join(folder, "stats.json")) as f:
-        stats = json.load(f)
-    return EncodedData(stats=stats, **arrays)
-
-
 def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None = None) -> EncodedData:
     """The encoded rows of `mixer` (default `data_cfg.mixer`), from the cache or encoded into it.
 
@@ -482,7 +352,7 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
     shared = epath.Path(root) / key if paths.is_remote(root) else None
     folder = os.path.join(default_cache_dir(), "mirror", key) if shared else os.path.join(root, key)
     if shared and not os.path.isfile(os.path.join(folder, "stats.json")) and (shared / "stats.json").exists():
-        _download(shared, folder)
+        download(shared, folder)
     if os.path.isfile(os.path.join(folder, "stats.json")):
         log.info("encoded data from cache %s", folder)
         cached = load(folder)
@@ -502,30 +372,6 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
     data.stats["cache_folder"] = str(shared or folder)
     save(data, folder)
     if shared:
-        _upload(folder, shared)
+        upload(folder, shared)
     log.info("encoded data cached in %s", shared or folder)
     return load(folder)
-
-
-def _download(shared: epath.Path, folder: str) -> None:
-    """Copies a finished remote cache entry into `folder`, atomically (a sibling, then a rename)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
-        for name in [f"{a}.npy" for a in _ARRAYS] + ["stats.json"]:
-            with (shared / name).open("rb") as source, open(os.path.join(tmp, name), "wb") as sink:
-                shutil.copyfileobj(source, sink, 64 * 2**20)
-        os.rename(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(folder, "stats.json")):  # not another process winning the race
-            raise
-
-
-def _upload(folder: str, shared: epath.Path) -> None:
-    """Copies a local cache entry to the store; stats.json last, since readers take it as "complete"."""
-    shared.mkdir(parents=True, exist_ok=True)
-    for name in [f"{a}.npy" for a in _ARRAYS] + ["stats.json"]:
-        with open(os.path.join(folder, name), "rb") as source, (shared / name).open("wb") as sink:
-            shutil.copyfileobj(source, sink, 64 * 2**20)
