@@ -6,7 +6,9 @@ names. The schema is locked: a misspelled key is an error that names it, raised 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -31,6 +33,75 @@ SCHEDULES = ("linear", "cosine", "constant")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_BASE_DTYPES = ("auto", "float32", "bfloat16")  # auto: the compute dtype (model.dtype)
 QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric key takes: between `low` and `high` (each end included unless `open`), never
+    one of `excluded`. NaN is in no range."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    excluded: tuple[float, ...] = ()
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below and value not in self.excluded
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            opening, closing = "(["[not self.low_open], ")]"[not self.high_open]
+            text = f"in {opening}{self.low:g}, {self.high:g}{closing}"
+        return text + "".join(f" and not {x:g}" for x in self.excluded)
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+FRACTION, BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
+MESH_AXIS = Range(-1, excluded=(0,))  # -1 fills the rest of the devices
+# Every numeric key's range, checked by `validate` before anything runs.
+RANGES: dict[str, Range] = {
+    "data.max_seq_length": Range(2),
+    "data.max_bad_fraction": FRACTION,
+    "data.num_proc": AT_LEAST_0,
+    "train.global_batch_size": AT_LEAST_1,
+    "train.grad_accum_steps": AT_LEAST_1,
+    "train.epochs": AT_LEAST_0,
+    "train.max_steps": AT_LEAST_0,
+    "train.seed": Range(0, 2**31 - 1),
+    "train.z_loss": AT_LEAST_0,
+    "train.max_nonfinite_steps": AT_LEAST_1,
+    "optim.lr": POSITIVE,
+    "optim.warmup_ratio": BELOW_1,
+    "optim.warmup_steps": Range(-1),  # -1: use warmup_ratio
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.b1": BELOW_1,
+    "optim.b2": BELOW_1,
+    "optim.eps": POSITIVE,
+    "optim.clip_grad_norm": AT_LEAST_0,
+    "mesh.data": MESH_AXIS,
+    "mesh.fsdp": MESH_AXIS,
+    "mesh.tensor": MESH_AXIS,
+    "mesh.num_processes": AT_LEAST_1,
+    "mesh.process_id": AT_LEAST_0,
+    "checkpoint.every_steps": AT_LEAST_1,
+    "checkpoint.every_minutes": AT_LEAST_0,
+    "checkpoint.keep": AT_LEAST_1,
+    "checkpoint.step": Range(-1),  # -1: the latest
+    "lora.rank": AT_LEAST_0,
+    "lora.alpha": POSITIVE,
+    "lora.dropout": BELOW_1,
+    "lora.quant_block": AT_LEAST_1,
+    "log.every_steps": AT_LEAST_1,
+    "log.eval_every_steps": AT_LEAST_0,
+    "log.peak_flops": AT_LEAST_0,
+    "log.sample_every_steps": AT_LEAST_0,
+    "log.sample_max_new_tokens": AT_LEAST_1,
+}
 # Row formats a mixer entry may name: format -> (required fields, optional fields); a field's column is the
 # field's name unless the entry maps it. Detection tries them in this order.
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -240,6 +311,15 @@ def _check_choices(cfg: ml_collections.ConfigDict, where: str) -> None:
                 raise ConfigError(f"{key}: {name!r} is not one of {', '.join(allowed)} ({where})")
 
 
+def _check_ranges(given: dict[str, object], where: str) -> None:
+    for key, allowed in RANGES.items():
+        value = given[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number {allowed}, got {value!r} ({where})")
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed} ({where})")
+
+
 def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
     """Checks that `cfg` has exactly the schema's keys and sensible values."""
     known = _paths(default_config())
@@ -251,6 +331,7 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
         if name not in given:
             raise ConfigError(f"config key '{name}' is missing in {where}")
     _check_choices(cfg, where)
+    _check_ranges(given, where)
     checks = [
         (cfg.model.path != "", "model.path is empty: set it to a Hugging Face model folder or Hub id"),
         (
@@ -258,22 +339,12 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
             f"model.revision must be a string (branch, tag or commit), got {cfg.model.revision!r}",
         ),
         (len(cfg.data.mixer) > 0, "data.mixer is empty: give at least one (source, amount) pair"),
-        (cfg.data.max_seq_length > 1, "data.max_seq_length must be at least 2"),
-        (cfg.train.global_batch_size > 0, "train.global_batch_size must be positive"),
-        (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
         (
             cfg.train.global_batch_size % cfg.train.grad_accum_steps == 0,
             f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}",
         ),
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs or train.max_steps above 0"),
-        (0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio must be in [0, 1)"),
-        (cfg.optim.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0 turns clipping off)"),
-        (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
-        (cfg.checkpoint.keep > 0, "checkpoint.keep must be positive"),
-        (cfg.log.every_steps > 0, "log.every_steps must be positive"),
-        (cfg.log.sample_every_steps >= 0, "log.sample_every_steps must be >= 0 (0 turns samples off)"),
-        (cfg.log.sample_max_new_tokens > 0, "log.sample_max_new_tokens must be positive"),
         (
             all(isinstance(p, str) and p for p in cfg.log.sample_prompts),
             "log.sample_prompts must be non-empty strings (user messages)",
@@ -282,9 +353,6 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
             not cfg.log.sample_every_steps or bool(cfg.log.sample_prompts or cfg.data.eval_mixer),
             "log.sample_every_steps needs log.sample_prompts or data.eval_mixer to take prompts from",
         ),
-        (cfg.lora.rank >= 0, "lora.rank must be >= 0"),
-        (cfg.train.max_nonfinite_steps > 0, "train.max_nonfinite_steps must be positive"),
-        (cfg.train.z_loss >= 0, "train.z_loss must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -59,6 +59,36 @@ def test_bad_overrides(args, message):
     assert "\n" not in str(err.value)
 
 
+def test_every_numeric_key_has_a_range():
+    defaults = config._paths(config.default_config())
+    numeric = {k for k, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert numeric == set(config.RANGES)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=-0.001", "optim.lr=-0.001 is out of range: it must be > 0"),
+        ("optim.lr=nan", "optim.lr=nan is out of range"),
+        ("optim.b2=1.5", "optim.b2=1.5 is out of range: it must be in [0, 1)"),
+        ("optim.eps=0", "optim.eps=0.0 is out of range: it must be > 0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1 is out of range: it must be >= 0"),
+        ("lora.dropout=2", "lora.dropout=2.0 is out of range: it must be in [0, 1)"),
+        ("log.every_steps=-5", "log.every_steps=-5 is out of range: it must be >= 1"),
+        ("checkpoint.every_minutes=-1", "checkpoint.every_minutes=-1.0 is out of range"),
+        ("mesh.fsdp=0", "mesh.fsdp=0 is out of range: it must be >= -1 and not 0"),
+        ("data.max_bad_fraction=1.5", "data.max_bad_fraction=1.5 is out of range: it must be in [0, 1]"),
+    ],
+)
+def test_numbers_out_of_range_are_one_line_errors(override, message):
+    """Each numeric key is checked against its declared range before anything runs (a negative lr once
+    trained 20 steps the wrong way and exited 0)."""
+    with pytest.raises(config.ConfigError) as err:
+        _load(f"--config={TINY}", f"--config.{override}")
+    assert message in str(err.value) and str(err.value).endswith(f"({TINY})")
+    assert "\n" not in str(err.value)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(config.ConfigError, match="does not exist"):
         _load(f"--config={tmp_path}/missing.py")
