@@ -19,7 +19,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from jsft import checkpoint, hf, models, sharding
-from jsft.errors import JsftError
+from jsft.errors import JsftError, one_line
 from jsft.generate import Generator, Sampling
 from jsft.models import Params
 
@@ -94,7 +94,7 @@ def _chat_model(generator: Generator, params: Params, base: Params | None, asset
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(assets)
     except (OSError, ValueError) as e:
-        raise JsftError(f"cannot load the tokenizer: {' '.join(str(e).split())}") from None
+        raise JsftError(f"cannot load the tokenizer: {one_line(e)}") from None
     if not tokenizer.chat_template:
         raise JsftError("the tokenizer has no chat template to render prompts with")
     generation = os.path.join(assets, "generation_config.json")

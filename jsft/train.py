@@ -1,4 +1,4 @@
-"""Supervised fine-tuning, start to finish: `python -m jsft.train --config=configs/<name>.py`.
+"""Supervised fine-tuning, start to finish: `jsft-train --config=configs/<name>.py` runs `run(cfg)`.
 
 config -> processes and mesh -> checkpoints (may the run start here?) -> model description and
 tokenizer -> encoded data and the number of steps -> trainer (optimizer, shardings, jitted steps) ->
@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import sys
 import tempfile
 import time
 
@@ -19,10 +18,10 @@ import ml_collections
 import transformers
 from etils import epath
 
-from jsft import config, data, hf, models, runtime, sharding
+from jsft import data, hf, models, runtime, sharding
 from jsft.checkpoint import Checkpointer
 from jsft.data.batching import Batching
-from jsft.errors import JsftError, SetupError
+from jsft.errors import JsftError, SetupError, one_line
 from jsft.generate import TrainingSamples
 from jsft.logging_backends import LogBackends
 from jsft.metrics import MetricsLog, StepLogger
@@ -133,9 +132,7 @@ def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:  # an unreadable or corrupt tokenizer file: the environment, not data
-        raise SetupError(
-            f"cannot load the tokenizer of {cfg.model.path}: {' '.join(str(e).split())}"
-        ) from None
+        raise SetupError(f"cannot load the tokenizer of {cfg.model.path}: {one_line(e)}") from None
     if len(tokenizer) > model_cfg.vocab_size:
         raise JsftError(
             f"the tokenizer of {cfg.model.path} has {len(tokenizer)} tokens but the model's vocab_size is "
@@ -190,19 +187,7 @@ def hf_assets(model_path: str, tokenizer, chat_template: str | None, revision: s
     return {"files": files, "revision": revision}
 
 
-def main(argv: list[str] | None = None) -> None:
-    runtime.set_libtpu_defaults()  # before JAX starts libtpu: jsft's TPU compiler flags, the user's kept
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
-    )
-    for noisy in ("absl", "jax", "orbax", "httpx", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = config.load_or_exit(argv)
-    try:
-        run(cfg)
-    except JsftError as e:
-        sys.exit(f"jsft: error: {e}")
+if __name__ == "__main__":  # `python -m jsft.train`: the jsft-train command
+    from jsft.cli.train import main
 
-
-if __name__ == "__main__":
     main()

@@ -3,7 +3,8 @@
 Quiet by default: jsft's own lines at INFO, the libraries' (absl, JAX, Orbax, transformers, datasets, httpx)
 only from WARNING up, and the notices they log about what jsft asks of them on purpose not at all.
 `--verbose` (or JSFT_VERBOSE=1) shows the libraries' logs. A JsftError ends the command as one line,
-`<prog>: error: <message>` (`<prog>: config error: ...` for a ConfigError), without a traceback.
+`<prog>: error: <message>`, without a traceback (`config.load_or_exit` ends a command whose configuration
+does not load as `jsft: config error: <message>`).
 
 Importing this package (as `python -m jsft.cli.<command>` does first) also silences transformers'
 import-time advisory "PyTorch was not found", which concerns models jsft never loads through PyTorch.
@@ -17,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from jsft.errors import ConfigError, JsftError, one_line
+from jsft.errors import JsftError, one_line
 
 LIBRARY_LOGGERS = ("absl", "jax", "orbax", "transformers", "datasets", "httpx")
 # Warnings a library logs about a choice jsft makes on purpose: opening a run's checkpoints read-only.
@@ -91,8 +92,7 @@ def command(prog: str, *, errors: tuple[type[Exception], ...] = (JsftError,)):
             try:
                 main([arg for arg in argv if arg != "--verbose"])
             except errors as e:
-                kind = "config error" if isinstance(e, ConfigError) else "error"
-                sys.exit(f"{prog}: {kind}: {one_line(e)}")
+                sys.exit(f"{prog}: error: {one_line(e)}")
 
         return run
 

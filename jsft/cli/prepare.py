@@ -121,8 +121,11 @@ def split_show(argv: list[str]) -> tuple[list[str], int]:
 
 @command("jsft")
 def main(argv: list[str]) -> None:
-    argv, count = split_show(argv)
-    cfg = config.load(["jsft-prepare", *argv])
+    try:
+        argv, count = split_show(argv)
+    except ConfigError as e:
+        sys.exit(f"jsft: config error: {one_line(e)}")
+    cfg = config.load_or_exit(["jsft-prepare", *argv])
     try:
         folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,20 @@
+"""Train: `jsft-train --config=configs/<name>.py [--config.KEY=VALUE ...]` (also `python -m jsft.train`).
+
+`--verbose` shows the libraries' logs; a configuration mistake ends as `jsft: config error: ...`, any other
+JsftError as `jsft: error: ...`.
+"""
+
+from __future__ import annotations
+
+from jsft import config, runtime, train
+from jsft.cli import command
+
+
+@command("jsft")
+def main(argv: list[str]) -> None:
+    runtime.set_libtpu_defaults()  # before JAX starts libtpu: jsft's TPU compiler flags, the user's kept
+    train.run(config.load_or_exit(["jsft-train", *argv]))
+
+
+if __name__ == "__main__":
+    main()
