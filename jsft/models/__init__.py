@@ -143,6 +143,34 @@ def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = No
     """
     path = hf.resolve_model(path, revision)
     names, num_layers = layout.names, layout.cfg.num_layers
+    views = _tensor_views(path, layout)
+    base_names = [name for name in layout.shapes if name not in layout.adapters]
+    missing = [
+        names.to_hf(name, layer)[0]
+        for name in base_names
+        for layer in (range(num_layers) if names.is_stacked(name) else [None])
+        if name not in views or (layer is not None and layer not in views[name])
+    ]
+    if missing:
+        raise ModelFolderError(f"{path}: missing tensors {', '.join(missing)}")
+    shardings = layout.shardings(mesh)
+    params: Params = {}
+    for name in base_names:
+        target, view = layout.shapes[name], views[name]
+        if names.is_stacked(name):
+            read = functools.partial(_stacked_shard, [view[i] for i in range(num_layers)], target.dtype)
+        else:
+            read = functools.partial(_shard, view, target.dtype)
+        params[name] = jax.make_array_from_callback(target.shape, shardings[name], read)
+        if convert is not None:
+            params[name] = convert(name, params[name])
+    return params
+
+
+def _tensor_views(path: str, layout: Layout) -> dict[str, np.ndarray | dict[int, np.ndarray]]:
+    """Every tensor of the folder as a memory-mapped view in jsft's name and shape (a view per layer for
+    stacked names); a tensor with no place in `layout`, or of another shape, is an error."""
+    names, num_layers = layout.names, layout.cfg.num_layers
     views: dict[str, np.ndarray | dict[int, np.ndarray]] = {}
     for hf_name, tensor in hf.iter_tensors(path):
         found = names.to_jsft(hf_name)
@@ -169,27 +197,7 @@ def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = No
             views[name] = view
         else:
             views.setdefault(name, {})[layer] = view
-    base_names = [name for name in layout.shapes if name not in layout.adapters]
-    missing = [
-        names.to_hf(name, layer)[0]
-        for name in base_names
-        for layer in (range(num_layers) if names.is_stacked(name) else [None])
-        if name not in views or (layer is not None and layer not in views[name])
-    ]
-    if missing:
-        raise ModelFolderError(f"{path}: missing tensors {', '.join(missing)}")
-    shardings = layout.shardings(mesh)
-    params: Params = {}
-    for name in base_names:
-        target, view = layout.shapes[name], views[name]
-        if names.is_stacked(name):
-            read = functools.partial(_stacked_shard, [view[i] for i in range(num_layers)], target.dtype)
-        else:
-            read = functools.partial(_shard, view, target.dtype)
-        params[name] = jax.make_array_from_callback(target.shape, shardings[name], read)
-        if convert is not None:
-            params[name] = convert(name, params[name])
-    return params
+    return views
 
 
 def _shard(view: np.ndarray, dtype, index: tuple[slice, ...]) -> np.ndarray:

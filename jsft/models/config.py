@@ -155,35 +155,11 @@ class ModelConfig:
         scan_layers: bool = False,
     ) -> ModelConfig:
         """Builds the config from a parsed HF `config.json`; unsupported features are clear errors."""
-        model_type = hf.get("model_type")
-        if model_type not in FAMILIES:
-            raise UnsupportedModelError(
-                f"unsupported model_type {model_type!r} in config.json; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        model_type, hidden_act = _supported_type_and_activation(hf)
         family = FAMILIES[model_type]
-        # Gemma's modeling code reads `hidden_activation`; its config files often carry both keys.
-        hidden_act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-        if hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise UnsupportedModelError(
-                f"unsupported activation {hidden_act!r} in config.json; "
-                f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
-            )
-        if hf.get("mlp_bias"):
-            raise UnsupportedModelError("unsupported mlp_bias=true in config.json")
-        if hf.get("use_bidirectional_attention"):
-            raise UnsupportedModelError("unsupported use_bidirectional_attention=true in config.json")
         num_heads = hf["num_attention_heads"]
         num_layers = hf["num_hidden_layers"]
-        global_rope, local_rope = _rope_parameters(model_type, hf)
-        rope_theta, rope_scaling = _rope(global_rope, default_theta=_default_theta(model_type, "global"))
-        local_rope_theta = None
-        if local_rope is not None:
-            local_rope_theta, local_scaling = _rope(local_rope, _default_theta(model_type, "local"))
-            if local_scaling is not None:
-                raise UnsupportedModelError(
-                    f"unsupported rope scaling {local_scaling.rope_type!r} on sliding-window layers"
-                )
+        rope_theta, rope_scaling, local_rope_theta = _rope_settings(model_type, hf)
         sliding_window = _sliding_window(model_type, hf)
         attention_bias = bool(hf.get("attention_bias", False))
         query_pre_attn_scalar = hf.get("query_pre_attn_scalar")
@@ -236,6 +212,42 @@ class ModelConfig:
         per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f + norms + qk_norms + biases
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
+
+
+def _supported_type_and_activation(hf: dict[str, Any]) -> tuple[str, str]:
+    """The config's model_type and activation, once both and the rest of its features are supported."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported model_type {model_type!r} in config.json; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    # Gemma's modeling code reads `hidden_activation`; its config files often carry both keys.
+    hidden_act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"unsupported activation {hidden_act!r} in config.json; "
+            f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    if hf.get("mlp_bias"):
+        raise UnsupportedModelError("unsupported mlp_bias=true in config.json")
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError("unsupported use_bidirectional_attention=true in config.json")
+    return model_type, hidden_act
+
+
+def _rope_settings(model_type: str, hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+    """(RoPE base, its scaling, the sliding-window layers' own base or None); those layers are unscaled."""
+    global_rope, local_rope = _rope_parameters(model_type, hf)
+    rope_theta, rope_scaling = _rope(global_rope, default_theta=_default_theta(model_type, "global"))
+    local_rope_theta = None
+    if local_rope is not None:
+        local_rope_theta, local_scaling = _rope(local_rope, _default_theta(model_type, "local"))
+        if local_scaling is not None:
+            raise UnsupportedModelError(
+                f"unsupported rope scaling {local_scaling.rope_type!r} on sliding-window layers"
+            )
+    return rope_theta, rope_scaling, local_rope_theta
 
 
 def _default_theta(model_type: str, kind: str) -> float:
