@@ -4,7 +4,7 @@ MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / the dev
 FLOPs come from the architecture alone: recomputation (remat, the chunked loss's second LM-head pass),
 optimizer arithmetic and elementwise work are not counted, so MFU does not reward doing extra work.
 
-jsft's MFU (the training log's `mfu` and the roofline of `jsft.tpu`) counts causal
+jsft's MFU (the training log's `mfu` and the roofline of `jsft.planning.roofline`) counts causal
 attention: `mfu_flops_per_token`, MFU_DEFINITION. PaLM's count charges every query for all T keys, which
 a causal kernel (splash, jsft's xla attention) never computes: with it a compute-bound step would show
 an MFU above 1 (up to 1.07 for Llama 3.1 8B at 4096 tokens).
@@ -14,32 +14,8 @@ from __future__ import annotations
 
 import jax
 
+from jsft import hardware
 from jsft.models.config import ModelConfig
-
-# Dense (no 2:4 sparsity) bfloat16 peak FLOP/s of one JAX device, keyed by `jax.Device.device_kind`.
-# One JAX device is one chip on TPU v4/v5e/v5p/v6e (megacore counts as one), but one TensorCore (half a
-# chip) on TPU v2/v3, hence v3's 123e12 / 2. CPUs have no entry: their peak depends on the core count,
-# clock and SIMD width, so pass it explicitly (`override`, e.g. measured with a large matmul).
-# Uncertain: the H200 NVL (600 W, about 835e12) reports the same "NVIDIA H200" name as the SXM part;
-# TPU v7 (Ironwood) is left out until its device_kind and per-device split are confirmed.
-PEAK_FLOPS: dict[str, float] = {
-    "TPU v3": 61.5e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p reports "TPU v5"
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,  # H100 SXM
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H200": 989e12,  # H200 SXM
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = False) -> float:
@@ -85,11 +61,12 @@ def mfu_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def device_peak_flops(device: jax.Device | None = None, override: float | None = None) -> float | None:
-    """Peak dense bf16 FLOP/s of `device` (default: the first), `override` if given, None if unknown."""
+    """Peak dense bf16 FLOP/s of `device` (default: the first; `hardware.CHIPS`), `override` if given,
+    None if unknown."""
     if override is not None:
         return override
     device = device if device is not None else jax.devices()[0]
-    return PEAK_FLOPS.get(device.device_kind)
+    return hardware.peak_flops(device.device_kind)
 
 
 def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float) -> float:

@@ -156,7 +156,7 @@ def test_auto_resolves_by_device_and_dtype(caplog):
 
 
 def test_layout_resolves_attention_for_the_device_it_is_given():
-    """A TPU program compiled on this CPU host (jsft.plan, jsft.tpu) gets splash, not this host's xla."""
+    """A TPU program compiled on this CPU host (jsft.planning) gets splash, not this host's xla."""
     on_tpu, here = models.Layout(SMALL, device=TPU), models.Layout(SMALL)
     assert (on_tpu.attention, here.attention) == ("splash", "xla")
     built = on_tpu.merge(on_tpu.shapes)

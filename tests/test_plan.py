@@ -1,4 +1,4 @@
-"""python -m jsft.plan on the 8 simulated CPU devices of the tests: its memory is the compiled step's,
+"""python -m jsft.cli.plan on the 8 simulated CPU devices of the tests: its memory is the compiled step's,
 its search's pick fits when compiled, and the Tulu config is planned from the shape table alone."""
 
 from __future__ import annotations
@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from jsft import config, data, models, plan
+from jsft import config, data, models
+from jsft.cli.plan import parse_args
 from jsft.models import shapes
+from jsft.planning import report
+from jsft.planning.compiled import Memory, build_trainer, compile_step
+from jsft.planning.search import REMAT_ORDER, Setting
+from jsft.planning.steps import DataPlan, data_plan, step_rows
 from jsft.trainer import Trainer
+from jsft.units import parse_size
 
 TINY = str(ROOT / "configs" / "tiny.py")
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.dtype=bfloat16"]
@@ -23,14 +29,14 @@ def load(path: str, *overrides: str):
 def test_memory_is_the_compiled_train_steps():
     cfg = load(TINY, *FSDP, "--config.model.attention=xla")
     hf_config, _ = shapes.hf_config(cfg.model.path)
-    _, memory, _ = plan.compile_step(plan.build_trainer(cfg, hf_config, jax.devices()))
+    _, memory, _ = compile_step(build_trainer(cfg, hf_config, jax.devices()))
     # The same step built by hand, as train.py builds it, compiled and measured.
     model_cfg = models.ModelConfig.from_hf(
         hf_config, models.dtype_of("bfloat16"), models.dtype_of("float32"), "xla"
     )
     model_cfg = models.ModelConfig(**{**model_cfg.__dict__, "scan_layers": cfg.model.scan_layers})
     trainer = Trainer(
-        cfg, models.Layout(model_cfg), plan.build_trainer(cfg, hf_config, jax.devices()).mesh, total_steps=1
+        cfg, models.Layout(model_cfg), build_trainer(cfg, hf_config, jax.devices()).mesh, total_steps=1
     )
     m = trainer.compile_train_step(cfg.train.global_batch_size, cfg.data.max_seq_length).memory_analysis()
     assert (
@@ -48,11 +54,11 @@ def test_search_pick_fits_when_compiled():
     hf_config, _ = shapes.hf_config(cfg.model.path)
     devices = jax.devices()
 
-    smallest = plan.Setting("dots_saveable", 2, 8, 1)
-    budget = plan.compile_step(plan.build_trainer(smallest.apply(cfg), hf_config, devices))[1].peak
+    smallest = Setting("dots_saveable", 2, 8, 1)
+    budget = compile_step(build_trainer(smallest.apply(cfg), hf_config, devices))[1].peak
     lines: list[str] = []
-    args, config_argv = plan.parse_args([f"--config={TINY}", *FSDP, f"--device_memory={budget}B"])
-    result = plan.run(cfg, config_argv, args, log=lines.append)
+    args, config_argv = parse_args([f"--config={TINY}", *FSDP, f"--device_memory={budget}B"])
+    result = report.run(cfg, config_argv, args, log=lines.append)
     pick = result["pick"]
     assert result["memory"].peak > budget  # the config as given does not fit: the search has work to do
     assert pick is not None and result["pick_memory"].peak <= budget
@@ -61,7 +67,7 @@ def test_search_pick_fits_when_compiled():
     assert result["pick_memory"] == result["searched"][pick]
     assert any(line.startswith("pick ") and " ".join(pick.overrides()) in line for line in lines)
     assert any(line.startswith("verified") and "fits" in line for line in lines)
-    order = plan.REMAT_ORDER.index
+    order = REMAT_ORDER.index
     assert (order(pick.remat), pick.grad_accum_steps) <= (order(smallest.remat), smallest.grad_accum_steps)
 
 
@@ -69,13 +75,14 @@ def test_tulu_planned_from_the_shape_table_without_weights():
     cfg = load(str(ROOT / "configs" / "tulu.py"))
     hf_config, source = shapes.hf_config(cfg.model.path)
     assert cfg.model.path == "meta-llama/Llama-3.1-8B"
-    trainer = plan.build_trainer(cfg, hf_config, jax.devices())  # builds, compiles nothing
-    assert plan.parameter_counts(trainer) == (8_030_261_248, 8_030_261_248)  # Llama 3.1 8B's published count
-    assert plan._count(8_030_261_248) == "8.03B"
-    lora = plan.build_trainer(
+    trainer = build_trainer(cfg, hf_config, jax.devices())  # builds, compiles nothing
+    # Llama 3.1 8B's published count
+    assert report.parameter_counts(trainer) == (8_030_261_248, 8_030_261_248)
+    assert report._count(8_030_261_248) == "8.03B"
+    lora = build_trainer(
         load(str(ROOT / "configs" / "tulu.py"), "--config.lora.rank=16"), hf_config, jax.devices()
     )
-    total, trained = plan.parameter_counts(lora)
+    total, trained = report.parameter_counts(lora)
     # rank 16 on q, k, v, o, gate, up, down of 32 layers: 16 x (in + out) per kernel
     d, f, kv = 4096, 14336, 1024
     assert (total, trained) == (8_030_261_248, 32 * 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3))
@@ -85,17 +92,17 @@ def test_batches_of_conversations_compile_the_rows_they_pack_into():
     """With batch_unit=examples the plan compiles the rows a step's conversations take, not one each."""
     cfg = load(TINY, *FSDP, "--config.train.batch_unit=examples", "--config.train.global_batch_size=64")
     hf_config, _ = shapes.hf_config(cfg.model.path)
-    trainer = plan.build_trainer(cfg, hf_config, jax.devices())  # 8 devices: rows in multiples of 8
-    assert plan.step_rows(trainer)[0] == 64  # nothing known of the data: one row per conversation
-    assert plan.data_plan(cfg, examples=1000, mean_tokens=40).steps_per_epoch == 1000 // 64
-    estimated = plan.step_rows(trainer, plan.data_plan(cfg, examples=1000, mean_tokens=40))[0]
+    trainer = build_trainer(cfg, hf_config, jax.devices())  # 8 devices: rows in multiples of 8
+    assert step_rows(trainer)[0] == 64  # nothing known of the data: one row per conversation
+    assert data_plan(cfg, examples=1000, mean_tokens=40).steps_per_epoch == 1000 // 64
+    estimated = step_rows(trainer, data_plan(cfg, examples=1000, mean_tokens=40))[0]
     assert estimated == 24  # 64 x 40 tokens fill 20 rows of 128: bucketed to 8 x 3
     lengths = np.random.default_rng(0).integers(10, 120, 640)
     examples = [
         dict.fromkeys(("input_ids", "target_ids", "loss_mask"), np.ones(n, np.int32)) for n in lengths
     ]
     packed = data.example_batch_rows(examples, batch_size=64, max_seq_length=128, seed=cfg.train.seed)
-    rows, how = plan.step_rows(trainer, plan.DataPlan(10, 10, "", packed))
+    rows, how = step_rows(trainer, DataPlan(10, 10, "", packed))
     batches = data.example_batches(
         examples, batch_size=64, max_seq_length=128, seed=cfg.train.seed, row_multiple=8
     )  # one epoch: 640 conversations in batches of 64
@@ -109,16 +116,16 @@ def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit():
         "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
         "for HLO temporaries (26.34G) exceeds available HBM (15.75G). HLO module: jit_traced.\nSee https://..."
     )
-    memory = plan.Memory.refused_by_compiler(message, state_bytes=2 * 2**30, batch_bytes=2**20)
+    memory = Memory.refused_by_compiler(message, state_bytes=2 * 2**30, batch_bytes=2**20)
     assert memory.temporaries == 26.34 * 2**30 and memory.peak == memory.temporaries + 2 * 2**30 + 2**20
     assert memory.refused.startswith("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM")
 
 
 def test_steps_from_examples_and_bad_flags():
     cfg = load(TINY)
-    steps = plan.data_plan(cfg, examples=1000, mean_tokens=100)
+    steps = data_plan(cfg, examples=1000, mean_tokens=100)
     assert steps.steps_per_epoch == -(-1000 * 100 // (16 * 128)) and steps.total_steps == cfg.train.max_steps
-    assert plan.parse_bytes("80GiB") == 80 * 2**30 and plan.parse_bytes("80GB") == 80e9
+    assert parse_size("80GiB") == 80 * 2**30 and parse_size("80GB") == 80e9
     for bad in (
         ["--devices=8", "--topology=v5p-8"],
         ["--mfu=1.5"],
@@ -126,4 +133,4 @@ def test_steps_from_examples_and_bad_flags():
         ["--device_memory=lots"],
     ):
         with pytest.raises(SystemExit, match="jsft.plan: "):
-            plan.parse_args(bad)
+            parse_args(bad)

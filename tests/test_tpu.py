@@ -1,6 +1,6 @@
 """The tiny model's train step compiled by the real TPU compiler (libtpu) for a v5p-8 slice, on this CPU.
 
-The compile runs in a subprocess (`python -m jsft.tpu`): TPU topologies need a process whose JAX
+The compile runs in a subprocess (`python -m jsft.cli.tpu`): TPU topologies need a process whose JAX
 backend is CPU with libtpu loaded before JAX starts, which the 8 simulated devices of the tests are not.
 """
 
@@ -14,7 +14,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from jsft import flops, tpu
+from jsft import flops, runtime
+from jsft.planning import hlo
 
 pytest.importorskip("libtpu")
 
@@ -33,7 +34,7 @@ def report() -> dict:
     drop = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "JSFT_LIBTPU_DEFAULTS")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     done = subprocess.run(
-        [sys.executable, "-m", "jsft.tpu", *TINY_ON_V5P_8],
+        [sys.executable, "-m", "jsft.cli.tpu", *TINY_ON_V5P_8],
         capture_output=True,
         text=True,
         env=env,
@@ -66,7 +67,7 @@ def test_every_async_collective_has_compute_inside(report):
 
 
 def test_compiled_with_jsfts_libtpu_flags(report):
-    assert report["libtpu_init_args"].split() == list(tpu.LIBTPU_DEFAULT_FLAGS)
+    assert report["libtpu_init_args"].split() == list(runtime.LIBTPU_DEFAULT_FLAGS)
 
 
 def test_layer_fsdp_collectives_are_async_with_compute_between(report):
@@ -102,18 +103,18 @@ def test_roofline_mfu_is_the_training_logs_definition(report):
 
 def test_libtpu_defaults_keep_the_users_flags():
     user = "--xla_tpu_all_gather_collective_matmul_mode=post_spmd_conservative --xla_foo=1 TPU_MEGACORE=X"
-    args = tpu.libtpu_init_args(user).split()
+    args = runtime.libtpu_init_args(user).split()
     assert args[:3] == user.split()
     assert "--xla_tpu_all_gather_collective_matmul_mode=post_spmd" not in args
-    assert set(tpu.LIBTPU_DEFAULT_FLAGS[1:]) <= set(args)
-    no = tpu.libtpu_init_args("--noxla_tpu_enable_all_experimental_scheduler_features").split()
+    assert set(runtime.LIBTPU_DEFAULT_FLAGS[1:]) <= set(args)
+    no = runtime.libtpu_init_args("--noxla_tpu_enable_all_experimental_scheduler_features").split()
     assert "--xla_tpu_enable_all_experimental_scheduler_features=true" not in no
     environ = {"JSFT_LIBTPU_DEFAULTS": "0"}
-    tpu.set_libtpu_defaults(environ)
+    runtime.set_libtpu_defaults(environ)
     assert "LIBTPU_INIT_ARGS" not in environ
     environ = {}
-    tpu.set_libtpu_defaults(environ)
-    assert environ["LIBTPU_INIT_ARGS"].split() == list(tpu.LIBTPU_DEFAULT_FLAGS)
+    runtime.set_libtpu_defaults(environ)
+    assert environ["LIBTPU_INIT_ARGS"].split() == list(runtime.LIBTPU_DEFAULT_FLAGS)
 
 
 # A TPU v5e continuation fusion, cut down from the compiler's dump: the all-gather is started by one
@@ -153,7 +154,7 @@ ENTRY %main (a: bf16[16], b: f32[8]) -> bf16[64] {
 
 
 def test_continuation_fusion_is_an_async_all_gather():
-    facts = tpu.program_facts(CONTINUATION)
+    facts = hlo.program_facts(CONTINUATION)
     assert facts.sync_collectives == []
     [pair] = facts.async_pairs
     assert (pair.collective, pair.compute_between, pair.bytes) == ("all-gather", 1, 64 * 2)

@@ -5,7 +5,7 @@
 Compute time = model FLOPs per device / the chip's bf16 peak; HBM time = the weights streamed per
 micro-batch and the optimizer state / HBM bandwidth; collective time = bytes each device moves (result
 sizes and loop trip counts read from the TPU compiler's program, ring factors) / ICI bandwidth.
-Async collectives overlap compute, synchronous ones add to it. Peaks: `jsft.tpu.CHIP_PEAKS` (Cloud TPU
+Async collectives overlap compute, synchronous ones add to it. Peaks: `jsft.hardware.CHIPS` (Cloud TPU
 v5e, v5p and v6e pages). A bound from published peaks, not a measurement. MFU is the training log's
 (`jsft.flops.MFU_DEFINITION`: model FLOPs with causal attention), so it is compute time / step time.
 """
@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import sys
 
-from jsft import tpu
+from jsft import hardware
+from jsft.cli import tpu
+from jsft.units import GIB
 
 
 def main() -> None:
     for name, report in tpu.reports(tpu.with_tool_defaults(sys.argv)):
-        peak, hbm, ici = tpu.CHIP_PEAKS[name.split("-")[0]]
+        chip = hardware.topology(name).chip
         r = report["roofline"]
         print(
-            f"{name}: peaks {peak / 1e12:.0f} TFLOP/s, HBM {hbm / 1e9:.0f} GB/s, "
-            f"ICI {ici / 1e9:.0f} GB/s per chip\n"
+            f"{name}: peaks {chip.peak_flops / 1e12:.0f} TFLOP/s, HBM {chip.hbm_bandwidth / 1e9:.0f} GB/s, "
+            f"ICI {chip.ici_bandwidth / 1e9:.0f} GB/s per chip\n"
             f"  compute {r['compute_s']:.3f} s, HBM {r['hbm_s']:.3f} s, async collectives "
-            f"{r['async_collectives_s']:.3f} s ({r['async_bytes'] / 2**30:.1f} GiB), synchronous collectives "
-            f"{r['sync_collectives_s']:.3f} s ({r['sync_bytes'] / 2**30:.1f} GiB)\n"
+            f"{r['async_collectives_s']:.3f} s ({r['async_bytes'] / GIB:.1f} GiB), synchronous collectives "
+            f"{r['sync_collectives_s']:.3f} s ({r['sync_bytes'] / GIB:.1f} GiB)\n"
             f"  expected step {r['step_s']:.3f} s, MFU {r['mfu']:.1%}\n"
             f"  (MFU: {report['mfu_definition']})"
         )

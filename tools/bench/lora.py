@@ -27,9 +27,9 @@ import re
 import statistics
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # --topology: compile-only libtpu, as jsft.tpu
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+from jsft import runtime
+
+runtime.prepare_tpu_compile()  # JAX on the CPU; with --topology, libtpu compiles as for jsft.cli.tpu
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 )
@@ -39,9 +39,10 @@ import numpy as np  # noqa: E402
 from jsft import models, sharding  # noqa: E402
 from jsft.config import default_config  # noqa: E402
 from jsft.models.shapes import LLAMA_31_8B  # noqa: E402
+from jsft.planning.compiled import topology_devices  # noqa: E402
 from jsft.trainer import Trainer  # noqa: E402
+from jsft.units import GIB  # noqa: E402
 
-GIB = 2**30
 SMALL_LLAMA = dict(
     LLAMA_31_8B,
     vocab_size=32000,
@@ -72,11 +73,8 @@ def make_trainer(
     )
     if device is None:
         return Trainer(cfg, models.Layout(model_cfg), sharding.single_device_mesh(), total_steps=1000)
-    from jsft import tpu
-
     mesh = jax.sharding.Mesh(np.asarray([device]).reshape(1, 1, 1), sharding.MESH_AXES)
-    with tpu.attention_resolved_for(device):
-        return Trainer(cfg, models.Layout(model_cfg), mesh, total_steps=1000)
+    return Trainer(cfg, models.Layout(model_cfg, device=device), mesh, total_steps=1000)
 
 
 def tree_bytes(tree) -> int:
@@ -84,11 +82,7 @@ def tree_bytes(tree) -> int:
 
 
 def memory(rank: int, seq: int, topology: str) -> None:
-    device = None
-    if topology:
-        from jsft import tpu
-
-        device = tpu.topology_devices(topology)[0]
+    device = topology_devices(topology)[0] if topology else None
     where = f"one {topology} chip (TPU compiler)" if topology else "one CPU device (XLA:CPU)"
     print(f"8B memory, {where}, 1 x {seq} tokens, remat full, rank {rank} on all projections (GiB):")
     print(f"{'':18} {'base':>7} {'trained+Adam':>13} {'temporaries':>12} {'peak':>7}")

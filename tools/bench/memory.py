@@ -9,7 +9,7 @@ devices laid out by the config's mesh, and prints XLA's memory analysis per devi
 pass, gradients, the loss's logit chunks). The model comes from `--hf_config`, or from
 `model.path`/config.json, or the HF cache, or jsft's shape table of known models
 (`jsft/models/shapes.py`: Llama 3.1 8B for Tulu 3) when the folder is not here.
-`python -m jsft.plan` prints the same figures with the sharding, the steps and a search for a fit.
+`python -m jsft.cli.plan` prints the same figures with the sharding, the steps and a search for a fit.
 
 The CPU compiler stands in for the accelerator's: sizes of parameters, moments and batches are exact;
 temporaries are XLA:CPU's schedule of the same program, an upper estimate of an accelerator's: XLA:CPU

@@ -8,8 +8,8 @@
 # installed on every worker (pip install -e . in the same path), the data cache built once
 # (python -m jsft.prepare) into a gs:// data.cache_dir, and output_dir a gs:// folder.
 # Size the mesh before paying for the slice (compiles with the TPU compiler on any machine):
-#   pip install 'jsft[tpu]' && python -m jsft.plan --config=configs/tulu.py --topology=v5p-64
-# jsft.train adds its TPU compiler flags to LIBTPU_INIT_ARGS (jsft/tpu.py LIBTPU_DEFAULT_FLAGS: FSDP
+#   pip install 'jsft[tpu]' && python -m jsft.cli.plan --config=configs/tulu.py --topology=v5p-64
+# jsft.train adds its TPU compiler flags to LIBTPU_INIT_ARGS (jsft/runtime.py LIBTPU_DEFAULT_FLAGS: FSDP
 # all-gathers and gradient reduce-scatters as async collective matmuls); LIBTPU_INIT_ARGS set here is
 # sent to every worker and wins for the flags it names (JSFT_LIBTPU_DEFAULTS=0: none of jsft's).
 set -euo pipefail

@@ -1,0 +1,44 @@
+"""The report `python -m jsft.cli.tpu` prints for a TPU slice: the config's train step compiled by the
+TPU compiler on this machine, its memory, async collective pairs, rule violations and roofline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from jsft import flops, hardware
+from jsft.errors import TopologyError
+from jsft.models import shapes
+from jsft.planning.checks import async_summary, check_program, replicated_all_reduces, sharded_parameters
+from jsft.planning.compiled import build_trainer, compile_step, topology_devices
+from jsft.planning.hlo import describe, program_facts
+from jsft.planning.roofline import roofline
+from jsft.units import GIB
+
+
+def topology_report(cfg, topology: str) -> dict:
+    """Compiles the config's train step for a TPU slice: memory, async pairs, rule violations, roofline."""
+    hf_config, _ = shapes.hf_config(cfg.model.path, cfg.model.revision)
+    trainer = build_trainer(cfg, hf_config, topology_devices(topology))
+    _, memory, text = compile_step(trainer, with_text=True)
+    if memory.refused:
+        raise TopologyError(f"the train step does not fit {topology}: {memory.refused}")
+    facts = program_facts(text)
+    sharded = sharded_parameters(trainer)
+    return {
+        "topology": topology,
+        "devices": trainer.mesh.size,
+        "mesh": dict(trainer.mesh.shape),
+        "memory_gib": {k: v / GIB for k, v in dataclasses.asdict(memory).items() if k != "refused"},
+        "device_memory_gib": hardware.topology(topology).chip.hbm_bytes / GIB,
+        "async_pairs": async_summary(facts),
+        "sync_collectives": [describe(i, r, 60) for i, r in facts.sync_collectives],
+        "collective_gib_per_step": {k: v / GIB for k, v in facts.collective_bytes().items()},
+        "splash_kernels": facts.splash_kernels,
+        "problems": check_program(facts, trainer.layout, sharded),
+        "replicated_all_reduces": replicated_all_reduces(facts, trainer.layout, sharded),
+        "roofline": roofline(facts, trainer, topology),
+        "mfu_definition": flops.MFU_DEFINITION,
+        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
+    }
