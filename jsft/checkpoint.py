@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 
 import grain
@@ -32,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jsft import config, models
 from jsft import step as step_lib
 from jsft.errors import JsftError, one_line
+from jsft.guards import RunLock, StopSignals
 from jsft.lora.spec import LoraSpec
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,8 @@ class StopAgreement:
     work ahead of the devices. Requests therefore take effect one step after they are seen.
     """
 
-    def __init__(self):
-        self.stop_requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, signals: StopSignals):
+        self.signals = signals
         self._pending: jax.Array | None = None  # the reduction of the previous step's flags
         if jax.process_count() > 1:
             devices = np.array([jax.local_devices(process_index=p) for p in range(jax.process_count())])
@@ -67,18 +66,16 @@ class StopAgreement:
             self._rows = NamedSharding(mesh, P("process"))
             self._any = jax.jit(lambda flags: jnp.any(flags, axis=0), out_shardings=NamedSharding(mesh, P()))
 
-    def _handle(self, signum, frame) -> None:
-        self.stop_requested = True
-
     def __call__(self, step: int, save_due: bool) -> tuple[bool, bool]:
         """(stop, save) for all processes."""
+        stop_requested = self.signals.requested is not None
         if jax.process_count() == 1:
-            return self.stop_requested, save_due
+            return stop_requested, save_due
         preempted = False
         with contextlib.suppress(RuntimeError):  # RuntimeError: the preemption service is off
             preempted = multihost_utils.reached_preemption_sync_point(step)
         flags = jax.make_array_from_process_local_data(
-            self._rows, np.asarray([[self.stop_requested, save_due]]), (jax.process_count(), 2)
+            self._rows, np.asarray([[stop_requested, save_due]]), (jax.process_count(), 2)
         )
         previous, self._pending = self._pending, self._any(flags)
         if previous is None:
@@ -100,18 +97,32 @@ class Checkpointer:
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
         self.directory = str(epath.Path(cfg.output_dir) / "checkpoints")
-        if not cfg.checkpoint.resume:
-            self._move_previous_run_aside()
-        self.mngr = manager(self.directory, keep=cfg.checkpoint.keep)
-        self.resuming = cfg.checkpoint.resume and bool(self.mngr.all_steps())
+        self.lock = RunLock(cfg.output_dir)
+        if jax.process_index() == 0:
+            epath.Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # before anything else touches the folder
+        self.signals = StopSignals()  # from here on, SIGTERM and Ctrl-C save at the next step boundary
+        try:
+            if not cfg.checkpoint.resume:
+                self._move_previous_run_aside()
+            self.mngr = manager(self.directory, keep=cfg.checkpoint.keep)
+            self.resuming = cfg.checkpoint.resume and bool(self.mngr.all_steps())
+            if self.resuming:
+                self._check_resumable()
+        except BaseException:
+            self.close()
+            raise
         self.stopped = False
         self.data_iter = None
         self._run_meta: dict = {}
         self._hf_assets: dict = {}
         self._agreement: StopAgreement | None = None
         self._last_save = time.monotonic()
-        if self.resuming:
-            self._check_resumable()
+
+    def close(self) -> None:
+        """Releases the output folder and the signal handlers (the run is over, whatever its end)."""
+        self.signals.close()
+        self.lock.release()
 
     def _move_previous_run_aside(self) -> None:
         directory = epath.Path(self.directory)
@@ -136,14 +147,16 @@ class Checkpointer:
         return self.cfg.checkpoint.step if self.cfg.checkpoint.step >= 0 else self.mngr.latest_step()
 
     def _check_resumable(self) -> None:
-        """Refuses a resume that would not continue the same run, before anything heavy is loaded."""
+        """Refuses a resume that would not continue the same run, before anything heavy is loaded.
+
+        A newest step whose metadata is damaged is moved aside for the one before it; resuming an older
+        step (`checkpoint.step`) moves the later ones aside, so the run's own result is what stays."""
+        meta = self._resume_meta()
         requested = self._requested_step
-        if requested not in self.mngr.all_steps():
-            raise JsftError(
-                f"checkpoint.step={requested} is not in {self.directory}; "
-                f"kept: {sorted(self.mngr.all_steps())}"
-            )
-        meta = read_json_item(self.mngr, requested, "meta")
+        later = [s for s in self.mngr.all_steps() if s > requested]
+        for step in sorted(later):
+            aside = self._move_aside(step)
+            log.warning("resuming step %d: moved the later step %d to %s", requested, step, aside)
         changes = config.breaking_changes(meta["config"], self.cfg)
         if changes and not self.cfg.checkpoint.force_resume:
             raise JsftError(
@@ -156,6 +169,55 @@ class Checkpointer:
                 f"{self.directory} was written by {meta.get('process_count', 1)} processes and this run has "
                 f"{jax.process_count()}: each process's data position is saved separately"
             )
+
+    def _resume_meta(self) -> dict:
+        """The `meta` item of the step to resume; damaged newest steps are moved aside on the way."""
+        kept = sorted(self.mngr.all_steps())
+        requested = self.cfg.checkpoint.step
+        if requested >= 0 and requested not in kept:
+            raise JsftError(f"checkpoint.step={requested} is not in {self.directory}; kept: {kept}")
+        return self._first_readable(
+            [requested] if requested >= 0 else kept[::-1],
+            lambda step: read_json_item(self.mngr, step, "meta"),
+        )
+
+    def _first_readable(self, steps: list[int], read):
+        """`read` of the first of `steps` that is not damaged, moving damaged ones aside (never a step the
+        user named with `checkpoint.step`); no readable step at all stops the run: a run that silently
+        restarted from step 0 would overwrite the record of what was trained."""
+        for step in steps:
+            try:
+                return self._read(step, read)
+            except DamagedStep as e:
+                if self.cfg.checkpoint.step >= 0:
+                    raise JsftError(
+                        f"checkpoint step {step} in {self.directory} is damaged ({e}); it was left in place"
+                    ) from None
+                aside = self._move_aside(step, "corrupt")
+                log.warning("checkpoint step %d cannot be restored (%s); moved it to %s", step, e, aside)
+        raise JsftError(
+            f"no checkpoint in {self.directory} restores (the damaged ones were moved aside); start over "
+            "with checkpoint.resume=False or use another output_dir"
+        )
+
+    def _read(self, step: int, read):
+        """`read(step)`, told apart: a failure that repeats on a second try is damage (DamagedStep); a
+        storage error (timeouts, unavailable) is retried and then stops the run in one line, so a passing
+        outage never moves a good step aside or restarts the run from step 0."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return read(step)
+            except Exception as e:  # Orbax and tensorstore raise many types for damaged files
+                error = e
+                if not _is_transient(e) and attempt >= 1:
+                    raise DamagedStep(_brief(e)) from None
+                if attempt < READ_ATTEMPTS - 1:
+                    time.sleep(2**attempt * RETRY_SECONDS)
+        raise JsftError(
+            f"reading checkpoint step {step} in {self.directory} failed {READ_ATTEMPTS} times "
+            f"({_brief(error)}); the storage may be unavailable. Nothing was moved: run the same command "
+            "again when it is reachable"
+        )
 
     def attach(self, data_iter, *, total_steps: int, hf_assets: dict) -> None:
         """What every save writes besides the train state: the data position, the run's length, the
@@ -171,20 +233,9 @@ class Checkpointer:
         if not self.resuming:
             return None
         self._check_layout(abstract.params)
-        if self.cfg.checkpoint.step >= 0:
-            return self._restore(self.cfg.checkpoint.step, abstract, shardings)
-        for candidate in sorted(self.mngr.all_steps(), reverse=True):
-            try:
-                return self._restore(candidate, abstract, shardings)
-            except Exception as e:  # Orbax and tensorstore raise many types for damaged files
-                aside = self._quarantine(candidate)
-                log.warning(
-                    "checkpoint step %d cannot be restored (%s); moved it to %s",
-                    candidate,
-                    one_line(e, with_type=True, first_line=True),
-                    aside,
-                )
-        return None
+        newest_first = sorted(self.mngr.all_steps(), reverse=True)
+        steps = [self.cfg.checkpoint.step] if self.cfg.checkpoint.step >= 0 else newest_first
+        return self._first_readable(steps, lambda step: self._restore(step, abstract, shardings))
 
     def _check_layout(self, trainable: dict[str, jax.ShapeDtypeStruct]) -> None:
         """Refuses checkpoints whose trained parameters have other names or shapes than this run's (layers
@@ -227,13 +278,13 @@ class Checkpointer:
             ),
         )
 
-    def _quarantine(self, step: int) -> str:
-        """Renames a damaged step folder out of the manager's sight (kept for inspection, not deleted)."""
+    def _move_aside(self, step: int, why: str = "superseded") -> str:
+        """Renames a step folder out of the manager's sight (`<why>-<step>-<time>`: kept, never deleted)."""
         source = epath.Path(self.mngr.directory) / str(step)
-        target = epath.Path(self.mngr.directory) / f"corrupt-{step}-{int(time.time())}"
+        target = epath.Path(self.mngr.directory) / f"{why}-{step}-{int(time.time())}"
         if jax.process_index() == 0:
             source.rename(target)
-        multihost_utils.sync_global_devices(f"jsft-quarantine-{step}")
+        multihost_utils.sync_global_devices(f"jsft-{why}-{step}")
         self.mngr.reload()
         return str(target)
 
@@ -259,26 +310,71 @@ class Checkpointer:
         self._last_save = time.monotonic()
 
     def after_step(self, step: int, state: step_lib.TrainState) -> bool:
-        """Saves if a save is due; True when the run must stop here (a stop request, saved)."""
-        if self._agreement is None:  # SIGTERM is caught from the first step on
-            self._agreement = StopAgreement()
+        """Saves if a save is due; True when the run must stop here (a stop request, saved).
+
+        A save that failed in the background (disk full, permissions) stops the run here, one step later,
+        in one line; the checkpoints before it are complete and untouched."""
+        self._check_saves()
+        if self._agreement is None:
+            self._agreement = StopAgreement(self.signals)
         minutes = self.cfg.checkpoint.every_minutes
         timed = bool(minutes) and time.monotonic() - self._last_save > 60 * minutes
         stop, save_due = self._agreement(step, timed)
         if stop:
-            self.save(step, state)
+            self._save_unless_nonfinite(step, state)
             self.stopped = True
         elif step < self._run_meta["total_steps"] and (
             step % self.cfg.checkpoint.every_steps == 0 or save_due
         ):
-            self.save(step, state)
+            self._save_unless_nonfinite(step, state)
         return stop
+
+    def _save_unless_nonfinite(self, step: int, state: step_lib.TrainState) -> None:
+        """No checkpoint during a non-finite streak: the last good one stays the newest."""
+        streak = int(jax.device_get(state.nonfinite_streak))
+        if streak:
+            log.warning("step %d ends a streak of %d non-finite steps: not saved", step, streak)
+            return
+        self.save(step, state)
+
+    def _check_saves(self) -> None:
+        try:
+            self.mngr.check_for_errors()
+        except Exception as e:
+            raise JsftError(
+                f"saving a checkpoint in {self.directory} failed ({_brief(e)}); the run stopped, and the "
+                "checkpoints saved before it are intact"
+            ) from None
 
     def finish(self, step: int, state: step_lib.TrainState) -> None:
         """Saves the last step (unless saved already) and waits until every save is on disk."""
         if self.mngr.latest_step() != step:
-            self.save(step, state)
-        self.mngr.wait_until_finished()
+            self._save_unless_nonfinite(step, state)
+        try:
+            self.mngr.wait_until_finished()
+        finally:
+            self._check_saves()
+
+
+READ_ATTEMPTS = 4  # tries of one step's read before a storage error stops the run
+RETRY_SECONDS = 1.0  # the first pause between tries; it doubles
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "timed out")
+
+
+class DamagedStep(Exception):
+    """A checkpoint step whose files cannot be read the same way twice: moved aside, never deleted."""
+
+
+def _is_transient(e: BaseException) -> bool:
+    """A storage error that may pass (a timeout, a dropped connection, an unavailable bucket), not a
+    property of the files: worth retrying, never a reason to move a step aside."""
+    if isinstance(e, (TimeoutError, ConnectionError, InterruptedError, BlockingIOError)):
+        return True
+    return any(status in str(e) for status in _TRANSIENT_STATUS)
+
+
+def _brief(e: BaseException) -> str:
+    return one_line(e, with_type=True, first_line=True)
 
 
 def _abstract(tree, shardings):

@@ -21,7 +21,7 @@ LAYERS = (
     ("lora", ("jsft.lora",)),
     ("data", ("jsft.data",)),
     ("objective", ("jsft.loss", "jsft.optim", "jsft.flops")),
-    ("step", ("jsft.step", "jsft.checkpoint", "jsft.trainer")),
+    ("step", ("jsft.step", "jsft.guards", "jsft.checkpoint", "jsft.trainer")),
     (
         "around the loop",
         (

@@ -12,6 +12,7 @@ import sys
 import jax
 
 from jsft import config, flops, hardware, step
+from jsft.data.batching import Batching
 from jsft.models import shapes
 from jsft.planning.compiled import Memory, build_trainer, compile_step, topology_devices
 from jsft.planning.search import search
@@ -117,13 +118,9 @@ def schedule_lines(trainer, steps: DataPlan, devices: list, args: argparse.Names
         else "an H100 SXM (set log.peak_flops for another)"
     )
     seconds = step_seconds(trainer, rows, len(devices), peak, args.mfu)
-    conversations = (
-        f"{cfg.train.global_batch_size} conversations packed into "
-        if cfg.train.batch_unit == "examples"
-        else ""
-    )
+    batch = Batching.from_config(cfg, trainer.mesh).describe(rows)
     lines = [
-        f"batch       {conversations}{rows} rows x {seq} tokens = {rows * seq} token slots per step, "
+        f"batch       {batch} x {seq} tokens = {rows * seq} token slots per step, "
         f"{cfg.train.grad_accum_steps} micro-batch(es)" + (f"; rows: {how}" if how else ""),
         f"steps       {steps.steps_per_epoch or '?'} per epoch, {steps.total_steps or '?'} in total: "
         + steps.note,
