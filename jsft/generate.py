@@ -12,13 +12,10 @@ prompt bucket and `Sampling`), and the loop stops early once every row has emitt
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -26,14 +23,6 @@ from jsft import sharding
 from jsft.errors import JsftError
 from jsft.models import Decoder, Layout, Params
 from jsft.models.attention import KVCache
-
-if TYPE_CHECKING:  # the training-side types of `TrainingSamples` (importing them here would be circular)
-    from transformers import PreTrainedTokenizerBase
-
-    from jsft.data import EncodedData
-    from jsft.metrics import MetricsLog
-    from jsft.step import TrainState
-    from jsft.trainer import StepInfo, Trainer
 
 PROMPT_BUCKET = 32  # prompt buffers are padded to a multiple of this, so new lengths rarely recompile
 CACHE_AXES = ("layers", "batch", "sequence", "kv_heads", "head_dim")
@@ -313,89 +302,3 @@ def _trimmed(tokens: np.ndarray, sampling: Sampling) -> Generated:
         rows.append(row if end is None else row[: end + 1])
         stopped.append(end is not None)
     return Generated(rows, stopped)
-
-
-# --- samples while training ---------------------------------------------------------------------------
-
-HELD_OUT_SAMPLES = 3  # held-out conversations sampled when log.sample_prompts is empty
-
-
-class TrainingSamples:
-    """The `log.sample_every_steps` hook: greedy completions of a few fixed prompts with the current
-    weights, written to the metrics log (and from there to TensorBoard and W&B) as one record."""
-
-    def __init__(
-        self,
-        trainer: Trainer,
-        tokenizer: PreTrainedTokenizerBase,
-        prompts: list[tuple[list[int], str | None]],
-        metrics_log: MetricsLog,
-        max_new_tokens: int,
-    ):
-        self.generator = Generator(trainer.layout, trainer.mesh)
-        self.tokenizer, self.metrics_log = tokenizer, metrics_log
-        self.prompt_ids = [ids for ids, _ in prompts]
-        self.references = [reference for _, reference in prompts]
-        eos = tokenizer.eos_token_id
-        self.sampling = Sampling(
-            max_new_tokens, stop_ids=() if eos is None else (eos,), pad_id=tokenizer.pad_token_id or 0
-        )
-        self.seconds: list[float] = []
-
-    @classmethod
-    def for_run(
-        cls,
-        cfg: ml_collections.ConfigDict,
-        trainer: Trainer,
-        tokenizer: PreTrainedTokenizerBase,
-        chat_template: str | None,
-        eval_data: EncodedData | None,
-        metrics_log: MetricsLog,
-    ) -> TrainingSamples:
-        """Prompts from `log.sample_prompts` (user messages, rendered with the run's chat template), else
-        the first held-out conversations up to their last assistant turn, which becomes the reference."""
-        if cfg.log.sample_prompts:
-            prompts = [
-                (_render(tokenizer, [{"role": "user", "content": text}], chat_template), None)
-                for text in cfg.log.sample_prompts
-            ]
-        else:
-            prompts = [
-                _held_out_prompt(tokenizer, eval_data, i)
-                for i in range(min(HELD_OUT_SAMPLES, len(eval_data)))
-            ]
-        return cls(trainer, tokenizer, prompts, metrics_log, cfg.log.sample_max_new_tokens)
-
-    def __call__(self, info: StepInfo) -> None:
-        self.sample(info.state, info.step)
-
-    def sample(self, state: TrainState, step: int) -> None:
-        """Completes the prompts with `state`'s weights and writes them as the record of `step`."""
-        started = time.perf_counter()
-        out = self.generator.generate(state.params, self.prompt_ids, self.sampling, base=state.base)
-        self.seconds.append(time.perf_counter() - started)
-        samples = []
-        for ids, tokens, reference in zip(self.prompt_ids, out.tokens, self.references, strict=True):
-            if tokens and tokens[-1] in self.sampling.stop_ids:
-                tokens = tokens[:-1]
-            sample = {"prompt": self.tokenizer.decode(ids), "completion": self.tokenizer.decode(tokens)}
-            samples.append(sample if reference is None else sample | {"reference": reference})
-        self.metrics_log.write({"step": step, "samples": samples, "sample_seconds": self.seconds[-1]})
-
-
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], chat_template: str | None) -> list[int]:
-    rendered = tokenizer.apply_chat_template(
-        messages, chat_template=chat_template, add_generation_prompt=True, return_dict=True
-    )
-    return list(rendered["input_ids"])
-
-
-def _held_out_prompt(
-    tokenizer: PreTrainedTokenizerBase, encoded: EncodedData, index: int
-) -> tuple[list[int], str]:
-    """(the tokens before row `index`'s last trained span, that span's text): a prompt and its answer."""
-    start, end = int(encoded.row_starts[index]), int(encoded.row_starts[index + 1])
-    tokens, trained = encoded.token_ids[start:end], encoded.trained[start:end].astype(np.int8)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], trained, [0]])))  # starts and ends of trained runs
-    first, last = int(edges[-2]), int(edges[-1])
-    return tokens[:first].tolist(), tokenizer.decode(tokens[first:last], skip_special_tokens=True).strip()

@@ -22,9 +22,9 @@ from jsft import data, hf, models, runtime, sharding
 from jsft.checkpoint import Checkpointer
 from jsft.data.batching import Batching
 from jsft.errors import JsftError, SetupError, one_line
-from jsft.generate import TrainingSamples
+from jsft.hooks import HeldOutLoss, StepLogger, TrainingSamples
 from jsft.logging_backends import LogBackends
-from jsft.metrics import MetricsLog, StepLogger
+from jsft.metrics import MetricsLog
 from jsft.trainer import Trainer
 
 log = logging.getLogger("jsft")
@@ -53,19 +53,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     stats = {"train": train_data.stats} | ({"eval": eval_data.stats} if eval_data is not None else {})
     backends = LogBackends.for_run(cfg, first_step, total_steps, stats) if jax.process_index() == 0 else None
     metrics_log = MetricsLog(cfg.output_dir, total_steps, first_step, backends)
-    logger = StepLogger.for_run(cfg, trainer, metrics_log)
-    trainer.add_hook(logger.count, every=1)
-    trainer.add_hook(logger.write, every=cfg.log.every_steps, at_end=True)
-    held_out = HeldOutLoss(trainer, batching, eval_data, metrics_log) if eval_data is not None else None
-    summary: dict = {"total_steps": total_steps}
-    if held_out:
-        summary["eval_loss_start"] = held_out(state, first_step)
-        if cfg.log.eval_every_steps:
-            trainer.add_hook(lambda info: held_out(info.state, info.step), every=cfg.log.eval_every_steps)
-    if cfg.log.sample_every_steps:  # also before the first step: a template or EOS mistake shows at once
-        samples = TrainingSamples.for_run(cfg, trainer, tokenizer, template, eval_data, metrics_log)
-        samples.sample(state, first_step)
-        trainer.add_hook(samples, every=cfg.log.sample_every_steps, at_end=True)
+    logger, held_out = add_hooks(cfg, trainer, batching, state, tokenizer, template, eval_data, metrics_log)
 
     try:
         state = trainer.fit(state, train_iter)
@@ -82,7 +70,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         )
     elif held_out and steps not in held_out.losses:
         held_out(state, steps)
+    summary: dict = {"total_steps": total_steps}
     if held_out:
+        summary["eval_loss_start"] = held_out.losses[first_step]
         summary["eval_loss_end"] = held_out.losses[max(held_out.losses)]
     summary.update(steps=steps, stopped=checkpointer.stopped, train_loss=logger.last_loss)
     summary["wall_seconds"] = time.perf_counter() - started
@@ -98,21 +88,33 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     return summary
 
 
-class HeldOutLoss:
-    """The held-out set's mean trained-token loss, written to the metrics log at each evaluation."""
-
-    def __init__(
-        self, trainer: Trainer, batching: Batching, eval_data: data.EncodedData, metrics_log: MetricsLog
-    ):
-        self.trainer, self.batching, self.metrics_log = trainer, batching, metrics_log
-        self.examples = eval_data.examples
-        self.losses: dict[int, float] = {}
-
-    def __call__(self, state, step: int) -> float:
-        self.losses[step] = self.trainer.evaluate(state, self.batching.eval_batches(self.examples))
-        self.metrics_log.write({"step": step, "eval_loss": self.losses[step]})
-        log.info("held-out loss at step %d: %.4f", step, self.losses[step])
-        return self.losses[step]
+def add_hooks(
+    cfg: ml_collections.ConfigDict,
+    trainer: Trainer,
+    batching: Batching,
+    state,
+    tokenizer,
+    template: str | None,
+    eval_data: data.EncodedData | None,
+    metrics_log: MetricsLog,
+) -> tuple[StepLogger, HeldOutLoss | None]:
+    """Registers the run's hooks: log lines, held-out loss and samples (of prompts rendered with `template`).
+    The held-out loss and samples are also taken at once, before the first step: a template or EOS mistake
+    shows before any training time is spent."""
+    first_step = int(jax.device_get(state.step))
+    logger = StepLogger.for_run(cfg, trainer, metrics_log)
+    trainer.add_hook(logger.count, every=1)
+    trainer.add_hook(logger.write, every=cfg.log.every_steps, at_end=True)
+    held_out = HeldOutLoss(trainer, batching, eval_data, metrics_log) if eval_data is not None else None
+    if held_out:
+        held_out(state, first_step)
+        if cfg.log.eval_every_steps:
+            trainer.add_hook(lambda info: held_out(info.state, info.step), every=cfg.log.eval_every_steps)
+    if cfg.log.sample_every_steps:
+        samples = TrainingSamples.for_run(cfg, trainer, tokenizer, template, eval_data, metrics_log)
+        samples.sample(state, first_step)
+        trainer.add_hook(samples, every=cfg.log.sample_every_steps, at_end=True)
+    return logger, held_out
 
 
 def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: jax.Device):

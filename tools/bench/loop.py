@@ -25,7 +25,8 @@ import transformers
 from jsft import config, data, sharding, train
 from jsft.checkpoint import Checkpointer
 from jsft.data.batching import Batching
-from jsft.metrics import MetricsLog, StepLogger
+from jsft.hooks import StepLogger
+from jsft.metrics import MetricsLog
 from jsft.trainer import Trainer
 
 
