@@ -6,7 +6,7 @@
 # Each TPU VM host runs one jsft.train process; JAX reads the workers from the TPU metadata
 # (jsft.train calls jax.distributed.initialize() on a multi-host slice). The repository must be
 # installed on every worker (pip install -e . in the same path), the data cache built once
-# (python -m jsft.prepare) into a gs:// data.cache_dir, and output_dir a gs:// folder.
+# (python -m jsft.cli.prepare) into a gs:// data.cache_dir, and output_dir a gs:// folder.
 # Size the mesh before paying for the slice (compiles with the TPU compiler on any machine):
 #   pip install 'jsft[tpu]' && python -m jsft.cli.plan --config=configs/tulu.py --topology=v5p-64
 # jsft.train adds its TPU compiler flags to LIBTPU_INIT_ARGS (jsft/runtime.py LIBTPU_DEFAULT_FLAGS: FSDP
