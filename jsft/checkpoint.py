@@ -124,6 +124,12 @@ class Checkpointer:
         self.signals.close()
         self.lock.release()
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _move_previous_run_aside(self) -> None:
         directory = epath.Path(self.directory)
         if not (directory.is_dir() and any(directory.iterdir())):
@@ -296,6 +302,12 @@ class Checkpointer:
             nonfinite_streak=int(jax.device_get(state.nonfinite_streak)),
             config=json.loads(self.cfg.to_json()),
         )
+        with self._saving():
+            self._start_save(step, meta, state)
+        self._last_save = time.monotonic()
+
+    def _start_save(self, step: int, meta: dict, state: step_lib.TrainState) -> None:
+        self.mngr.wait_until_finished()  # the previous save's outcome first: a failure stops the run here
         self.mngr.save(
             step,
             args=ocp.args.Composite(
@@ -307,7 +319,6 @@ class Checkpointer:
             ),
             force=True,
         )
-        self._last_save = time.monotonic()
 
     def after_step(self, step: int, state: step_lib.TrainState) -> bool:
         """Saves if a save is due; True when the run must stop here (a stop request, saved).
@@ -338,8 +349,15 @@ class Checkpointer:
         self.save(step, state)
 
     def _check_saves(self) -> None:
-        try:
+        with self._saving():
             self.mngr.check_for_errors()
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """A failed save (disk full, permissions, a lost bucket) as one line: Orbax writes each step
+        into a temporary folder, so the checkpoints saved before it are complete and untouched."""
+        try:
+            yield
         except Exception as e:
             raise JsftError(
                 f"saving a checkpoint in {self.directory} failed ({_brief(e)}); the run stopped, and the "
@@ -350,10 +368,9 @@ class Checkpointer:
         """Saves the last step (unless saved already) and waits until every save is on disk."""
         if self.mngr.latest_step() != step:
             self._save_unless_nonfinite(step, state)
-        try:
+        with self._saving():
             self.mngr.wait_until_finished()
-        finally:
-            self._check_saves()
+            self.mngr.check_for_errors()
 
 
 READ_ATTEMPTS = 4  # tries of one step's read before a storage error stops the run

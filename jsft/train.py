@@ -38,53 +38,50 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     batching = Batching.from_config(cfg, mesh)
     batching.check_fits()
     epath.Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # local, gs://, s3://
-    checkpointer = Checkpointer(cfg)  # may the run start here? (before any heavy work)
-    folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)  # a Hub id is fetched once
-    layout, tokenizer, template = load_model_description(cfg, folder, mesh.devices.flat[0])
-    train_data, eval_data = load_data(cfg, tokenizer)
-    total_steps = count_steps(batching, train_data.examples)
-    train_iter = iter(batching.train_batches(train_data.examples))
-    assets = hf_assets(folder, tokenizer, template, hf.resolved_revision(cfg.model.path, folder))
-    checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets)
-    trainer = Trainer(cfg, layout, mesh, total_steps=total_steps, checkpointer=checkpointer)
-    state = trainer.load_state(folder)
-    first_step = int(jax.device_get(state.step))
+    # May the run start here? Before any heavy work; it holds the folder and the stop signals until the end.
+    with Checkpointer(cfg) as checkpointer:
+        folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)  # a Hub id is fetched once
+        layout, tokenizer, template = load_model_description(cfg, folder, mesh.devices.flat[0])
+        train_data, eval_data = load_data(cfg, tokenizer)
+        total_steps = count_steps(batching, train_data.examples)
+        train_iter = iter(batching.train_batches(train_data.examples))
+        assets = hf_assets(folder, tokenizer, template, hf.resolved_revision(cfg.model.path, folder))
+        checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets)
+        trainer = Trainer(cfg, layout, mesh, total_steps=total_steps, checkpointer=checkpointer)
+        state = trainer.load_state(folder)
+        first_step = int(jax.device_get(state.step))
 
-    stats = {"train": train_data.stats} | ({"eval": eval_data.stats} if eval_data is not None else {})
-    backends = LogBackends.for_run(cfg, first_step, total_steps, stats) if jax.process_index() == 0 else None
-    metrics_log = MetricsLog(cfg.output_dir, total_steps, first_step, backends)
-    logger, held_out = add_hooks(cfg, trainer, batching, state, tokenizer, template, eval_data, metrics_log)
-
-    try:
-        state = trainer.fit(state, train_iter)
-    finally:  # the last logged line, even when the run stops on an error
-        logger.flush()
-        metrics_log.close()
-    steps = int(jax.device_get(state.step))
-    checkpointer.finish(steps, state)
-    if checkpointer.stopped:
-        log.info(
-            "stop requested: saved step %d in %s; run the same command to continue",
-            steps,
-            checkpointer.directory,
+        stats = {"train": train_data.stats} | ({"eval": eval_data.stats} if eval_data is not None else {})
+        backends = (
+            LogBackends.for_run(cfg, first_step, total_steps, stats) if jax.process_index() == 0 else None
         )
-    elif held_out and steps not in held_out.losses:
-        held_out(state, steps)
-    summary: dict = {"total_steps": total_steps}
-    if held_out:
-        summary["eval_loss_start"] = held_out.losses[first_step]
-        summary["eval_loss_end"] = held_out.losses[max(held_out.losses)]
-    summary.update(steps=steps, stopped=checkpointer.stopped, train_loss=logger.last_loss)
-    summary["wall_seconds"] = time.perf_counter() - started
-    if backends:
-        backends.close()
-    log.info(
-        "done: step %d of %d in %.1f s; checkpoints in %s",
-        steps,
-        total_steps,
-        summary["wall_seconds"],
-        checkpointer.directory,
-    )
+        metrics_log = MetricsLog(cfg.output_dir, total_steps, first_step, backends)
+        logger, held_out = add_hooks(
+            cfg, trainer, batching, state, tokenizer, template, eval_data, metrics_log
+        )
+
+        try:
+            state = trainer.fit(state, train_iter)
+        finally:  # the last logged line, even when the run stops on an error
+            logger.flush()
+            metrics_log.close()
+        steps = int(jax.device_get(state.step))
+        checkpointer.finish(steps, state)
+        if checkpointer.stopped:
+            where = checkpointer.directory
+            log.info("stop requested: saved step %d in %s; run the same command to continue", steps, where)
+        elif held_out and steps not in held_out.losses:
+            held_out(state, steps)
+        summary: dict = {"total_steps": total_steps}
+        if held_out:
+            summary["eval_loss_start"] = held_out.losses[first_step]
+            summary["eval_loss_end"] = held_out.losses[max(held_out.losses)]
+        summary.update(steps=steps, stopped=checkpointer.stopped, train_loss=logger.last_loss)
+        summary["wall_seconds"] = time.perf_counter() - started
+        if backends:
+            backends.close()
+    done = (steps, total_steps, summary["wall_seconds"], checkpointer.directory)
+    log.info("done: step %d of %d in %.1f s; checkpoints in %s", *done)
     return summary
 
 

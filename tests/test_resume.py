@@ -274,3 +274,109 @@ def test_forced_resume_with_time_based_saves_and_keep(reference, tmp_path):
     assert sorted(_records(tmp_path)) == list(range(1, STEPS + 4))
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [STEPS + 2, STEPS + 3]
+
+
+def _listing(out) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_resuming_an_older_step_sets_the_later_ones_aside_and_saves_its_own(reference, tmp_path):
+    """checkpoint.step=16 with another lr: steps 20 and 24 of the old run are kept aside (never deleted),
+    and step 24 on disk is the new run's (it was the old run's, silently, before)."""
+    from jsft import train
+
+    _copy_run(reference, tmp_path)
+    cfg = _config(
+        tmp_path,
+        "--config.checkpoint.step=16",
+        "--config.optim.lr=0.002",
+        "--config.checkpoint.force_resume=True",
+    )
+    assert train.run(cfg)["steps"] == STEPS
+    aside = sorted(int(n.split("-")[1]) for n in _listing(tmp_path) if n.startswith("superseded-"))
+    assert aside == [20, 24]
+    mngr = checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True)
+    assert mngr.latest_step() == STEPS
+    assert checkpoint.read_json_item(mngr, STEPS, "meta")["config"]["optim"]["lr"] == 0.002
+
+
+def test_a_damaged_meta_item_falls_back_to_the_previous_step(reference, tmp_path):
+    """A truncated `meta` of the newest step was a JSONDecodeError traceback; now it is moved aside."""
+    from jsft.checkpoint import Checkpointer
+
+    _copy_run(reference, tmp_path)
+    for p in (tmp_path / "checkpoints" / str(STEPS) / "meta").rglob("*"):
+        if p.is_file():
+            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    checkpointer = Checkpointer(_config(tmp_path))
+    checkpointer.close()
+    assert checkpointer.mngr.latest_step() == STEPS - EVERY
+    assert any(n.startswith(f"corrupt-{STEPS}-") for n in _listing(tmp_path))
+
+
+def test_a_storage_error_never_moves_a_step_aside(reference, tmp_path, monkeypatch):
+    """A read that times out is retried and then stops the run in one line, moving nothing; a failure
+    that does not repeat on the second try is not damage either."""
+    from jsft.checkpoint import Checkpointer
+    from jsft.errors import JsftError
+
+    _copy_run(reference, tmp_path)
+    before = _listing(tmp_path)
+    monkeypatch.setattr(checkpoint, "RETRY_SECONDS", 0.0)
+    read = checkpoint.read_json_item
+
+    def unavailable(*args, **kwargs):
+        raise TimeoutError("DEADLINE_EXCEEDED reading the bucket")
+
+    monkeypatch.setattr(checkpoint, "read_json_item", unavailable)
+    with pytest.raises(JsftError, match=rf"reading checkpoint step {STEPS} .* failed 4 times \(TimeoutError"):
+        Checkpointer(_config(tmp_path))
+    assert _listing(tmp_path) == before
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ValueError("a read that failed once")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "read_json_item", fails_once)
+    checkpointer = Checkpointer(_config(tmp_path))
+    checkpointer.close()
+    assert checkpointer.mngr.latest_step() == STEPS and _listing(tmp_path) == before
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_at_a_save_stops_the_run_in_one_line_and_keeps_the_earlier_steps(reference, tmp_path):
+    """No file may grow past 1 MB (the optimizer state of a step is ~5.7 MB): the save of step 12 fails.
+    Before, the run trained on to the end and died in ~800 lines of traceback, losing every step. Now the
+    failure is seen at a step boundary once the background write has failed, at the latest before the next
+    save starts (step 16 here), and the run stops."""
+    _copy_run(reference, tmp_path, keep_up_to=8)
+    proc = subprocess.run(
+        _command(tmp_path),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=_file_size_limit(2**20),
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    # Orbax's writer threads print their own tracebacks as they fail; the run's verdict is one line.
+    (verdict,) = [line for line in proc.stderr.splitlines() if line.startswith("jsft: error: ")]
+    assert verdict.startswith("jsft: error: saving a checkpoint in ") and "File too large" in verdict
+    assert _logged_steps(tmp_path) <= 16 < STEPS  # stopped by the next save (step 16), not at the end
+    mngr = checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True)
+    assert sorted(mngr.all_steps()) == [4, 8]
+    ref = _final_params(reference, step=8)
+    for name, value in _final_params(tmp_path, step=8).items():
+        np.testing.assert_array_equal(value, ref[name], err_msg=name)

@@ -1,6 +1,6 @@
 """From conversations to packed, sharded training batches.
 
-The examples arrive already shifted (`preprocess.shifted`: `input_ids`, `target_ids`, `loss_mask`).
+The examples arrive already shifted (`cache.shifted`: `input_ids`, `target_ids`, `loss_mask`).
 Grain shuffles per epoch, packs examples into rows of `max_seq_length` with per-example
 `segment_ids` (0 = padding) and `positions`, and batches the rows. Each process reads its own share.
 """

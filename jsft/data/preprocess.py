@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import time
 
 import numpy as np
@@ -47,6 +48,8 @@ def _start_worker(tokenizer, chat_template: str | None, train_on: str, on_unloca
     """Builds the worker's encoder. Never raises: a pool respawns workers whose initializer fails
     without end, so the error is kept and raised by the first task instead."""
     global _worker_encoder, _worker_error
+    # Ctrl-C reaches the whole process group: the run (not its workers) decides to save and stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _worker_encoder = ChatEncoder(tokenizer, chat_template, None, train_on, on_unlocated_turn)
         _worker_error = None
