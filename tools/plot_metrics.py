@@ -7,24 +7,21 @@ Train and held-out loss, learning rate, gradient norm, tokens/s and MFU over ste
 from __future__ import annotations
 
 import argparse
-import sys
 
 from etils import epath
 
 from jsft import plots
-from jsft.errors import JsftError
+from jsft.cli import command
 
 
-def main(argv: list[str] | None = None) -> None:
+@command("plot_metrics")
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dirs", nargs="+", help="run output_dirs (each with a metrics.jsonl)")
     parser.add_argument("--output", default=None, help="PNG path (default: <first output_dir>/metrics.png)")
     args = parser.parse_args(argv)
     output = args.output or str(epath.Path(args.output_dirs[0]) / "metrics.png")
-    try:
-        print(f"wrote {plots.plot_runs(args.output_dirs, output)}")
-    except JsftError as e:
-        sys.exit(f"plot_metrics: error: {e}")
+    print(f"wrote {plots.plot_runs(args.output_dirs, output)}")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ import sys
 import time
 
 from jsft import inference
+from jsft.cli import command
 
 HELD_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "held_out.jsonl")
 
 
-def main(argv: list[str] | None = None) -> None:
+@command("accuracy")
+def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a run's output_dir, its checkpoints, or an HF folder")
     parser.add_argument("--step", type=int, default=None)
