@@ -17,8 +17,8 @@ import numpy as np
 from etils import epath
 
 from jsft import checkpoint, hf, models, paths, sharding
-from jsft import lora as lora_lib
 from jsft.errors import JsftError
+from jsft.lora import peft
 
 DTYPES = ("float32", "bfloat16")
 
@@ -115,10 +115,10 @@ def write_adapter(
     """A PEFT adapter folder of `trained` (host arrays of `layout.trainable`), local or on an object store."""
     from safetensors.numpy import save_file
 
-    tensors = lora_lib.peft_tensors(trained, layout)
+    tensors = peft.peft_tensors(trained, layout)
     with paths.local_staging(output_dir) as folder:
         save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = lora_lib.peft_config(layout, base_model, revision)
+        config = peft.peft_config(layout, base_model, revision)
         epath.Path(folder, "adapter_config.json").write_text(json.dumps(config, indent=2))
         if readme:
             epath.Path(folder, "README.md").write_text(readme)

@@ -18,8 +18,9 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from jsft import loss, sharding
-from jsft.lora import LoraSpec
-from jsft.models import Layout, Params, decoder
+from jsft.lora import params as lora_params
+from jsft.lora.spec import LoraSpec
+from jsft.models import Layout, Params
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
@@ -74,7 +75,7 @@ def state_shardings(layout: Layout, optimizer: optax.GradientTransformation, mes
         opt_state=_opt_state_shardings(abstract_opt, params, mesh),
         step=sharding.replicated(mesh),
         nonfinite_streak=sharding.replicated(mesh),
-        base=layout.lora.base_shardings(layout, mesh) if layout.lora else None,
+        base=lora_params.base_shardings(layout, mesh) if layout.lora else None,
     )
 
 
@@ -100,9 +101,13 @@ def model_params(params: Params, base: Params | None) -> Params:
     return {**jax.lax.stop_gradient(base), **params}
 
 
-def _loss_sum(layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0) -> jax.Array:
+def _loss_sum(
+    layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0, dropout_key: jax.Array | None = None
+) -> jax.Array:
     model = layout.merge(params)
-    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    hidden = model.hidden_states(
+        batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key
+    )
     kernel = model.output_kernel()
     return loss.chunked_loss_sum(
         hidden,
@@ -124,38 +129,26 @@ def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
     return traced
 
 
-def make_train_step(
-    layout: Layout,
-    optimizer: optax.GradientTransformation,
-    shardings: TrainState,
-    mesh: Mesh,
-    *,
-    grad_accum_steps: int,
-    loss_reduction: str,
-    z_loss: float = 0.0,
-    seed: int = 0,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """With `lora.dropout`, each step draws its dropout masks from (seed, step, micro-batch)."""
+def _summed_gradients(
+    layout: Layout, mesh: Mesh, grad_accum_steps: int, z_loss: float, seed: int
+) -> Callable[[TrainState, Batch], tuple[Params, jax.Array]]:
+    """`summed(state, batch)` -> (gradient, loss) summed over the batch's tokens, one micro-batch at a
+    time in a scan. With `lora.dropout`, each micro-batch draws its masks from (seed, step, micro-batch)."""
     batch_sharding = sharding.batch_sharding(mesh)
+    micro_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
     dropout = layout.lora is not None and layout.lora.dropout > 0
 
     def micro_batches(x: jax.Array) -> jax.Array:
         # Row r goes to micro-batch r % A, so each micro-batch is spread evenly over the data shards.
-        rows = x.shape[0]
-        x = x.reshape(rows // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
-        )
+        x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, micro_sharding)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def summed(state: TrainState, batch: Batch) -> tuple[Params, jax.Array]:
         params, base = state.params, state.base
-        trained_tokens = jnp.sum(batch["loss_mask"])
-
         step_key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
 
         def micro_loss(p: Params, micro: Batch, key: jax.Array | None) -> jax.Array:
-            with decoder.lora_dropout(key):
-                return _loss_sum(layout, model_params(p, base), micro, z_loss)
+            return _loss_sum(layout, model_params(p, base), micro, z_loss, key)
 
         def accumulate(carry, xs):
             grads_sum, loss_sum = carry
@@ -168,6 +161,30 @@ def make_train_step(
         carry = (zeros, jnp.zeros((), jnp.float32))
         micro = (jax.tree.map(micro_batches, batch), jnp.arange(grad_accum_steps))
         (grads_sum, loss_sum), _ = jax.lax.scan(accumulate, carry, micro)
+        return grads_sum, loss_sum
+
+    return summed
+
+
+def make_train_step(
+    layout: Layout,
+    optimizer: optax.GradientTransformation,
+    shardings: TrainState,
+    mesh: Mesh,
+    *,
+    grad_accum_steps: int,
+    loss_reduction: str,
+    z_loss: float = 0.0,
+    seed: int = 0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The optimizer's update from the batch's gradient (see `_summed_gradients`), kept only when the
+    loss and the gradient are finite."""
+    summed_gradients = _summed_gradients(layout, mesh, grad_accum_steps, z_loss, seed)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        params = state.params
+        trained_tokens = jnp.sum(batch["loss_mask"])
+        grads_sum, loss_sum = summed_gradients(state, batch)
         tokens = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
         scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
@@ -196,7 +213,7 @@ def make_train_step(
 
     return jax.jit(
         _under_mesh(train_step, mesh),
-        in_shardings=(shardings, batch_sharding),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )

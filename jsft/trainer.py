@@ -18,11 +18,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jsft import lora as lora_lib
 from jsft import models, optim, sharding, step
 from jsft.checkpoint import Checkpointer
 from jsft.errors import JsftError
-from jsft.lora import LoraSpec
+from jsft.lora import params as lora_params
+from jsft.lora import peft
+from jsft.lora.spec import LoraSpec
 from jsft.step import BATCH_KEYS, TrainState
 
 
@@ -89,7 +90,7 @@ class Trainer:
         trainable = step.trainable_shapes(self.layout)
         shapes = jax.eval_shape(lambda p: step.init_state(p, self.optimizer, self.shardings), trainable)
         if self.lora:
-            shapes = shapes.replace(base=self.lora.base_shapes(self.layout))
+            shapes = shapes.replace(base=lora_params.base_shapes(self.layout))
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings
         )
@@ -100,20 +101,16 @@ class Trainer:
         (`Layout.init`); they are replaced."""
         if not self.lora:
             return step.init_state(weights, self.optimizer, self.shardings)
-        base = self._freeze({n: w for n, w in weights.items() if n not in self.layout.trainable})
+        base = lora_params.frozen_base(self.layout, weights, self.mesh)
         if self.cfg.lora.init_from:
-            trainable = lora_lib.load_peft(self.cfg.lora.init_from, self.layout, self.mesh)
+            trainable = peft.load_peft(self.cfg.lora.init_from, self.layout, self.mesh)
         else:
-            trainable = self.lora.init(self.cfg.train.seed, self.layout, self.mesh)
+            trainable = lora_params.init_factors(self.layout, self.cfg.train.seed, self.mesh)
             for name in self.layout.trainable - self.layout.adapters:  # lora.also_train: from the weights
                 trainable[name] = jax.device_put(
                     weights[name].astype(self.layout.shapes[name].dtype), self.shardings.params[name]
                 )
         return step.init_state(trainable, self.optimizer, self.shardings, base=base)
-
-    def _freeze(self, weights: models.Params) -> models.Params:
-        """The frozen base as the run holds it: each array quantized if `lora.base_quantization` asks."""
-        return {name: self.lora.freeze(self.layout, name, w, self.mesh) for name, w in weights.items()}
 
     def random_state(self, seed: int = 0) -> TrainState:
         """Step 0 from random weights (benchmarks)."""
@@ -128,18 +125,7 @@ class Trainer:
         )
         if restored is not None and not self.lora:
             return restored
-        convert = None
-        if self.lora:
-            trained = self.layout.trainable
-
-            def convert(name, array):
-                if name in trained:
-                    return array
-                frozen = self.lora.freeze(self.layout, name, array, self.mesh)
-                if frozen is not array:
-                    array.delete()  # only one full-precision kernel on the devices at a time
-                return frozen
-
+        convert = lora_params.freezer(self.layout, self.mesh) if self.lora else None
         weights = models.load_params(model_path, self.layout, self.mesh, convert=convert)
         if restored is None:
             return self.fresh_state(weights)

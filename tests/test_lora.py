@@ -19,7 +19,8 @@ from conftest import ROOT, TINY_MODEL, assert_params_close, gradient_recorder, t
 from jsft import checkpoint, config, models, sharding, train
 from jsft.config import default_config
 from jsft.errors import JsftError
-from jsft.lora import LoraSpec
+from jsft.lora import params as lora_params
+from jsft.lora.spec import LoraSpec
 from jsft.trainer import Trainer
 
 IDS = np.arange(1, 20, dtype=np.int32)[None]
@@ -43,7 +44,7 @@ def test_step0_logits_equal_the_base_model_exactly(scan_layers):
     assert len(layout.adapters) == 2 * 7 * (1 if scan_layers else cfg.num_layers)
     base = models.load_params(str(TINY_MODEL), layout, mesh)
     assert not set(base) & layout.adapters  # the folder holds no factors, none are read
-    lora_logits = _forward(layout, {**base, **spec.init(0, layout, mesh)})
+    lora_logits = _forward(layout, {**base, **lora_params.init_factors(layout, 0, mesh)})
     plain = models.Layout(cfg)
     np.testing.assert_array_equal(
         lora_logits, _forward(plain, models.load_params(str(TINY_MODEL), plain, mesh))

@@ -11,7 +11,8 @@ from conftest import TINY_MODEL, tiny_run_args
 
 from jsft import config, models, sharding, train
 from jsft.config import default_config
-from jsft.lora import NF4_LEVELS, LoraSpec, Quantized, quantize
+from jsft.lora.quant import NF4_LEVELS, Quantized, quantize
+from jsft.lora.spec import LoraSpec
 from jsft.trainer import Trainer
 
 

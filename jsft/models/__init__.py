@@ -9,8 +9,6 @@ such a dict back into a module inside jitted code.
 from __future__ import annotations
 
 import functools
-import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +20,12 @@ from jax.typing import DTypeLike
 from jsft import hf, sharding
 from jsft.config import DTYPES
 from jsft.errors import JsftError, ModelFolderError
+from jsft.lora.spec import LoraSpec
 from jsft.models.attention import resolve_attention_impl, soft_cap
 from jsft.models.config import ModelConfig
-from jsft.models.decoder import Decoder, LoraParam
+from jsft.models.decoder import Decoder
 from jsft.models.names import IGNORED_HF_TENSORS, NameMap
+from jsft.models.projection import LoraParam, Projection, parameter_name
 
 Params = dict[str, jax.Array]
 
@@ -46,17 +46,18 @@ def dtype_of(dtype: str | DTypeLike) -> type:
 class Layout:
     """The model's structure without its values: split once, merged inside jitted functions.
 
-    With `lora` (a `jsft.lora.LoraSpec`), the model also holds LoRA factors beside the kernels the spec
-    targets (`adapters`, named `<kernel>.lora_a` / `.lora_b`); `trainable` is what the optimizer trains
-    (all parameters, or the factors and `lora.also_train`), and the frozen rest is stored in the spec's
-    base dtype.
+    With `lora`, the model's projections also hold LoRA factors beside the kernels the spec targets
+    (`adapters`, named `<kernel>.lora_a` / `.lora_b`); `trainable` is what the optimizer trains (all
+    parameters, or what `LoraSpec.trainable` says: the factors and `lora.also_train`), and the frozen rest
+    is stored in the spec's base dtype. `kernel_input_axis` names each projection kernel's last input
+    axis (counted from the end), along which a frozen kernel is quantized.
 
     `device` is one of the devices the model will run on (the mesh's): `model.attention` is resolved
     for its platform (default: this process's first device), so a program compiled for a TPU topology
     on a CPU host gets splash attention.
     """
 
-    def __init__(self, cfg: ModelConfig, lora: Any = None, device: jax.Device | None = None):
+    def __init__(self, cfg: ModelConfig, lora: LoraSpec | None = None, device: jax.Device | None = None):
         self.cfg = cfg
         self.device = device
         self.attention = resolve_attention_impl(cfg, device)
@@ -68,12 +69,18 @@ class Layout:
                 lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=self.lora, attention=self.attention)
             )
         self.graphdef, state = nnx.split(abstract)
-        self._variables = {_flat_name(path): (path, var) for path, var in nnx.to_flat_state(state)}
+        self._variables = {parameter_name(path): (path, var) for path, var in nnx.to_flat_state(state)}
         self.adapters = frozenset(n for n, (_, var) in self._variables.items() if isinstance(var, LoraParam))
-        self.trainable = frozenset(
-            n for n in self._variables if lora is None or n in self.adapters or self.lora.also_trains(n)
-        )
-        frozen_dtype = self.lora.frozen_dtype(cfg.dtype) if lora is not None else None
+        self.kernel_input_axis = {
+            parameter_name((*path, "kernel")): node.last_input_axis
+            for path, node in nnx.iter_graph(abstract)
+            if isinstance(node, Projection)
+        }
+        if self.lora is None:
+            self.trainable = frozenset(self._variables)
+        else:
+            self.trainable = self.lora.trainable(self._variables, self.adapters)
+        frozen_dtype = self.lora.frozen_dtype(cfg.dtype) if self.lora is not None else None
         self.shapes = {
             name: var.get_value()
             if name in self.trainable
@@ -101,15 +108,12 @@ class Layout:
         def create():
             model = Decoder(self.cfg, rngs=nnx.Rngs(seed), lora=self.lora)
             flat = nnx.to_flat_state(nnx.state(model))
-            return {_flat_name(p): v.get_value().astype(self.shapes[_flat_name(p)].dtype) for p, v in flat}
+            return {
+                parameter_name(p): v.get_value().astype(self.shapes[parameter_name(p)].dtype) for p, v in flat
+            }
 
         with nnx.use_eager_sharding(False):
             return jax.jit(create, out_shardings=self.shardings(mesh))()
-
-
-def _flat_name(path: tuple) -> str:
-    """A variable's name, e.g. "layers.attn.q_proj"; a LoRA factor `q_proj_lora_a` is "...q_proj.lora_a"."""
-    return re.sub(r"_(lora_[ab])$", r".\1", ".".join(map(str, path)))
 
 
 def config_from_folder(

@@ -9,12 +9,8 @@ pinned to their logical axes too (`sharding.constrain`), when traced under a mes
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
-import zlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jsft import sharding
+from jsft.lora.spec import LoraSpec
 from jsft.models.attention import (
     KVCache,
     apply_rope,
@@ -33,8 +30,7 @@ from jsft.models.attention import (
     soft_cap,
 )
 from jsft.models.config import AttentionKind, ModelConfig
-
-_init = nnx.initializers.normal(stddev=0.02)
+from jsft.models.projection import Projection, kernel_init
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -51,82 +47,25 @@ REMAT_POLICIES = {
 HIDDEN_AXES = ("batch", "sequence", "activation_embed")
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=_init) -> nnx.Param:
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=kernel_init
+) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes)
 
 
-class LoraParam(nnx.Param):
-    """A LoRA factor: `<kernel>_lora_a` [inputs..., rank] or `<kernel>_lora_b` [rank, outputs...], beside
-    its kernel (`jsft.lora` says which kernels, the rank, the scale and the dropout)."""
-
-
-def _add_lora(module: nnx.Module, lora: Any, rngs: nnx.Rngs, axes: dict[str, tuple], n_inputs: dict) -> None:
-    """Creates the factors of each kernel of `module` that `lora` targets: A ~ N(0, 1/fan_in), B = 0,
-    so the adapted layer starts as the base one. `axes` are the kernels' logical axes."""
-    module.lora = lora
-    for name in axes:
-        if lora is None or name not in lora.targets:
-            continue
-        kernel = getattr(module, name)
-        shape, n_in, dtype = kernel.shape, n_inputs[name], module.cfg.param_dtype
-        a_init = nnx.initializers.normal(stddev=float(np.prod(shape[:n_in])) ** -0.5)
-        a_shape, b_shape = (*shape[:n_in], lora.rank), (lora.rank, *shape[n_in:])
-        a = LoraParam(a_init(rngs.params(), a_shape, dtype), out_sharding=(*axes[name][:n_in], None))
-        b = LoraParam(jnp.zeros(b_shape, dtype), out_sharding=(None, *axes[name][n_in:]))
-        setattr(module, f"{name}_lora_a", a)
-        setattr(module, f"{name}_lora_b", b)
-
-
-# The train step's LoRA dropout key (None: no dropout, as in evaluation), and the layer being traced.
-_dropout_key: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_key", default=None)
-
-
-@contextlib.contextmanager
-def lora_dropout(key: jax.Array | None):
-    """While tracing inside this context, LoRA factors see dropout on their inputs (rate `lora.dropout`),
-    masks drawn from `key` folded with the layer index and the projection's name."""
-    token = _dropout_key.set(key)
-    try:
-        yield
-    finally:
-        _dropout_key.reset(token)
-
-
-@contextlib.contextmanager
-def _layer_dropout(index: int | jax.Array):
-    key = _dropout_key.get()
-    token = _dropout_key.set(None if key is None else jax.random.fold_in(key, index))
-    try:
-        yield
-    finally:
-        _dropout_key.reset(token)
-
-
-def _project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
-    """`einsum(spec, x, kernel)` in the compute dtype, plus `scale * (x A) B` where the kernel has LoRA
-    factors. A quantized frozen kernel (anything with `dequantize`) is dequantized here, one layer at a
-    time inside the layer scan; no merged or full-size copy of a kernel exists beyond this layer's."""
-    dt = module.cfg.dtype
-    kernel = getattr(module, name).get_value()
-    kernel = kernel.dequantize(dt) if hasattr(kernel, "dequantize") else kernel.astype(dt)
-    y = jnp.einsum(spec, x, kernel)
-    if not hasattr(module, f"{name}_lora_a"):
-        return y
-    lora = module.lora
-    a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
-    key = _dropout_key.get()
-    if lora.dropout > 0 and key is not None:
-        keep = jax.random.bernoulli(
-            jax.random.fold_in(key, zlib.crc32(name.encode())), 1 - lora.dropout, x.shape
-        )
-        x = jnp.where(keep, x / (1 - lora.dropout), 0).astype(x.dtype)
-    # As 2-D matmuls over x's trailing (contracted) axes, which A's leading axes match: XLA:CPU runs the
-    # same products written as batched einsums (and their transposes) about 2x slower (measured).
-    n_in = a.ndim - 1
-    rows = x.reshape(-1, int(np.prod(x.shape[-n_in:])))
-    h = (rows @ a.reshape(-1, lora.rank).astype(dt)) * jnp.asarray(lora.scale, dt)
-    delta = h @ b.reshape(lora.rank, -1).astype(dt)
-    return y + delta.reshape(y.shape)
+def _projection(
+    cfg: ModelConfig,
+    rngs: nnx.Rngs,
+    lora: LoraSpec | None,
+    name: str,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    inputs: int = 1,
+) -> Projection:
+    """A projection of the model's dtypes, with LoRA factors if `lora` targets `name`."""
+    return Projection(
+        name, shape, axes, inputs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, lora=lora
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -160,21 +99,17 @@ class Attention(nnx.Module):
     """Self-attention; its window (`AttentionKind`) and RoPE tables come with each call, not with the
     weights, so one set of stacked weights serves local and global layers alike."""
 
-    def __init__(self, cfg: ModelConfig, implementation: str, *, rngs: nnx.Rngs, lora: Any = None):
+    def __init__(
+        self, cfg: ModelConfig, implementation: str, *, rngs: nnx.Rngs, lora: LoraSpec | None = None
+    ):
         d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
         self.implementation = implementation  # resolved: "xla", "cudnn" or "splash"
-        axes = {
-            "q_proj": ("embed", "heads", "head_dim"),
-            "k_proj": ("embed", "kv_heads", "head_dim"),
-            "v_proj": ("embed", "kv_heads", "head_dim"),
-            "o_proj": ("heads", "head_dim", "embed"),
-        }
-        self.q_proj = _param(rngs, (d, h, hd), axes["q_proj"], pd)
-        self.k_proj = _param(rngs, (d, kv, hd), axes["k_proj"], pd)
-        self.v_proj = _param(rngs, (d, kv, hd), axes["v_proj"], pd)
-        self.o_proj = _param(rngs, (h, hd, d), axes["o_proj"], pd)
-        _add_lora(self, lora, rngs, axes, {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2})
+        project = functools.partial(_projection, cfg, rngs, lora)
+        self.q_proj = project("q_proj", (d, h, hd), ("embed", "heads", "head_dim"))
+        self.k_proj = project("k_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = project("v_proj", (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = project("o_proj", (h, hd, d), ("heads", "head_dim", "embed"), inputs=2)
         zeros = nnx.initializers.zeros
         if cfg.qkv_bias:
             self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, zeros)
@@ -196,12 +131,14 @@ class Attention(nnx.Module):
         segment_ids: jax.Array,
         kind: AttentionKind,
         cache: KVCache | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KeysValues]:
-        """The attention output; with one layer's `cache` (decoding), also these tokens' keys and values."""
+        """The attention output; with one layer's `cache` (decoding), also these tokens' keys and values.
+        `dropout_key` is this layer's LoRA dropout key (None: no dropout)."""
         cfg, dt = self.cfg, self.cfg.dtype
-        q = _project(self, "q_proj", "btd,dhk->bthk", x)
-        k = _project(self, "k_proj", "btd,dhk->bthk", x)
-        v = _project(self, "v_proj", "btd,dhk->bthk", x)
+        q = self.q_proj(x, dropout_key)
+        k = self.k_proj(x, dropout_key)
+        v = self.v_proj(x, dropout_key)
         if cfg.qkv_bias:
             q, k, v = (
                 q + self.q_bias[...].astype(dt),
@@ -222,34 +159,31 @@ class Attention(nnx.Module):
         else:
             out = cached_attention(q, k, v, cache, segment_ids, **options)
         out = sharding.constrain(out, ("batch", "sequence", "heads", "head_dim"))
-        out = _project(self, "o_proj", "bthk,hkd->btd", out)
+        out = self.o_proj(out, dropout_key)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: Any = None):
-        d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None):
+        d, f = cfg.hidden_size, cfg.intermediate_size
         self.cfg = cfg
-        axes = {"gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed")}
-        self.gate_proj = _param(rngs, (d, f), axes["gate_proj"], pd)
-        self.up_proj = _param(rngs, (d, f), axes["up_proj"], pd)
-        self.down_proj = _param(rngs, (f, d), axes["down_proj"], pd)
-        _add_lora(self, lora, rngs, axes, dict.fromkeys(axes, 1))
+        project = functools.partial(_projection, cfg, rngs, lora)
+        self.gate_proj = project("gate_proj", (d, f), ("embed", "mlp"))
+        self.up_proj = project("up_proj", (d, f), ("embed", "mlp"))
+        self.down_proj = project("down_proj", (f, d), ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate = ACTIVATIONS[self.cfg.hidden_act](_project(self, "gate_proj", "btd,df->btf", x))
-        hidden = sharding.constrain(
-            gate * _project(self, "up_proj", "btd,df->btf", x), ("batch", "sequence", "mlp")
-        )
-        return _project(self, "down_proj", "btf,fd->btd", hidden)
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        gate = ACTIVATIONS[self.cfg.hidden_act](self.gate_proj(x, dropout_key))
+        hidden = sharding.constrain(gate * self.up_proj(x, dropout_key), ("batch", "sequence", "mlp"))
+        return self.down_proj(hidden, dropout_key)
 
 
 class Block(nnx.Module):
     """Attention then MLP, residual branches normalised before (Llama), after (OLMo 2) or both (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, attention: str, *, rngs: nnx.Rngs, lora: Any = None):
+    def __init__(self, cfg: ModelConfig, attention: str, *, rngs: nnx.Rngs, lora: LoraSpec | None = None):
         def norm() -> RMSNorm:
             return RMSNorm((cfg.hidden_size,), ("norm",), cfg, rngs=rngs)
 
@@ -268,26 +202,35 @@ class Block(nnx.Module):
         segment_ids: jax.Array,
         kind: AttentionKind,
         cache: KVCache | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KeysValues]:
-        attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind, cache)
+        attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind, cache, dropout_key)
         if cache is not None:
             attn_out, keys_values = attn_out
         x = x + _maybe(self.post_attn_norm, attn_out)
-        x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x)))
+        x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x), dropout_key))
         x = sharding.constrain(x, HIDDEN_AXES)
         return x if cache is None else (x, keys_values)
 
 
 def _block_runner(kind: AttentionKind, remat: str):
-    """`run(block, x, rope, segment_ids, cache)` for one unrolled layer of `kind`, under its remat policy."""
+    """`run(block, x, rope, segment_ids, cache, dropout_key)` for one unrolled layer of `kind`, under its
+    remat policy."""
 
-    def run(block: Block, x: jax.Array, rope: RopeTables, segment_ids: jax.Array, cache: KVCache | None):
-        return block(x, rope, segment_ids, kind, cache)
+    def run(
+        block: Block,
+        x: jax.Array,
+        rope: RopeTables,
+        segment_ids: jax.Array,
+        cache: KVCache | None,
+        dropout_key: jax.Array | None,
+    ):
+        return block(x, rope, segment_ids, kind, cache, dropout_key)
 
     return run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
 
 
-def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs, lora: Any = None) -> Block:
+def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs, lora: LoraSpec | None) -> Block:
     """One Block with `num_layers` independently initialised copies of each parameter, stacked on a
     leading axis named "layers" (never sharded: each device holds its shard of every layer)."""
 
@@ -301,6 +244,11 @@ def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs, lora: Any 
 
 def _maybe(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
     return x if norm is None else norm(x)
+
+
+def _layer_key(dropout_key: jax.Array | None, layer: int | jax.Array) -> jax.Array | None:
+    """One layer's LoRA dropout key: every layer draws its own masks."""
+    return None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
 
 
 def _layer_cache(cache: KVCache, layer: int | jax.Array) -> KVCache:
@@ -320,7 +268,7 @@ def _write_layer(cache: KVCache, layer: int | jax.Array, keys_values: KeysValues
 
 
 class Decoder(nnx.Module):
-    """`model(input_ids, positions=None, segment_ids=None)` -> logits [batch, seq, vocab].
+    """`model(input_ids, positions=None, segment_ids=None, dropout_key=None)` -> logits [batch, seq, vocab].
 
     The attention backend is resolved when the model is built (by `Layout`, for the mesh's devices:
     errors then, not at the first step); each block runs under `jax.checkpoint` with
@@ -331,8 +279,10 @@ class Decoder(nnx.Module):
     unrolled into the program (more compile time, and XLA may schedule across layer boundaries).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: Any = None, attention: str | None = None):
-        """`lora` (a resolved `jsft.lora.LoraSpec`) adds LoRA factors beside the kernels it targets;
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None, attention: str | None = None
+    ):
+        """`lora` (a resolved `LoraSpec`) adds LoRA factors to the projections it targets;
         `attention` is the resolved backend (default: `cfg.attention_impl` resolved for the first device)."""
         self.cfg = cfg
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
@@ -355,11 +305,14 @@ class Decoder(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """The final normalised hidden states [batch, seq, hidden]; `logits_from_hidden` maps them on.
 
         With a `cache` (decoding: `jsft.generate`), the tokens take slots `cache.index + [0, seq)` and
         also attend to the cached ones; the cache with them written in comes back with the states.
+        With a `dropout_key` (training), LoRA factors see dropout on their inputs (rate `lora.dropout`),
+        masks drawn from the key folded with the layer index and the projection's name.
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
@@ -383,27 +336,37 @@ class Decoder(nnx.Module):
         if cache is not None:
             written = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
             cache = dataclasses.replace(cache, segment_ids=written)
-        if self.cfg.scan_layers:
-            x, cache = self._scan_layers(x, ropes, segment_ids, cache)
-        else:
-            for i, (block, kind_id) in enumerate(zip(self.layers, self.cfg.layer_kind_ids, strict=True)):
-                run = _block_runner(kinds[kind_id], self.cfg.remat)
-                with _layer_dropout(i):
-                    x = run(
-                        block,
-                        x,
-                        ropes[kind_id],
-                        segment_ids,
-                        None if cache is None else _layer_cache(cache, i),
-                    )
-                if cache is not None:
-                    x, cache = x[0], _write_layer(cache, i, x[1])
+        run_layers = self._scan_layers if self.cfg.scan_layers else self._unrolled_layers
+        x, cache = run_layers(x, ropes, segment_ids, cache, dropout_key)
         if cache is None:
             return self.final_norm(x)
         return self.final_norm(x), dataclasses.replace(cache, index=cache.index + input_ids.shape[1])
 
+    def _unrolled_layers(
+        self,
+        x: jax.Array,
+        ropes: list[RopeTables],
+        segment_ids: jax.Array,
+        cache: KVCache | None,
+        dropout_key: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The layers one after the other, each its own piece of the program."""
+        kinds = self.cfg.attention_kinds
+        for i, (block, kind_id) in enumerate(zip(self.layers, self.cfg.layer_kind_ids, strict=True)):
+            run = _block_runner(kinds[kind_id], self.cfg.remat)
+            layer_cache = None if cache is None else _layer_cache(cache, i)
+            x = run(block, x, ropes[kind_id], segment_ids, layer_cache, _layer_key(dropout_key, i))
+            if cache is not None:
+                x, cache = x[0], _write_layer(cache, i, x[1])
+        return x, cache
+
     def _scan_layers(
-        self, x: jax.Array, ropes: list[RopeTables], segment_ids: jax.Array, cache: KVCache | None
+        self,
+        x: jax.Array,
+        ropes: list[RopeTables],
+        segment_ids: jax.Array,
+        cache: KVCache | None,
+        dropout_key: jax.Array | None,
     ) -> tuple[jax.Array, KVCache | None]:
         """All layers as one scan over the stacked parameters; a model with several attention kinds
         picks each layer's branch with `lax.switch` on its kind index (only that branch runs). A cache
@@ -411,14 +374,16 @@ class Decoder(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def branch(kind: AttentionKind, rope: RopeTables):
-            return lambda state, x, c: nnx.merge(graphdef, state)(x, rope, segment_ids, kind, c)
+            return lambda state, x, c, key: nnx.merge(graphdef, state)(x, rope, segment_ids, kind, c, key)
 
         branches = [branch(kind, rope) for kind, rope in zip(self.cfg.attention_kinds, ropes, strict=True)]
 
-        def layer(x: jax.Array, state: nnx.State, kind_id: jax.Array, c: KVCache | None):
+        def layer(
+            x: jax.Array, state: nnx.State, kind_id: jax.Array, c: KVCache | None, key: jax.Array | None
+        ):
             if len(branches) == 1:
-                return branches[0](state, x, c)
-            return jax.lax.switch(kind_id, branches, state, x, c)
+                return branches[0](state, x, c, key)
+            return jax.lax.switch(kind_id, branches, state, x, c, key)
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
@@ -427,9 +392,8 @@ class Decoder(nnx.Module):
             x, cache = carry
             state, kind_id, index = xs
             if cache is None:
-                with _layer_dropout(index):
-                    return (layer(x, state, kind_id, None), None), None
-            x, keys_values = layer(x, state, kind_id, _layer_cache(cache, index))
+                return (layer(x, state, kind_id, None, _layer_key(dropout_key, index)), None), None
+            x, keys_values = layer(x, state, kind_id, _layer_cache(cache, index), None)
             return (x, _write_layer(cache, index, keys_values)), None
 
         kind_ids = jnp.asarray(self.cfg.layer_kind_ids, jnp.int32)
@@ -450,6 +414,11 @@ class Decoder(nnx.Module):
         return soft_cap(logits, self.cfg.final_logit_softcap)
 
     def __call__(
-        self, input_ids: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        return self.logits_from_hidden(self.hidden_states(input_ids, positions, segment_ids))
+        hidden = self.hidden_states(input_ids, positions, segment_ids, dropout_key=dropout_key)
+        return self.logits_from_hidden(hidden)
