@@ -33,7 +33,7 @@ class TrainState:
     `params` is what the optimizer trains: all weights, or with LoRA the low-rank factors (and any
     `lora.also_train` weights). `base` holds LoRA's frozen weights (read from the model folder, never
     checkpointed; in the compute dtype, or quantized) and is None otherwise: it gets no gradient.
-    `nonfinite_streak` counts the consecutive steps skipped for a non-finite loss or gradient.
+    `nonfinite_streak` counts the consecutive steps skipped for a non-finite loss, gradient or update.
     """
 
     params: Params
@@ -178,7 +178,8 @@ def make_train_step(
     seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The optimizer's update from the batch's gradient (see `_summed_gradients`), kept only when the
-    loss and the gradient are finite."""
+    loss, the gradient and the updated parameters are all finite (an update can overflow, or a NaN learning
+    rate poison, parameters whose gradient was fine: the last good checkpoint must never hold them)."""
     summed_gradients = _summed_gradients(layout, mesh, grad_accum_steps, z_loss, seed)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -190,14 +191,15 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+        updated = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & _all_finite(updated)
 
         def keep_if_not_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(
-            params=keep_if_not_finite(optax.apply_updates(params, updates), params),
+            params=keep_if_not_finite(updated, params),
             opt_state=keep_if_not_finite(opt_state, state.opt_state),
             step=state.step + 1,
             nonfinite_streak=streak,
@@ -217,6 +219,10 @@ def make_train_step(
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def make_eval_step(

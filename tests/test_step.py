@@ -275,6 +275,18 @@ def test_nonfinite_step_is_skipped(hf_llama):
             np.testing.assert_array_equal(value, before[name])
 
 
+def test_an_update_that_makes_parameters_nonfinite_is_skipped(hf_llama):
+    """Finite loss and gradient, but a NaN step size: the update used to be applied and then saved as the
+    'last good' checkpoint; it is skipped like a non-finite gradient."""
+    trainer, state = _trainer(hf_llama, sharding.single_device_mesh(), optimizer=optax.sgd(float("nan")))
+    before = jax.device_get(state.params)
+    after, metrics = trainer.train_step(state, trainer.device_batch(_batch()))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert bool(metrics["skipped"]) and int(after.nonfinite_streak) == 1 and int(after.step) == 1
+    for name, value in jax.device_get(after.params).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
 def _out_of_vocabulary_targets(batch: dict) -> dict:
     """Trained targets past the vocabulary: their logit gathers as NaN, so the step is non-finite."""
     return dict(
