@@ -232,11 +232,3 @@ def model_card(train_cfg: dict, step: int, total_steps: int | None, library: str
         f"Data mixture: {train_cfg['data']['mixer']}\n\n"
         "## Training config\n\n```json\n" + json.dumps(train_cfg, indent=2) + "\n```\n"
     )
-
-
-def parse_size(text: str) -> int:
-    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
-    for suffix, scale in units.items():
-        if text.upper().endswith(suffix):
-            return int(float(text[: -len(suffix)]) * scale)
-    return int(text)
