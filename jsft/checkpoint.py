@@ -21,17 +21,14 @@ import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from jsft import config, models
+from jsft import config, hf, models
 from jsft import step as step_lib
 from jsft.errors import JsftError, one_line
-from jsft.guards import RunLock, StopSignals
+from jsft.guards import RunLock, StopAgreement, StopSignals
 from jsft.lora.spec import LoraSpec
 
 log = logging.getLogger(__name__)
@@ -43,45 +40,6 @@ def manager(directory: str, keep: int | None = None, read_only: bool = False) ->
     )
     local = "://" not in directory  # gs:// and other tensorstore URLs pass through unchanged
     return ocp.CheckpointManager(os.path.abspath(directory) if local else directory, options=options)
-
-
-class StopAgreement:
-    """Whether all processes stop (SIGTERM: preemption, scancel, kill) and/or save (a time-based
-    checkpoint is due) at the end of a step, decided together.
-
-    With several processes the decisions must agree, or some would enter a checkpoint save the others
-    never join: JAX's preemption sync point covers notices that reach the coordination service (TPU
-    maintenance events), and a reduction over every process's (SIGTERM seen, save due by its clock)
-    covers the rest. That reduction runs on the devices behind the step, and its result is read one
-    step later, by when it is done: the host never waits for the running step, so it keeps queueing
-    work ahead of the devices. Requests therefore take effect one step after they are seen.
-    """
-
-    def __init__(self, signals: StopSignals):
-        self.signals = signals
-        self._pending: jax.Array | None = None  # the reduction of the previous step's flags
-        if jax.process_count() > 1:
-            devices = np.array([jax.local_devices(process_index=p) for p in range(jax.process_count())])
-            mesh = Mesh(devices, ("process", "local"))
-            self._rows = NamedSharding(mesh, P("process"))
-            self._any = jax.jit(lambda flags: jnp.any(flags, axis=0), out_shardings=NamedSharding(mesh, P()))
-
-    def __call__(self, step: int, save_due: bool) -> tuple[bool, bool]:
-        """(stop, save) for all processes."""
-        stop_requested = self.signals.requested is not None
-        if jax.process_count() == 1:
-            return stop_requested, save_due
-        preempted = False
-        with contextlib.suppress(RuntimeError):  # RuntimeError: the preemption service is off
-            preempted = multihost_utils.reached_preemption_sync_point(step)
-        flags = jax.make_array_from_process_local_data(
-            self._rows, np.asarray([[stop_requested, save_due]]), (jax.process_count(), 2)
-        )
-        previous, self._pending = self._pending, self._any(flags)
-        if previous is None:
-            return preempted, False
-        stop, save = np.asarray(jax.device_get(previous))
-        return preempted or bool(stop), bool(save)
 
 
 class Checkpointer:
@@ -225,11 +183,29 @@ class Checkpointer:
             "again when it is reachable"
         )
 
-    def attach(self, data_iter, *, total_steps: int, hf_assets: dict) -> None:
+    def attach(
+        self, data_iter, *, total_steps: int, hf_assets: dict, data_identity: dict | None = None
+    ) -> None:
         """What every save writes besides the train state: the data position, the run's length, the
-        Hugging Face assets that make each step exportable on its own."""
+        Hugging Face assets that make each step exportable on its own, and the identity of each training
+        source (`sources.fingerprint`). A resume whose data differs from the checkpoint's is refused here,
+        before any step: the saved data position means nothing in other data."""
+        data_identity = data_identity or {}
+        if self.resuming and not self.cfg.checkpoint.force_resume:
+            saved = read_json_item(self.mngr, self._requested_step, "meta").get("data", {})
+            changed = sorted(s for s in data_identity if s in saved and saved[s] != data_identity[s])
+            if changed:
+                raise JsftError(
+                    f"the data source {changed[0]} differs from the one step {self._requested_step} in "
+                    f"{self.directory} was trained on: its data position would point into other rows. Resume "
+                    "with the original data, or set checkpoint.force_resume=True"
+                )
         self.data_iter = data_iter
-        self._run_meta = {"total_steps": total_steps, "process_count": jax.process_count()}
+        self._run_meta = {
+            "total_steps": total_steps,
+            "process_count": jax.process_count(),
+            "data": data_identity,
+        }
         self._hf_assets = hf_assets
 
     def restore(
@@ -403,8 +379,11 @@ def read_json_item(mngr: ocp.CheckpointManager, step: int, item: str) -> dict:
 
 
 def hf_files(mngr: ocp.CheckpointManager, step: int) -> dict[str, bytes]:
-    """The Hugging Face assets saved with a step: config.json, tokenizer files, the chat template."""
-    return {name: base64.b64decode(text) for name, text in read_json_item(mngr, step, "hf")["files"].items()}
+    """The Hugging Face assets saved with a step: config.json, tokenizer files, the chat template (plain
+    names from `hf.ASSET_FILES` only: they become file names wherever the step is exported or chatted)."""
+    files = read_json_item(mngr, step, "hf")["files"]
+    hf.check_asset_names(files, f"checkpoint step {step} in {mngr.directory}")
+    return {name: base64.b64decode(text) for name, text in files.items()}
 
 
 def saved_layout(mngr: ocp.CheckpointManager, step: int) -> tuple[models.Layout, dict]:

@@ -2,7 +2,8 @@
 
 `RunLock` refuses a second run on an `output_dir` that a live run holds, before anything heavy starts (two
 runs would both write metrics.jsonl and fight over the checkpoints). `StopSignals` turns SIGTERM and
-Ctrl-C into a request to save at the next step boundary and exit cleanly; a second Ctrl-C stops at once.
+Ctrl-C into a request to save at the next step boundary and exit cleanly; a second Ctrl-C stops at once,
+and `StopAgreement` makes every process of a run take that decision at the same step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import socket
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jsft.errors import JsftError
 
@@ -134,3 +141,42 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class StopAgreement:
+    """Whether all processes stop (SIGTERM: preemption, scancel, kill) and/or save (a time-based
+    checkpoint is due) at the end of a step, decided together.
+
+    With several processes the decisions must agree, or some would enter a checkpoint save the others
+    never join: JAX's preemption sync point covers notices that reach the coordination service (TPU
+    maintenance events), and a reduction over every process's (SIGTERM seen, save due by its clock)
+    covers the rest. That reduction runs on the devices behind the step, and its result is read one
+    step later, by when it is done: the host never waits for the running step, so it keeps queueing
+    work ahead of the devices. Requests therefore take effect one step after they are seen.
+    """
+
+    def __init__(self, signals: StopSignals):
+        self.signals = signals
+        self._pending: jax.Array | None = None  # the reduction of the previous step's flags
+        if jax.process_count() > 1:
+            devices = np.array([jax.local_devices(process_index=p) for p in range(jax.process_count())])
+            mesh = Mesh(devices, ("process", "local"))
+            self._rows = NamedSharding(mesh, P("process"))
+            self._any = jax.jit(lambda flags: jnp.any(flags, axis=0), out_shardings=NamedSharding(mesh, P()))
+
+    def __call__(self, step: int, save_due: bool) -> tuple[bool, bool]:
+        """(stop, save) for all processes."""
+        stop_requested = self.signals.requested is not None
+        if jax.process_count() == 1:
+            return stop_requested, save_due
+        preempted = False
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the preemption service is off
+            preempted = multihost_utils.reached_preemption_sync_point(step)
+        flags = jax.make_array_from_process_local_data(
+            self._rows, np.asarray([[stop_requested, save_due]]), (jax.process_count(), 2)
+        )
+        previous, self._pending = self._pending, self._any(flags)
+        if previous is None:
+            return preempted, False
+        stop, save = np.asarray(jax.device_get(previous))
+        return preempted or bool(stop), bool(save)

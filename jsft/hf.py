@@ -49,6 +49,11 @@ TOKENIZER_FILES = (
     "added_tokens.json",
 )
 
+# The files a checkpoint carries to make each step exportable on its own. Plain names from this list only,
+# checked when a run saves them and whenever a checkpoint is read (export, chat): a name such as `../x` or
+# an absolute path, from a damaged or hostile checkpoint, could otherwise write outside the folder.
+ASSET_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 # What a Hub id fetches besides the weights: exact top-level names, so pickles (`*.bin`, `*.pt`,
@@ -59,6 +64,16 @@ HUB_METADATA_FILES = (
     SAFETENSORS_INDEX,
     *TOKENIZER_FILES,
 )
+
+
+def check_asset_names(names, where: str) -> None:
+    """Refuses any asset file name not in `ASSET_FILES`, naming it and where it came from."""
+    for name in names:
+        if name not in ASSET_FILES:
+            raise ModelFolderError(
+                f"{where}: the asset file name {name!r} is not one jsft carries in a checkpoint "
+                f"({', '.join(ASSET_FILES)})"
+            )
 
 
 def resolved_revision(path: str, folder: str) -> str:

@@ -20,6 +20,7 @@ from etils import epath
 
 from jsft import data, hf, models, runtime, sharding
 from jsft.checkpoint import Checkpointer
+from jsft.data import sources
 from jsft.data.batching import Batching
 from jsft.errors import JsftError, SetupError, one_line
 from jsft.hooks import HeldOutLoss, StepLogger, TrainingSamples
@@ -46,7 +47,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         total_steps = count_steps(batching, train_data.examples)
         train_iter = iter(batching.train_batches(train_data.examples))
         assets = hf_assets(folder, tokenizer, template, hf.resolved_revision(cfg.model.path, folder))
-        checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets)
+        identity = {source: sources.fingerprint(source) for source, *_ in cfg.data.mixer}
+        checkpointer.attach(train_iter, total_steps=total_steps, hf_assets=assets, data_identity=identity)
         trainer = Trainer(cfg, layout, mesh, total_steps=total_steps, checkpointer=checkpointer)
         state = trainer.load_state(folder)
         first_step = int(jax.device_get(state.step))
@@ -177,6 +179,7 @@ def hf_assets(model_path: str, tokenizer, chat_template: str | None, revision: s
     files = {}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
+        hf.check_asset_names(os.listdir(tmp), f"the tokenizer of {model_path}")
         for root in (tmp, model_path):
             for name in ["config.json", "generation_config.json", *os.listdir(tmp)]:
                 path = os.path.join(root, name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import grain
 import ml_collections
@@ -97,6 +98,31 @@ def test_prepare_reports_per_source_and_reads_the_cache_the_second_time(tmp_path
     assert key(((a, 1.0), (b, 10, {"messages": "chat"})), tokenizer, **base) != reference
     write_rows(tmp_path / "b.jsonl", 21, offset=100)
     assert key(cfg.mixer, tokenizer, **base) != reference
+
+
+def test_an_in_place_edit_with_the_same_size_and_mtime_is_not_served_from_the_cache(tmp_path, tokenizer):
+    """The key hashes the files' bytes: one row changed to another of the same length, with the
+    modification time put back, was served from the old cache with no warning when sources were keyed
+    by (path, size, mtime)."""
+    path = tmp_path / "a.jsonl"
+    write_rows(path, 30)
+    cfg = data_cfg(tmp_path, ((str(path), 1.0),))
+    before = data.prepare(cfg, tokenizer, seed=0)
+    stat = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace('"q7"', '"q8"', 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    after = data.prepare(cfg, tokenizer, seed=0)
+    assert after.stats["cache_folder"] != before.stats["cache_folder"]
+    changed = [
+        i for i in range(len(after)) if not np.array_equal(after[i]["input_ids"], before[i]["input_ids"])
+    ]
+    assert len(changed) == 1
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "a.jsonl").write_text(path.read_text())  # the same bytes at another path: the same key
+    assert sources.fingerprint(str(moved / "a.jsonl")) == sources.fingerprint(str(path))
 
 
 def test_bad_rows_are_counted_by_reason_and_truncation_is_reported(tmp_path, tokenizer):

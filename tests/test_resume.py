@@ -383,3 +383,49 @@ def test_a_full_disk_at_a_save_stops_the_run_in_one_line_and_keeps_the_earlier_s
     ref = _final_params(reference, step=8)
     for name, value in _final_params(tmp_path, step=8).items():
         np.testing.assert_array_equal(value, ref[name], err_msg=name)
+
+
+def test_a_resume_whose_data_changed_is_refused_naming_the_source(reference, tmp_path):
+    """The checkpoint records each training source's content hash: other data under the same path (2000
+    rows become 1500, one row edited) would take the old data position silently; it is refused unless
+    forced."""
+    from jsft.checkpoint import Checkpointer
+    from jsft.data import sources
+    from jsft.errors import JsftError
+
+    _copy_run(reference, tmp_path)
+    cfg = _config(tmp_path)
+    ((source, *_),) = cfg.data.mixer
+    mngr = checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True)
+    saved = checkpoint.read_json_item(mngr, STEPS, "meta")["data"]
+    assert saved == {source: sources.fingerprint(source)}
+    with Checkpointer(cfg) as checkpointer:
+        checkpointer.attach(iter(()), total_steps=STEPS, hf_assets={}, data_identity=saved)  # same data
+        with pytest.raises(JsftError, match=f"the data source {source} differs from the one step {STEPS}"):
+            checkpointer.attach(iter(()), total_steps=STEPS, hf_assets={}, data_identity={source: "local:x"})
+    forced = _config(tmp_path, "--config.checkpoint.force_resume=True")
+    with Checkpointer(forced) as checkpointer:
+        checkpointer.attach(iter(()), total_steps=STEPS, hf_assets={}, data_identity={source: "local:x"})
+
+
+@pytest.mark.parametrize("hostile", ["../../escaped.txt", "/tmp/jsft-absolute-escape.txt", "sub/dir.json"])
+def test_asset_names_from_a_checkpoint_never_leave_their_folder(reference, tmp_path, hostile):
+    """A checkpoint's HF asset names become file names on export and chat: only plain names from a fixed
+    list are accepted (`../../x` or an absolute path was written outside the folder)."""
+    from jsft import export, inference
+    from jsft.errors import JsftError
+
+    _copy_run(reference, tmp_path / "run")
+    hf_item = tmp_path / "run" / "checkpoints" / str(STEPS) / "hf" / "metadata"  # Orbax's JSON item
+    assets = json.loads(hf_item.read_text())
+    assets["files"][hostile] = assets["files"]["config.json"]
+    hf_item.write_text(json.dumps(assets))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for load in (
+        lambda: export.convert(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "out")),
+        lambda: inference.load(str(tmp_path / "run")),
+    ):
+        with pytest.raises(JsftError, match=f"the asset file name '{hostile}' is not one jsft carries"):
+            load()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not pathlib.Path("/tmp/jsft-absolute-escape.txt").exists()
