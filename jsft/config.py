@@ -218,6 +218,7 @@ def default_config() -> ml_collections.ConfigDict:
             "base_quantization": "none",  # none | int8 | nf4 (QLoRA): the frozen kernels, block-wise
             "quant_block": 64,  # values per quantization scale (the largest divisor of the axis up to this)
             "init_from": "",  # a PEFT adapter folder to start from (same rank, alpha, targets)
+            "init_from_any_base": False,  # continue an init_from adapter trained on another base model
         }
     )
     c.log = ml_collections.ConfigDict(

@@ -57,10 +57,12 @@ def convert(
     output_dir: str,
     step: int | None = None,
     dtype: str | None = None,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
 ) -> str:
     """Writes a full Hugging Face model folder; a LoRA step's factors are merged into its base weights
     (read in float32 from the run's model folder: the original weights, not a quantized copy)."""
+    paths.check_writable(output_dir, overwrite=overwrite)  # before the minutes of reading and merging
     mngr, step = _open_step(checkpoint_dir, step)
     files = checkpoint.hf_files(mngr, step)
     meta = checkpoint.read_json_item(mngr, step, "meta")
@@ -77,14 +79,19 @@ def convert(
     dtype = dtype or train_cfg["model"]["param_dtype"]
     tensors = models.to_hf_tensors(params, layout, models.dtype_of(dtype))
     readme = model_card(train_cfg, step, meta.get("total_steps"))
-    return write_folder(output_dir, tensors, files, readme, dtype, max_shard_bytes)
+    return write_folder(output_dir, tensors, files, readme, dtype, max_shard_bytes, overwrite=overwrite)
 
 
 def convert_adapter(
-    checkpoint_dir: str, output_dir: str, step: int | None = None, dtype: str | None = None
+    checkpoint_dir: str,
+    output_dir: str,
+    step: int | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Writes a LoRA step as a PEFT adapter folder: adapter_config.json and adapter_model.safetensors
     under PEFT's key names, which `peft.PeftModel.from_pretrained(base_model, output_dir)` loads."""
+    paths.check_writable(output_dir, overwrite=overwrite)
     mngr, step = _open_step(checkpoint_dir, step)
     layout, train_cfg = checkpoint.saved_layout(mngr, step)
     if not layout.lora:
@@ -101,6 +108,7 @@ def convert_adapter(
         train_cfg["model"]["path"],
         readme=model_card(train_cfg, step, meta.get("total_steps"), library="peft"),
         revision=_base_revision(mngr, step, train_cfg),
+        overwrite=overwrite,
     )
 
 
@@ -111,12 +119,14 @@ def write_adapter(
     base_model: str,
     readme: str = "",
     revision: str = "",
+    overwrite: bool = False,
 ) -> str:
-    """A PEFT adapter folder of `trained` (host arrays of `layout.trainable`), local or on an object store."""
+    """A PEFT adapter folder of `trained` (host arrays of `layout.trainable`), local or on an object store,
+    put in place whole (`paths.replacing`)."""
     from safetensors.numpy import save_file
 
     tensors = peft.peft_tensors(trained, layout)
-    with paths.local_staging(output_dir) as folder:
+    with paths.replacing(output_dir, overwrite=overwrite) as folder:
         save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
         config = peft.peft_config(layout, base_model, revision)
         epath.Path(folder, "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -131,19 +141,18 @@ def write_folder(
     files: dict[str, bytes],
     readme: str,
     dtype: str,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
 ) -> str:
     """Writes a Hugging Face folder (local, or gs:// and other object stores): weights, `files`
-    (config.json gets `dtype`; a generation_config.json is derived if absent) and README.md. An earlier
-    export's weight files there are replaced."""
-    for stale in epath.Path(output_dir).glob("model*.safetensors*"):
-        stale.unlink()
+    (config.json gets `dtype`; a generation_config.json is derived if absent) and README.md. The folder
+    appears whole or not at all, and replaces a non-empty one only with `overwrite` (`paths.replacing`)."""
     hf_config = json.loads(files["config.json"])
     hf_config["dtype"] = dtype
     hf_config.pop("torch_dtype", None)
     files = {**files, "config.json": json.dumps(hf_config, indent=2).encode(), "README.md": readme.encode()}
     files.setdefault("generation_config.json", json.dumps(generation_config(hf_config), indent=2).encode())
-    with paths.local_staging(output_dir) as folder:
+    with paths.replacing(output_dir, overwrite=overwrite) as folder:
         hf.save_tensors(tensors, folder, max_shard_bytes)
         for name, content in files.items():
             epath.Path(folder, name).write_bytes(content)
@@ -225,10 +234,25 @@ def push_to_hub(folder: str, repo_id: str) -> str:
 
 
 def model_card(train_cfg: dict, step: int, total_steps: int | None, library: str = "transformers") -> str:
+    """README.md of an export: the model, the data and the whole run config, with every local path cut
+    to its file name (a card is published; the folders of the machine that trained it are private)."""
+    public = _without_local_paths(train_cfg)
     return (
         f"---\nlibrary_name: {library}\ntags: [jsft, sft]\n---\n\n"
-        f"# Fine-tuned with jsft\n\nSupervised fine-tuning of `{train_cfg['model']['path']}`, "
+        f"# Fine-tuned with jsft\n\nSupervised fine-tuning of `{public['model']['path']}`, "
         f"exported at step {step} of {total_steps}.\n\n"
-        f"Data mixture: {train_cfg['data']['mixer']}\n\n"
-        "## Training config\n\n```json\n" + json.dumps(train_cfg, indent=2) + "\n```\n"
+        f"Data mixture: {public['data']['mixer']}\n\n"
+        "## Training config\n\n```json\n" + json.dumps(public, indent=2) + "\n```\n"
     )
+
+
+def _without_local_paths(value):
+    """`value` with each string that is an absolute local path (or names a file or folder here) replaced
+    by its last component; Hub ids (`org/name`), gs:// paths and other strings stay as they are."""
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and "://" not in value and (os.path.isabs(value) or os.path.exists(value)):
+        return os.path.basename(os.path.normpath(value)) or value
+    return value

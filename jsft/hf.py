@@ -158,8 +158,14 @@ def read_config(path: str) -> dict:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ModelFolderError(f"model folder {path} has no config.json")
-    with open(config_file) as f:
-        return json.load(f)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            parsed = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ModelFolderError(f"{config_file} is not valid JSON ({one_line(e)})") from None
+    if not isinstance(parsed, dict):
+        raise ModelFolderError(f"{config_file} holds a {type(parsed).__name__}, not a JSON object")
+    return parsed
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -182,11 +188,36 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def _header(file: str) -> tuple[dict, int]:
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+    """(tensor name -> dtype, shape, data_offsets; where the data starts), or a one-line ModelFolderError."""
+    file_size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if 8 + size > file_size:
+                raise ValueError(f"its header claims {size} bytes")
+            header = json.loads(f.read(size))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{file} is not a readable safetensors file ({one_line(e)})") from None
     header.pop("__metadata__", None)
     return header, 8 + size
+
+
+def check_weights(path: str) -> None:
+    """Every weight file of a folder is whole: a readable header, and every byte its tensors need (a copy
+    cut short fails here, in one line naming the file, before any data is encoded)."""
+    for file in safetensors_files(path):
+        if not os.path.isfile(file):
+            raise ModelFolderError(f"{file} is missing (named in {SAFETENSORS_INDEX})")
+        check_safetensors(file)
+
+
+def check_safetensors(file: str) -> None:
+    """A readable header, and every byte the file's tensors need."""
+    header, start = _header(file)
+    needed = start + max((t["data_offsets"][1] for t in header.values()), default=0)
+    held = os.path.getsize(file)
+    if held < needed:
+        raise ModelFolderError(f"{file} is cut short: it holds {held} bytes of the {needed} its tensors need")
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -204,7 +235,7 @@ def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
             yield name, np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
 
 
-def save_tensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_tensors(tensors: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int = 5 * 10**9) -> None:
     """Writes `model.safetensors`, or numbered shards plus `model.safetensors.index.json` when large."""
     os.makedirs(out_dir, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]

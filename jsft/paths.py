@@ -9,12 +9,15 @@ whatever the store implements (on GCS a copy then a delete). Writers that only k
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import shutil
 import tempfile
 from collections.abc import Iterator
 
 from etils import epath
+
+from jsft.errors import JsftError
 
 
 def is_remote(path: str | epath.Path) -> bool:
@@ -52,3 +55,58 @@ def local_staging(folder: str | epath.Path) -> Iterator[str]:
                     shutil.copyfileobj(source, sink, 64 * 2**20)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(folder: str | epath.Path, *, overwrite: bool = False) -> None:
+    """`folder` is absent or an empty folder, or `overwrite` says its contents may be replaced."""
+    target = epath.Path(folder)
+    if target.exists() and not target.is_dir():
+        raise JsftError(f"{folder} exists and is not a folder")
+    existing = sorted(p.name for p in target.iterdir()) if target.exists() else []
+    if existing and not overwrite:
+        raise JsftError(
+            f"{folder} is not empty ({len(existing)} entries, e.g. {existing[0]}); pass --overwrite to "
+            "replace it, or choose another folder"
+        )
+
+
+@contextlib.contextmanager
+def replacing(folder: str | epath.Path, *, overwrite: bool = False) -> Iterator[str]:
+    """A local folder to write a whole result into; it becomes `folder` only when the block ends without
+    an error, so a failure (a full disk, a crash) leaves whatever was at `folder` as it was.
+
+    `folder` must be absent or empty unless `overwrite`: nothing a user has there is replaced without
+    the flag. Locally the result is written beside `folder` and renamed into place (the old folder is
+    removed only after the new one is there); on an object store it is copied up, then the files of the
+    old folder that the new one does not have are removed."""
+    check_writable(folder, overwrite=overwrite)
+    target = epath.Path(folder)
+    if is_remote(folder):
+        written: list[str] = []
+        with local_staging(folder) as staging:
+            yield staging
+            written = [str(p.relative_to(staging)) for p in pathlib.Path(staging).rglob("*") if p.is_file()]
+        for stale in sorted(set(_files_under(target)) - set(written)):
+            (target / stale).unlink()
+        return
+    local = pathlib.Path(folder).absolute()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{local.name}.jsft-writing-", dir=local.parent))
+    try:
+        yield str(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's folders are private; the result is an ordinary folder
+    old = local.parent / f".{local.name}.jsft-replaced-{os.getpid()}" if local.exists() else None
+    if old:
+        local.rename(old)
+    staging.rename(local)
+    if old:
+        shutil.rmtree(old)
+
+
+def _files_under(folder: epath.Path) -> list[str]:
+    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]

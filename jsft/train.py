@@ -25,6 +25,8 @@ from jsft.data.batching import Batching
 from jsft.errors import JsftError, SetupError, one_line
 from jsft.hooks import HeldOutLoss, StepLogger, TrainingSamples
 from jsft.logging_backends import LogBackends
+from jsft.lora import peft
+from jsft.lora.spec import LoraSpec
 from jsft.metrics import MetricsLog
 from jsft.trainer import Trainer
 
@@ -130,6 +132,13 @@ def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: 
         cfg.model.remat,
         cfg.model.scan_layers,
     )
+    hf.check_weights(folder)  # a missing or cut-short weight file fails now, not after encoding
+    layout = models.Layout(model_cfg, device=device)
+    if cfg.lora.rank and cfg.lora.init_from:  # so does an adapter this run cannot continue
+        spec = LoraSpec.from_config(cfg.lora)
+        peft.check_peft_folder(
+            cfg.lora.init_from, spec, model_cfg.num_layers, cfg.model.path, cfg.lora.init_from_any_base
+        )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:  # an unreadable or corrupt tokenizer file: the environment, not data
@@ -139,7 +148,7 @@ def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: 
             f"the tokenizer of {cfg.model.path} has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model_cfg.vocab_size}: ids past the embedding would train on garbage"
         )
-    return models.Layout(model_cfg, device=device), tokenizer, data.resolve_template(cfg.data.chat_template)
+    return layout, tokenizer, data.resolve_template(cfg.data.chat_template)
 
 
 def load_data(cfg: ml_collections.ConfigDict, tokenizer) -> tuple[data.EncodedData, data.EncodedData | None]:

@@ -62,7 +62,7 @@ def test_each_batch_holds_exactly_n_intact_examples_in_bucketed_rows():
         counts.append(rows)
     assert len(set(seen)) == len(seen) == (200 // batch_size) * batch_size  # no example twice in an epoch
     assert len(shapes) <= 3
-    # What jsft.plan compiles for: the same row counts, from the lengths alone.
+    # What jsft-plan compiles for: the same row counts, from the lengths alone.
     lengths_only = data.example_batch_rows(examples, batch_size=batch_size, max_seq_length=length, seed=0)
     assert [row_bucket(n, multiple) for n in lengths_only] == counts
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -104,3 +105,175 @@ def test_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once():
     finally:
         signals.close()
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+# --- exports never destroy what is at --output_dir -------------------------------------------------------
+
+
+def _tiny_export(tmp_path):
+    """(tensors, files) of the tiny model, as `export.write_folder` takes them."""
+    from conftest import TINY_MODEL
+
+    from jsft import hf
+
+    tensors = dict(hf.iter_tensors(str(TINY_MODEL)))
+    names = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    return tensors, {name: (TINY_MODEL / name).read_bytes() for name in names}
+
+
+def _an_earlier_export(folder) -> dict[str, bytes]:
+    folder.mkdir()
+    contents = {
+        "README.md": b"my notes",
+        "tokenizer.json": b"{}",
+        "model-00001-of-00002.safetensors": b"old shard",
+        "model-00002-of-00002.safetensors": b"old shard",
+    }
+    for name, content in contents.items():
+        (folder / name).write_bytes(content)
+    return contents
+
+
+def _contents(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_export_refuses_a_non_empty_folder_without_overwrite(tmp_path):
+    from jsft import export
+
+    tensors, files = _tiny_export(tmp_path)
+    before = _an_earlier_export(tmp_path / "out")
+    with pytest.raises(JsftError, match=r"out is not empty \(4 entries, e.g. README.md\); pass --overwrite"):
+        export.write_folder(str(tmp_path / "out"), tensors, files, "# card", "float32")
+    assert _contents(tmp_path / "out") == before
+    export.write_folder(str(tmp_path / "out"), tensors, files, "# card", "float32", overwrite=True)
+    after = _contents(tmp_path / "out")
+    assert after["README.md"] == b"# card" and "model-00001-of-00002.safetensors" not in after
+    assert "model.safetensors" in after
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside it
+
+
+def test_a_failed_export_leaves_the_old_folder_as_it_was(tmp_path, monkeypatch):
+    """The disk fills up halfway through the weights: the old export was deleted first and the folder
+    left without weights; now the new one is written beside it and never put in place."""
+    from jsft import export, hf
+
+    tensors, files = _tiny_export(tmp_path)
+    before = _an_earlier_export(tmp_path / "out")
+
+    def disk_full(tensors, folder, max_shard_bytes):
+        (pathlib.Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "save_tensors", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export.write_folder(str(tmp_path / "out"), tensors, files, "# card", "float32", overwrite=True)
+    assert _contents(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_model_card_names_no_local_folder(tmp_path):
+    from jsft import config, export
+
+    cfg = json.loads(config.default_config().to_json())
+    cfg["model"]["path"] = str(tmp_path / "private" / "base-model")
+    cfg["output_dir"] = "/home/someone/runs/x"
+    cfg["data"]["mixer"] = [[str(tmp_path / "secret.jsonl"), 1.0], ["allenai/tulu-3-sft-mixture", 1.0]]
+    card = export.model_card(cfg, 10, 10)
+    assert str(tmp_path) not in card and "/home/someone" not in card
+    assert "`base-model`" in card and "secret.jsonl" in card and "allenai/tulu-3-sft-mixture" in card
+
+
+# --- model and adapter folders are checked before any data is encoded ----------------------------------
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    from conftest import make_hf_llama
+
+    return make_hf_llama(tmp_path / "model")
+
+
+def test_a_config_json_that_is_not_json_or_lacks_a_key_is_one_line(model_folder):
+    from jsft import models
+
+    config_file = model_folder / "config.json"
+    good = json.loads(config_file.read_text())
+    config_file.write_text('{"model_type": "llama",')
+    with pytest.raises(JsftError, match=rf"^{config_file} is not valid JSON \(Expecting"):
+        models.config_from_folder(str(model_folder))
+    config_file.write_text(json.dumps({k: v for k, v in good.items() if k != "hidden_size"}))
+    with pytest.raises(JsftError, match=r"config.json lacks the key 'hidden_size'$"):
+        models.config_from_folder(str(model_folder))
+
+
+def test_a_weight_file_cut_short_stops_the_run_before_encoding(model_folder):
+    import jax
+
+    from jsft import config, train
+
+    weights = model_folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = config.default_config()
+    cfg.model.path = str(model_folder)
+    with pytest.raises(
+        JsftError, match=rf"^{weights} is cut short: it holds \d+ bytes of the \d+ its tensors"
+    ):
+        train.load_model_description(cfg, str(model_folder), jax.devices()[0])
+
+
+def _adapter(folder, base: str):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 16.0, "target_modules": targets}
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": base}))
+    save_file({"x": np.zeros(3, np.float32)}, str(folder / "adapter_model.safetensors"))
+    return str(folder)
+
+
+def test_an_adapter_of_another_base_model_is_refused_unless_forced(tmp_path, model_folder):
+    from jsft import config
+    from jsft.lora import peft
+    from jsft.lora.spec import LoraSpec
+
+    lora = config.default_config().lora
+    lora.rank = 4
+    spec = LoraSpec.from_config(lora)
+    mine = _adapter(tmp_path / "mine", str(model_folder))
+    peft.check_peft_folder(mine, spec, 2, str(model_folder), any_base=False)
+    other = _adapter(tmp_path / "other", "org/another-model")
+    with pytest.raises(JsftError, match="was trained on org/another-model, and this run's model.path is"):
+        peft.check_peft_folder(other, spec, 2, str(model_folder), any_base=False)
+    peft.check_peft_folder(other, spec, 2, str(model_folder), any_base=True)
+    cut = pathlib.Path(mine) / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-4])
+    with pytest.raises(JsftError, match="adapter_model.safetensors is cut short"):
+        peft.check_peft_folder(mine, spec, 2, str(model_folder), any_base=False)
+
+
+# --- every command ends in one line ---------------------------------------------------------------------
+
+
+def test_commands_end_faults_of_the_environment_in_one_line(monkeypatch):
+    from jsft.cli import command
+
+    def disk_full(argv):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(SystemExit) as ended:
+        command("jsft.x")(disk_full)([])
+    assert str(ended.value) == (
+        "jsft.x: failed: OSError: [Errno 28] No space left on device (--debug or JSFT_DEBUG=1 shows where)"
+    )
+    with pytest.raises(OSError):  # --debug: the traceback
+        command("jsft.x")(disk_full)(["--debug"])
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as ended:
+        command("jsft.x")(interrupted)([])
+    assert ended.value.code == 130

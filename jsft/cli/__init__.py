@@ -2,9 +2,10 @@
 
 Quiet by default: jsft's own lines at INFO, the libraries' (absl, JAX, Orbax, transformers, datasets, httpx)
 only from WARNING up, and the notices they log about what jsft asks of them on purpose not at all.
-`--verbose` (or JSFT_VERBOSE=1) shows the libraries' logs. A JsftError ends the command as one line,
-`<prog>: error: <message>`, without a traceback (`config.load_or_exit` ends a command whose configuration
-does not load as `jsft: config error: <message>`).
+`--verbose` (or JSFT_VERBOSE=1) shows the libraries' logs. Every end is one line without a traceback: a
+JsftError (the user's input) as `<prog>: error: <message>` (`config.load_or_exit` ends a command whose
+configuration does not load as `jsft: config error: <message>`), an OSError or a library's error as
+`<prog>: failed: <type>: <message>`, whose traceback `--debug` (or JSFT_DEBUG=1) shows.
 
 Importing this package (as `python -m jsft.cli.<command>` does first) also silences transformers'
 import-time advisory "PyTorch was not found", which concerns models jsft never loads through PyTorch.
@@ -51,8 +52,12 @@ class _CurrentStderr(logging.StreamHandler):
 
 
 class _DropExpectedNotices(logging.Filter):
+    """Drops the notices jsft expects, and keeps a library's error to its message line: its traceback
+    (Orbax logs one per failed writer thread) shows with --verbose."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        record.exc_info = record.exc_text = None
         return not any(notice in message for notice in EXPECTED_NOTICES)
 
 
@@ -79,20 +84,37 @@ def configure_logging(verbose: bool) -> None:
             library.addFilter(_DROP_EXPECTED)
 
 
+def debug_requested(argv: Sequence[str]) -> bool:
+    """`--debug` on the command line, or JSFT_DEBUG set to anything but 0: full tracebacks."""
+    return "--debug" in argv or os.environ.get("JSFT_DEBUG", "0") not in ("", "0")
+
+
 def command(prog: str, *, errors: tuple[type[Exception], ...] = (JsftError,)):
     """Decorates a command's `main(argv)` (argv without the program name): the wrapped `main(argv=None)`
-    reads `sys.argv[1:]` when not given arguments, takes `--verbose` out of them, sets up logging, and
-    turns `errors` into `sys.exit("<prog>: error: <one line>")` (exit status 1)."""
+    reads `sys.argv[1:]` when not given arguments, takes `--verbose` and `--debug` out of them, sets up
+    logging, and ends the command in one line: `errors` (the user's input) as `<prog>: error: ...`, a
+    fault of the environment or a library (OSError, anything else) as `<prog>: failed: ...` with the
+    switch that shows its traceback, a second Ctrl-C as `<prog>: interrupted` (exit status 130)."""
 
     def decorate(main: Callable[[list[str]], None]) -> Callable[[list[str] | None], None]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> None:
             argv = list(sys.argv[1:] if argv is None else argv)
-            configure_logging(verbose_requested(argv))
+            debug = debug_requested(argv)
+            configure_logging(verbose_requested(argv) or debug)
             try:
-                main([arg for arg in argv if arg != "--verbose"])
+                main([arg for arg in argv if arg not in ("--verbose", "--debug")])
             except errors as e:
                 sys.exit(f"{prog}: error: {one_line(e)}")
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                sys.exit(130)
+            except Exception as e:
+                if debug:
+                    raise
+                sys.exit(
+                    f"{prog}: failed: {one_line(e, with_type=True)} (--debug or JSFT_DEBUG=1 shows where)"
+                )
 
         return run
 

@@ -1,7 +1,7 @@
 """Converts a jsft checkpoint step into a Hugging Face model folder (see `jsft.export`).
 
 jsft-export --checkpoint_dir=runs/tiny/checkpoints --output_dir=out/tiny-hf [--step=N]
-    [--dtype=bfloat16] [--max_shard_size=5GB] [--push_to_hub=ORG/NAME] [--adapter_only]
+    [--dtype=bfloat16] [--max_shard_size=5GB] [--push_to_hub=ORG/NAME] [--adapter_only] [--overwrite]
 (or `python tools/convert_to_hf.py ...`, the same command)
 
 A LoRA step becomes the base model with its factors merged in, or with --adapter_only a PEFT adapter
@@ -39,6 +39,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="largest safetensors file, e.g. 5GB or 500MB (GB: 10^9 bytes, GiB: 2^30)",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output_dir (the new folder is put in place only once complete)",
+    )
+    parser.add_argument(
         "--adapter_only",
         action="store_true",
         help="LoRA steps: write a PEFT adapter folder, not a merged model",
@@ -59,10 +64,18 @@ def main(argv: list[str]) -> None:
     if args.adapter_only:
         if args.push_to_hub:
             raise JsftError("--push_to_hub uploads full model folders; upload an adapter with peft")
-        print(f"wrote {export.convert_adapter(args.checkpoint_dir, args.output_dir, args.step, args.dtype)}")
+        out = export.convert_adapter(
+            args.checkpoint_dir, args.output_dir, args.step, args.dtype, overwrite=args.overwrite
+        )
+        print(f"wrote {out}")
         return
     out = export.convert(
-        args.checkpoint_dir, args.output_dir, args.step, args.dtype, units.parse_size(args.max_shard_size)
+        args.checkpoint_dir,
+        args.output_dir,
+        args.step,
+        args.dtype,
+        units.parse_size(args.max_shard_size),
+        overwrite=args.overwrite,
     )
     print(f"wrote {out}")
     if args.push_to_hub:

@@ -3,7 +3,7 @@
 `train.batch_unit="rows"`: a step is `global_batch_size` packed rows of `max_seq_length` tokens (Grain's
 packers stream examples into rows). `"examples"`: a step is exactly `global_batch_size` conversations,
 packed into as few rows as they need, the row count rounded up to a bucket that keeps every micro-batch
-split evenly over the batch-sharded devices. Training, held-out evaluation and `jsft.plan` all ask a
+split evenly over the batch-sharded devices. Training, held-out evaluation and `jsft-plan` all ask a
 `Batching` for their batches, steps per epoch and the rows a step compiles for, so they never disagree.
 """
 

@@ -126,7 +126,7 @@ def example_batch_rows(
     examples: Sequence[dict[str, np.ndarray]], *, batch_size: int, max_seq_length: int, seed: int
 ) -> list[int]:
     """The rows each batch of one epoch of `example_batches` on one process packs into, before
-    `row_bucket` rounds them up (from lengths only): what jsft.plan compiles for."""
+    `row_bucket` rounds them up (from lengths only): what jsft-plan compiles for."""
     lengths = grain.MapDataset.source(example_lengths(examples)).shuffle(seed=seed)
     groups = lengths.batch(batch_size, drop_remainder=True, batch_fn=list)
     return [len(_first_fit_decreasing(group, max_seq_length)) for group in groups]

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jsft.errors import JsftError
+from jsft import hf
+from jsft.errors import JsftError, one_line
 from jsft.lora.spec import LoraSpec
 from jsft.models import Layout, Params
 
@@ -94,6 +95,11 @@ def read_peft_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config.json, tensors of adapter_model.safetensors) of a PEFT adapter folder."""
     from safetensors.numpy import load_file
 
+    return read_peft_config(folder), load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def read_peft_config(folder: str) -> dict:
+    """adapter_config.json of a PEFT adapter folder whose weight file is whole (else one line naming it)."""
     config_path = os.path.join(folder, "adapter_config.json")
     weights_path = os.path.join(folder, "adapter_model.safetensors")
     for path in (config_path, weights_path):
@@ -101,9 +107,29 @@ def read_peft_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
             raise JsftError(
                 f"lora.init_from: {folder} is no PEFT adapter folder ({os.path.basename(path)} missing)"
             )
-    with open(config_path) as f:
-        config = json.load(f)
-    return config, load_file(weights_path)
+    hf.check_safetensors(weights_path)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise JsftError(f"lora.init_from: {config_path} is not valid JSON ({one_line(e)})") from None
+
+
+def check_peft_folder(folder: str, spec: LoraSpec, num_layers: int, model_path: str, any_base: bool) -> None:
+    """Everything about `lora.init_from` that can be known before any data is encoded: the folder is a
+    whole PEFT LoRA adapter the run's settings continue exactly, trained on the run's base model (unless
+    `lora.init_from_any_base`: an adapter on another base trains on, but means something else)."""
+    config = read_peft_config(folder)
+    check_peft_config(config, spec, folder, num_layers)
+    base = config.get("base_model_name_or_path") or ""
+    same = base == model_path or (
+        os.path.isdir(base) and os.path.isdir(model_path) and os.path.samefile(base, model_path)
+    )
+    if base and not same and not any_base:
+        raise JsftError(
+            f"lora.init_from: {folder} was trained on {base}, and this run's model.path is {model_path}; "
+            "set lora.init_from_any_base=True to continue it on this model anyway"
+        )
 
 
 def check_peft_config(config: dict, spec: LoraSpec, folder: str, num_layers: int) -> None:

@@ -126,10 +126,14 @@ def config_from_folder(
     revision: str | None = None,
 ) -> tuple[ModelConfig, dict]:
     """(ModelConfig, parsed config.json) of a folder or Hub id; keyword choices are the `model` group's."""
-    hf_config = hf.read_config(hf.resolve_model(path, revision))
-    cfg = ModelConfig.from_hf(
-        hf_config, dtype_of(dtype), dtype_of(param_dtype), attention, remat, scan_layers
-    )
+    folder = hf.resolve_model(path, revision)
+    hf_config = hf.read_config(folder)
+    try:
+        cfg = ModelConfig.from_hf(
+            hf_config, dtype_of(dtype), dtype_of(param_dtype), attention, remat, scan_layers
+        )
+    except KeyError as e:
+        raise ModelFolderError(f"{folder}/config.json lacks the key {e.args[0]!r}") from None
     return cfg, hf_config
 
 
