@@ -68,6 +68,7 @@ RANGES: dict[str, Range] = {
     "data.max_seq_length": Range(2),
     "data.max_bad_fraction": FRACTION,
     "data.num_proc": AT_LEAST_0,
+    "data.max_row_chars": AT_LEAST_1,
     "train.global_batch_size": AT_LEAST_1,
     "train.grad_accum_steps": AT_LEAST_1,
     "train.epochs": AT_LEAST_0,
@@ -102,6 +103,7 @@ RANGES: dict[str, Range] = {
     "log.sample_every_steps": AT_LEAST_0,
     "log.sample_max_new_tokens": AT_LEAST_1,
 }
+MAX_ROW_CHARS = 2_000_000  # data.max_row_chars' default (~500k tokens of text)
 # Row formats a mixer entry may name: format -> (required fields, optional fields); a field's column is the
 # field's name unless the entry maps it. Detection tries them in this order.
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -151,6 +153,9 @@ def default_config() -> ml_collections.ConfigDict:
             "packer": "first_fit",  # or "best_fit" (Grain's packers)
             "cache_dir": "",  # encoded data cache; "" = $JSFT_CACHE or ~/.cache/jsft/data
             "num_proc": 0,  # encoding processes; 0 = one per CPU core
+            # a row longer than this (in characters, before rendering) is dropped and counted: no real
+            # conversation comes near it, and one huge row would otherwise hold up encoding for minutes
+            "max_row_chars": MAX_ROW_CHARS,
         }
     )
     c.train = ml_collections.ConfigDict(

@@ -277,3 +277,29 @@ def test_commands_end_faults_of_the_environment_in_one_line(monkeypatch):
     with pytest.raises(SystemExit) as ended:
         command("jsft.x")(interrupted)([])
     assert ended.value.code == 130
+
+
+# --- one hostile row is one counted drop ----------------------------------------------------------------
+
+
+def test_a_row_nested_too_deep_or_too_long_is_a_counted_drop(tmp_path):
+    """A row nested thousands of levels deep was a RecursionError traceback; an 8 MB row took 34 s to
+    encode. Both are drops counted by reason, and the long one costs no rendering time."""
+    import time
+
+    import transformers
+    from conftest import TINY_MODEL
+
+    from jsft.data import preprocess
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    huge = {"messages": [{"role": "user", "content": "x" * 3_000_000}, {"role": "assistant", "content": "y"}]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join([json.dumps(good), deep, json.dumps(huge), json.dumps(good)]) + "\n")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_MODEL)
+    started = time.perf_counter()
+    encoded = preprocess.encode_mixture(((str(path), 1.0),), tokenizer, 64, None, 0, 0.6, num_proc=1)
+    assert time.perf_counter() - started < 20
+    assert len(encoded) == 2
+    assert encoded.stats["drops"] == {"too_deep": 1, "over_max_row_chars": 1}

@@ -116,6 +116,7 @@ def cache_key(
     train_on: str,
     seed: int,
     on_unlocated_turn: str = "drop_row",
+    max_row_chars: int = config.MAX_ROW_CHARS,
 ) -> str:
     """The hash of everything the encoded rows depend on (sources by content, amounts by type too)."""
     entries = [config.mixer_entry(e) for e in mixer]
@@ -128,6 +129,7 @@ def cache_key(
         "max_seq_length": max_seq_length,
         "train_on": train_on,
         "on_unlocated_turn": on_unlocated_turn,
+        "max_row_chars": max_row_chars,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from jsft import paths
+from jsft import config, paths
 from jsft.data import sources
 from jsft.data.cache import EncodedData, cache_key, default_cache_dir, download, load, save, upload
 from jsft.data.masking import ChatEncoder
@@ -42,12 +43,20 @@ SETUP_CHECK_ROWS = 64  # a source whose first rows all fail for one reason stops
 # One encoder per worker process, built by `_start_worker`, or the error that kept it from being built.
 _worker_encoder: ChatEncoder | None = None
 _worker_error: JsftError | None = None
+_worker_max_chars = config.MAX_ROW_CHARS
 
 
-def _start_worker(tokenizer, chat_template: str | None, train_on: str, on_unlocated_turn: str) -> None:
+def _start_worker(
+    tokenizer,
+    chat_template: str | None,
+    train_on: str,
+    on_unlocated_turn: str,
+    max_row_chars: int = config.MAX_ROW_CHARS,
+) -> None:
     """Builds the worker's encoder. Never raises: a pool respawns workers whose initializer fails
     without end, so the error is kept and raised by the first task instead."""
-    global _worker_encoder, _worker_error
+    global _worker_encoder, _worker_error, _worker_max_chars
+    _worker_max_chars = max_row_chars
     # Ctrl-C reaches the whole process group: the run (not its workers) decides to save and stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -59,6 +68,11 @@ def _start_worker(tokenizer, chat_template: str | None, train_on: str, on_unloca
 
 
 def _encode_row(row: object, where: str, row_format: sources.RowFormat) -> dict:
+    size = len(row) if isinstance(row, (bytes, str)) else len(json.dumps(row, default=str))
+    if size > _worker_max_chars:  # before parsing and rendering, whose time grows with the row
+        raise BadRow(
+            "over_max_row_chars", f"{size} characters, more than data.max_row_chars={_worker_max_chars}"
+        )
     row = sources.parse_row(row, where)
     if not isinstance(row, dict):
         raise BadRow("not_an_object", f"a row must be an object, got {type(row).__name__}")
@@ -80,6 +94,9 @@ def _encode_chunk(task: tuple[list[tuple[object, str]], sources.RowFormat, int])
             encoded = _encode_row(row, where, row_format)
         except BadRow as e:
             drops.append((position, e.reason, str(e)))
+            continue
+        except RecursionError:  # nested deeper than Python parses or renders: the row, not the run
+            drops.append((position, "too_deep", "too_deep: nested deeper than the recursion limit"))
             continue
         row_ids = encoded["input_ids"][:max_tokens]
         row_trained = encoded["labels"][:max_tokens] >= 0
@@ -211,6 +228,7 @@ def encode_mixture(
     train_on: str = "all_assistant_turns",
     on_unlocated_turn: str = "drop_row",
     num_proc: int = 1,
+    max_row_chars: int = config.MAX_ROW_CHARS,
 ) -> EncodedData:
     """Encodes every drawn row, in `num_proc` processes; bad rows and untrained turns are counted by reason.
 
@@ -220,7 +238,7 @@ def encode_mixture(
     """
     started = time.perf_counter()
     chat_template = resolve_template(chat_template)
-    initargs = (tokenizer, chat_template, train_on, on_unlocated_turn)
+    initargs = (tokenizer, chat_template, train_on, on_unlocated_turn, max_row_chars)
     ChatEncoder(tokenizer, chat_template, None, train_on, on_unlocated_turn)  # bad settings fail here, once
     drawn = sources.mix(mixer, seed)
     total = sum(len(d.indices) for d in drawn)
@@ -347,6 +365,7 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
         train_on=data_cfg.train_on,
         on_unlocated_turn=data_cfg.on_unlocated_turn,
         seed=seed,
+        max_row_chars=data_cfg.max_row_chars,
     )
     key = cache_key(mixer, tokenizer, **settings)
     root = cache_dir or data_cfg.cache_dir or default_cache_dir()
@@ -371,6 +390,7 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
         train_on=data_cfg.train_on,
         on_unlocated_turn=data_cfg.on_unlocated_turn,
         num_proc=data_cfg.num_proc,
+        max_row_chars=data_cfg.max_row_chars,
     )
     data.stats["cache_folder"] = str(shared or folder)
     save(data, folder)

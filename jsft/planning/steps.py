@@ -73,6 +73,7 @@ def _cached_examples(cfg):
             train_on=cfg.data.train_on,
             seed=cfg.train.seed,
             on_unlocated_turn=cfg.data.on_unlocated_turn,
+            max_row_chars=cfg.data.max_row_chars,
         )
     except (OSError, ValueError) as e:
         return None, f"cannot compute the data cache key ({' '.join(str(e).split())[:120]})"
