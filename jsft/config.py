@@ -2,6 +2,9 @@
 
 Config files define `get_config()` and start from `default_config()`, so every tool speaks the same
 names. The schema is locked: a misspelled key is an error that names it, raised before any work.
+
+Over 450 lines on purpose: every key, its allowed values or range, and the grammar of a mixer entry are
+declared here together, read as one table, so that no module below it has to be imported to check a run.
 """
 
 from __future__ import annotations

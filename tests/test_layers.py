@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jsft"
 
@@ -145,6 +146,34 @@ def test_no_import_cycle():
     }
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_readme_layout_names_every_module_and_layer():
+    """The README's Layout section is the map of this tree: every layer by name, every module by its path
+    (or, inside a package it names, by its file name)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :].split("\n## ")[0]
+    for name, _ in LAYERS:
+        assert name.split()[0] in layout, name
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE.parent)
+        if path.name == "__init__.py":
+            assert f"{relative.parent}/" in layout or f"{relative.parent}.py" in layout, relative
+        else:
+            in_package = f"{relative.parent}/" in layout and path.name in layout
+            assert str(relative) in layout or in_package, relative
+
+
+def test_every_test_the_readme_names_exists():
+    """The guarantees in "What jsft never does to your files" name their tests: each must exist."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    named, current = [], None
+    for file, name in re.findall(r"`(?:(test_\w+\.py))?::(\w+)`", readme):
+        current = file or current
+        named.append((current, name))
+    assert len(named) >= 10
+    for file, name in named:
+        assert f"def {name}(" in (PACKAGE.parent / "tests" / file).read_text(), f"{file}::{name}"
 
 
 def test_the_layer_test_sees_violations():
