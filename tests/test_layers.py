@@ -176,6 +176,28 @@ def test_every_test_the_readme_names_exists():
         assert f"def {name}(" in (PACKAGE.parent / "tests" / file).read_text(), f"{file}::{name}"
 
 
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 450
+
+
+def test_functions_and_modules_stay_short_unless_they_say_why():
+    """A function over 60 lines says "Long on purpose" in its docstring, a module over 450 lines says
+    "Over 450 lines on purpose": length is a choice someone stated, not an accident."""
+    too_long = []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        tree = ast.parse(source)
+        if len(source.splitlines()) > MAX_MODULE_LINES and "Over 450 lines on purpose" not in (
+            ast.get_docstring(tree) or ""
+        ):
+            too_long.append(f"{path.name}: {len(source.splitlines())} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and "Long on purpose" not in (ast.get_docstring(node) or ""):
+                    too_long.append(f"{path.name}:{node.lineno} {node.name}: {lines} lines")
+    assert not too_long, "\n".join(too_long)
+
+
 def test_the_layer_test_sees_violations():
     """The checks are not vacuous: an upward import and a cycle in made-up sources are found."""
     tree = ast.parse(
