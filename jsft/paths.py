@@ -109,4 +109,12 @@ def replacing(folder: str | epath.Path, *, overwrite: bool = False) -> Iterator[
 
 
 def _files_under(folder: epath.Path) -> list[str]:
-    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    """Paths of the files under `folder`, relative to it (walked with iterdir: stores lack rglob)."""
+    files, pending = [], [folder] if folder.exists() else []
+    while pending:
+        for child in pending.pop().iterdir():
+            if child.is_dir():
+                pending.append(child)
+            else:
+                files.append(str(child.relative_to(folder)))
+    return files
