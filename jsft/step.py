@@ -191,15 +191,16 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        updated = optax.apply_updates(params, updates)
-        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & _all_finite(updated)
+        # A finite gradient can still give a non-finite update (a NaN step size, an overflow); a finite
+        # update of finite parameters gives finite ones, so its norm is the one more check needed.
+        finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
 
         def keep_if_not_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
         streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(
-            params=keep_if_not_finite(updated, params),
+            params=keep_if_not_finite(optax.apply_updates(params, updates), params),
             opt_state=keep_if_not_finite(opt_state, state.opt_state),
             step=state.step + 1,
             nonfinite_streak=streak,
@@ -219,10 +220,6 @@ def make_train_step(
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-
-
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def make_eval_step(
