@@ -119,15 +119,18 @@ def test_tool_runs_at_its_smallest_size(tool):
 HELP_RUNNER = """
 import contextlib, io, json, runpy, sys
 results = {}
-for path in sys.argv[1:]:
-    sys.argv, text = [path, "--help"], io.StringIO()
+for target in sys.argv[1:]:  # a script's path, or a module's name
+    sys.argv, text = [target, "--help"], io.StringIO()
     with contextlib.redirect_stdout(text):
         try:
-            runpy.run_path(path, run_name="__main__")
+            if target.endswith(".py"):
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__")
             code = "returned"
         except SystemExit as e:
             code = e.code
-    results[path] = [code, text.getvalue()]
+    results[target] = [code, text.getvalue()]
 print(json.dumps(results))
 """
 
@@ -137,6 +140,14 @@ def test_help_of_tools_whose_run_is_too_long():
     results = json.loads(run("-c", HELP_RUNNER, *sorted(HELP_ONLY)).stdout.splitlines()[-1])
     for tool, (code, text) in results.items():
         assert code == 0 and text.startswith("usage: ") and "--" in text, (tool, code, text[:300])
+
+
+def test_every_command_answers_help():
+    """jsft-train, jsft-prepare and jsft-tpu read a config, not flags: their --help was a config error."""
+    modules = [f"jsft.cli.{name}" for name in ("train", "prepare", "chat", "export", "plan", "tpu")]
+    results = json.loads(run("-c", HELP_RUNNER, *modules, "jsft.train").stdout.splitlines()[-1])
+    for module, (code, text) in results.items():
+        assert code in (0, "returned") and text.startswith("usage: jsft-") and "--" in text, (module, text)
 
 
 def test_make_tiny_rebuilds_the_committed_tiny_assets(tmp_path):

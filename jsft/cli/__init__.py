@@ -89,17 +89,22 @@ def debug_requested(argv: Sequence[str]) -> bool:
     return "--debug" in argv or os.environ.get("JSFT_DEBUG", "0") not in ("", "0")
 
 
-def command(prog: str, *, errors: tuple[type[Exception], ...] = (JsftError,)):
+def command(prog: str, *, errors: tuple[type[Exception], ...] = (JsftError,), usage: str = ""):
     """Decorates a command's `main(argv)` (argv without the program name): the wrapped `main(argv=None)`
     reads `sys.argv[1:]` when not given arguments, takes `--verbose` and `--debug` out of them, sets up
     logging, and ends the command in one line: `errors` (the user's input) as `<prog>: error: ...`, a
     fault of the environment or a library (OSError, anything else) as `<prog>: failed: ...` with the
-    switch that shows its traceback, a second Ctrl-C as `<prog>: interrupted` (exit status 130)."""
+    switch that shows its traceback, a second Ctrl-C as `<prog>: interrupted` (exit status 130). A
+    command with a `usage` (the config-driven ones, which have no argparse of their own) prints it for
+    `--help` and `-h`."""
 
     def decorate(main: Callable[[list[str]], None]) -> Callable[[list[str] | None], None]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> None:
             argv = list(sys.argv[1:] if argv is None else argv)
+            if usage and ("--help" in argv or "-h" in argv):
+                print(usage)
+                return
             debug = debug_requested(argv)
             configure_logging(verbose_requested(argv) or debug)
             try:
@@ -119,3 +124,10 @@ def command(prog: str, *, errors: tuple[type[Exception], ...] = (JsftError,)):
         return run
 
     return decorate
+
+
+CONFIG_USAGE = """usage: {prog} --config=configs/<name>.py [--config.KEY=VALUE ...] [--verbose] [--debug]
+
+{what}
+--config.KEY=VALUE overrides any key of the schema (jsft/config.py; README "Running" lists the groups);
+--verbose shows the libraries' logs, --debug the traceback of an unexpected failure."""

@@ -31,14 +31,22 @@ from jsft.errors import JsftError
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(the plan's own flags, the config arguments)."""
-    parser = argparse.ArgumentParser(prog="python -m jsft.cli.plan", add_help=False)
-    parser.add_argument("--devices", type=int, default=0)
-    parser.add_argument("--device_memory", default="")
-    parser.add_argument("--topology", default="")
-    parser.add_argument("--mfu", type=float, default=0.4)
-    parser.add_argument("--examples", type=int, default=0)
-    parser.add_argument("--mean_tokens", type=float, default=0.0)
-    parser.add_argument("--no_search", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="jsft-plan",
+        usage="jsft-plan --config=configs/<name>.py [--config.KEY=VALUE ...] [options]",
+        description="Memory, steps and time of a run before launch, from its compiled train step.",
+    )
+    parser.add_argument(
+        "--devices", type=int, default=0, help="simulated CPU devices (GPUs: XLA:CPU estimate)"
+    )
+    parser.add_argument("--device_memory", default="", help="memory per device, e.g. 80GiB")
+    parser.add_argument(
+        "--topology", default="", help="a TPU slice, e.g. v5p-64: the TPU compiler's own plan"
+    )
+    parser.add_argument("--mfu", type=float, default=0.4, help="the MFU the step time is quoted at")
+    parser.add_argument("--examples", type=int, default=0, help="conversations, when no data cache is built")
+    parser.add_argument("--mean_tokens", type=float, default=0.0, help="their mean length in tokens")
+    parser.add_argument("--no_search", action="store_true", help="do not search for a setting that fits")
     args, rest = parser.parse_known_args(argv)
     problems = [
         (args.topology and args.devices, "give --devices or --topology, not both"),

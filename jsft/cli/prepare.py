@@ -17,7 +17,7 @@ import numpy as np
 import transformers
 
 from jsft import config, data, hf
-from jsft.cli import command
+from jsft.cli import CONFIG_USAGE, command
 from jsft.errors import ConfigError, SetupError, one_line
 
 TRAINED_COLOUR = ("\033[1;32m", "\033[0m")  # bold green
@@ -119,7 +119,13 @@ def split_show(argv: list[str]) -> tuple[list[str], int]:
     return rest, count
 
 
-@command("jsft")
+@command(
+    "jsft",
+    usage=CONFIG_USAGE.format(
+        prog="jsft-prepare",
+        what="Builds the config's data cache and prints its statistics (--show=N: N examples marked).",
+    ),
+)
 def main(argv: list[str]) -> None:
     try:
         argv, count = split_show(argv)

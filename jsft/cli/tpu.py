@@ -42,7 +42,13 @@ def reports(argv: list[str]) -> Iterator[tuple[str, dict]]:
         sys.exit(f"{argv[0]}: {e}")
 
 
-@command("jsft.tpu")
+USAGE = """usage: jsft-tpu --topology=v5p-64[,v6e-64] --config=configs/<name>.py [--config.KEY=VALUE ...]
+
+One JSON report per TPU slice: the config's train step compiled by the TPU compiler on this machine
+(libtpu: pip install 'jsft[tpu]'): memory, collectives, async pairs, roofline."""
+
+
+@command("jsft.tpu", usage=USAGE)
 def main(argv: list[str]) -> None:
     for _, report in reports(["jsft.tpu", *argv]):
         print(json.dumps(report), flush=True)

@@ -7,10 +7,16 @@ JsftError as `jsft: error: ...`.
 from __future__ import annotations
 
 from jsft import config, runtime, train
-from jsft.cli import command
+from jsft.cli import CONFIG_USAGE, command
 
 
-@command("jsft")
+@command(
+    "jsft",
+    usage=CONFIG_USAGE.format(
+        prog="jsft-train",
+        what="Trains per the config: encodes the data (cached), resumes or loads the model, runs the steps.",
+    ),
+)
 def main(argv: list[str]) -> None:
     runtime.set_libtpu_defaults()  # before JAX starts libtpu: jsft's TPU compiler flags, the user's kept
     train.run(config.load_or_exit(["jsft-train", *argv]))
