@@ -65,6 +65,7 @@ class Checkpointer:
                 self._move_previous_run_aside()
             self.mngr = manager(self.directory, keep=cfg.checkpoint.keep)
             self.resuming = cfg.checkpoint.resume and bool(self.mngr.all_steps())
+            self._saved_meta: dict = {}  # the resumed step's `meta`, read once here
             if self.resuming:
                 self._check_resumable()
         except BaseException:
@@ -115,7 +116,7 @@ class Checkpointer:
 
         A newest step whose metadata is damaged is moved aside for the one before it; resuming an older
         step (`checkpoint.step`) moves the later ones aside, so the run's own result is what stays."""
-        meta = self._resume_meta()
+        meta = self._saved_meta = self._resume_meta()
         requested = self._requested_step
         later = [s for s in self.mngr.all_steps() if s > requested]
         for step in sorted(later):
@@ -192,7 +193,7 @@ class Checkpointer:
         before any step: the saved data position means nothing in other data."""
         data_identity = data_identity or {}
         if self.resuming and not self.cfg.checkpoint.force_resume:
-            saved = read_json_item(self.mngr, self._requested_step, "meta").get("data", {})
+            saved = self._saved_meta.get("data", {})
             changed = sorted(s for s in data_identity if s in saved and saved[s] != data_identity[s])
             if changed:
                 raise JsftError(

@@ -134,3 +134,21 @@ def test_steps_from_examples_and_bad_flags():
     ):
         with pytest.raises(SystemExit, match="jsft.plan: "):
             parse_args(bad)
+
+
+def test_the_plan_finds_the_cache_the_encoder_built(tmp_path):
+    """Both look the cache up by `cache.key_for` of the data config: the plan counts steps from it."""
+    import transformers
+    from conftest import TINY_DATA
+
+    cfg = load(
+        TINY,
+        f"--config.data.mixer=(('{TINY_DATA}/train.jsonl', 200),)",
+        f"--config.data.cache_dir={tmp_path}",
+        "--config.train.max_steps=0",
+    )
+    assert data_plan(cfg).steps_per_epoch is None  # nothing built yet
+    encoded = data.prepare(cfg.data, transformers.AutoTokenizer.from_pretrained(cfg.model.path), seed=0)
+    plan = data_plan(cfg)
+    assert plan.note.startswith(f"from the data cache ({len(encoded)} conversations")
+    assert plan.steps_per_epoch and plan.total_steps == cfg.train.epochs * plan.steps_per_epoch

@@ -107,6 +107,21 @@ def template_text(tokenizer, chat_template: str | None) -> str:
         raise DataError(f"{e} Set data.chat_template to 'tulu', 'chatml' or a Jinja file.") from None
 
 
+def key_for(data_cfg, tokenizer, *, seed: int, mixer=None) -> str:
+    """`cache_key` of the config's `data` group (`mixer` defaults to `data_cfg.mixer`): the one mapping
+    from settings to key, shared by the encoder and the planner that looks the cache up."""
+    return cache_key(
+        tuple(data_cfg.mixer if mixer is None else mixer),
+        tokenizer,
+        chat_template=data_cfg.chat_template,
+        max_seq_length=data_cfg.max_seq_length,
+        train_on=data_cfg.train_on,
+        seed=seed,
+        on_unlocated_turn=data_cfg.on_unlocated_turn,
+        max_row_chars=data_cfg.max_row_chars,
+    )
+
+
 def cache_key(
     mixer,
     tokenizer,

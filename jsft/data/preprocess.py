@@ -28,7 +28,7 @@ from etils import epath
 
 from jsft import config, paths
 from jsft.data import sources
-from jsft.data.cache import EncodedData, cache_key, default_cache_dir, download, load, save, upload
+from jsft.data.cache import EncodedData, default_cache_dir, download, key_for, load, save, upload
 from jsft.data.masking import ChatEncoder
 from jsft.data.templates import resolve_template
 from jsft.errors import BadRow, DataError, JsftError, SetupError, one_line
@@ -359,15 +359,7 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
     atomically, so concurrent builders cannot corrupt it, and a finished cache is only read.
     """
     mixer = tuple(data_cfg.mixer if mixer is None else mixer)
-    settings = dict(
-        chat_template=data_cfg.chat_template,
-        max_seq_length=data_cfg.max_seq_length,
-        train_on=data_cfg.train_on,
-        on_unlocated_turn=data_cfg.on_unlocated_turn,
-        seed=seed,
-        max_row_chars=data_cfg.max_row_chars,
-    )
-    key = cache_key(mixer, tokenizer, **settings)
+    key = key_for(data_cfg, tokenizer, seed=seed, mixer=mixer)
     root = cache_dir or data_cfg.cache_dir or default_cache_dir()
     # Arrays are memory-mapped, so they are read from local disk; a gs:// (or other object store) cache
     # is mirrored into the local cache folder, and written back after encoding.

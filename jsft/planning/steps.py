@@ -65,16 +65,7 @@ def _cached_examples(cfg):
     except (OSError, ValueError):
         return None, f"the tokenizer of {cfg.model.path} is not here to find the data cache"
     try:
-        key = cache.cache_key(
-            cfg.data.mixer,
-            tokenizer,
-            chat_template=cfg.data.chat_template,
-            max_seq_length=cfg.data.max_seq_length,
-            train_on=cfg.data.train_on,
-            seed=cfg.train.seed,
-            on_unlocated_turn=cfg.data.on_unlocated_turn,
-            max_row_chars=cfg.data.max_row_chars,
-        )
+        key = cache.key_for(cfg.data, tokenizer, seed=cfg.train.seed)
     except (OSError, ValueError) as e:
         return None, f"cannot compute the data cache key ({' '.join(str(e).split())[:120]})"
     root = cfg.data.cache_dir or cache.default_cache_dir()
