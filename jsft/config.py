@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -36,6 +37,8 @@ SCHEDULES = ("linear", "cosine", "constant")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_BASE_DTYPES = ("auto", "float32", "bfloat16")  # auto: the compute dtype (model.dtype)
 QUANTIZATIONS = ("none", "int8", "nf4")
+EVAL_KINDS = ("generate", "choice")  # a scored task: generated text, or the likeliest of its choices
+EVAL_SCORES = ("exact_match", "contains", "final_answer")  # how a generated answer is compared
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,74 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "alpaca": (("instruction", "output"), ("input",)),
     "text": (("text",), ()),
 }
+
+# The grammar of a scored evaluation task (`log.eval_tasks`, `jsft-eval --tasks`): key -> (the kinds it
+# applies to, its type, its default; a default of None marks a required key). Rows are JSON lines: a
+# "generate" row has "prompt" (text) or "messages" (a conversation; a last assistant turn is the answer)
+# and "answer" (text); a "choice" row has "prompt" (text), "choices" (2+ texts) and "answer" (an index).
+EVAL_TASK_KEYS: dict[str, tuple[tuple[str, ...], type | tuple[type, ...], object]] = {
+    "name": (EVAL_KINDS, str, None),  # the name scores are reported under
+    "path": (EVAL_KINDS, str, None),  # a local .jsonl file
+    "kind": (EVAL_KINDS, str, None),  # one of EVAL_KINDS
+    "limit": (EVAL_KINDS, int, 0),  # only the first N rows (0 = all)
+    "score": (("generate",), str, "exact_match"),  # one of EVAL_SCORES
+    "answer_regex": (("generate",), str, ""),  # final_answer: its first group (else the match) is the answer
+    "ignore_case": (("generate",), bool, False),
+    "max_new_tokens": (("generate",), int, 32),
+    "chat": (("generate",), bool, True),  # render the prompt with the chat template (else the raw text)
+    "stop": (("generate",), (tuple, list), ()),  # texts that end an answer (besides the EOS token)
+    "delimiter": (
+        ("choice",),
+        str,
+        " ",
+    ),  # put between the prompt and each choice (lm-eval's target_delimiter)
+}
+
+
+def eval_task(entry: object, where: str = "log.eval_tasks") -> dict:
+    """A scored task's entry checked against `EVAL_TASK_KEYS` and completed with the defaults."""
+    if not isinstance(entry, dict) and not hasattr(entry, "to_dict"):
+        raise ConfigError(f"{where}: a task is a dict of {', '.join(EVAL_TASK_KEYS)}, got {entry!r}")
+    entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
+    kind = entry.get("kind")
+    if kind not in EVAL_KINDS:
+        raise ConfigError(
+            f"{where}: task {entry.get('name', '?')!r}: kind must be one of {', '.join(EVAL_KINDS)}"
+        )
+    task = {}
+    for key, (kinds, types, default) in EVAL_TASK_KEYS.items():
+        if kind in kinds:
+            value = entry.pop(key, default)
+            if value is None:
+                raise ConfigError(f"{where}: task {entry.get('name', '?')!r} lacks the key {key!r}")
+            if not isinstance(value, types) or (types is int and isinstance(value, bool)):
+                raise ConfigError(
+                    f"{where}: task {task.get('name', '?')!r}: {key}={value!r} has the wrong type"
+                )
+            task[key] = value
+    if entry:
+        known = [k for k, (kinds, _, _) in EVAL_TASK_KEYS.items() if kind in kinds]
+        raise ConfigError(
+            f"{where}: task {task['name']!r}: unknown key {sorted(entry)[0]!r} for kind {kind} "
+            f"(keys: {', '.join(known)})"
+        )
+    checks = [
+        (task["name"] != "" and "/" not in task["name"], "name must be non-empty, without '/'"),
+        (task["path"].endswith(".jsonl"), f"path {task['path']!r} is not a .jsonl file"),
+        (task["limit"] >= 0, f"limit={task['limit']} must be >= 0"),
+        (task.get("score", EVAL_SCORES[0]) in EVAL_SCORES, f"score must be one of {', '.join(EVAL_SCORES)}"),
+        (task.get("max_new_tokens", 1) >= 1, "max_new_tokens must be at least 1"),
+        (all(isinstance(s, str) and s for s in task.get("stop", ())), "stop must be non-empty texts"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: task {task['name']!r}: {message}")
+    if task.get("answer_regex"):
+        try:
+            re.compile(task["answer_regex"])
+        except re.error as e:
+            raise ConfigError(f"{where}: task {task['name']!r}: answer_regex: {e}") from None
+    return task
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -237,6 +308,9 @@ def default_config() -> ml_collections.ConfigDict:
             "sample_every_steps": 0,  # greedy completions of a few prompts every this many steps (0 = off)
             "sample_prompts": (),  # user messages to complete; () = the first held-out conversations
             "sample_max_new_tokens": 64,
+            # scored tasks (dicts, grammar: EVAL_TASK_KEYS) run with the held-out loss: at the start,
+            # every eval_every_steps and at the end
+            "eval_tasks": (),
             "wandb_project": "",  # also log to this Weights & Biases project ("" = off; TensorBoard always)
         }
     )
@@ -371,6 +445,9 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
             mixer_entry(entry)
         except DataError as e:
             raise ConfigError(f"data.mixer: {e} ({where})") from None
+    names = [eval_task(entry, f"log.eval_tasks ({where})")["name"] for entry in cfg.log.eval_tasks]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"log.eval_tasks: two tasks are named {max(names, key=names.count)!r} ({where})")
 
 
 def parse_format(spec: object, where: str) -> tuple[str | None, dict[str, str]]:
