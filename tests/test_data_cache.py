@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 
 import grain
 import ml_collections
 import numpy as np
 import pytest
 import transformers
-from conftest import REALDATA, TINY_DATA, TINY_MODEL
+from conftest import REALDATA, ROOT, TINY_DATA, TINY_MODEL
 
 from jsft import config, data, errors
 from jsft.cli import prepare
@@ -123,6 +126,83 @@ def test_an_in_place_edit_with_the_same_size_and_mtime_is_not_served_from_the_ca
     moved.mkdir()
     (moved / "a.jsonl").write_text(path.read_text())  # the same bytes at another path: the same key
     assert sources.fingerprint(str(moved / "a.jsonl")) == sources.fingerprint(str(path))
+
+
+# Runs with HF_HOME and HF_HUB_OFFLINE set as a user sets them (huggingface_hub reads them at import).
+HUB_KEY_WORKER = """
+import sys, transformers
+from jsft import config
+from jsft.data import cache, sources
+cfg = config.default_config().data
+cfg.mixer = (("org/chat", 1.0),)
+tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+print(sources.fingerprint("org/chat"), cache.key_for(cfg, tokenizer, seed=0))
+"""
+
+
+def test_a_hub_data_set_is_keyed_by_the_commit_it_resolves_to(tmp_path):
+    """Hub sets were keyed by name only: a new commit of the set was served from the old cache. Offline,
+    the commit is the one the local Hub cache's `refs/main` names (laid out by hand, as huggingface_hub
+    writes it); when the ref moves, the key moves with it."""
+    repo = tmp_path / "hf" / "hub" / "datasets--org--chat"
+    (repo / "refs").mkdir(parents=True)
+    keys = []
+    for commit, rows in (("a" * 40, 3), ("b" * 40, 2)):
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        write_rows(snapshot / "train.jsonl", rows)
+        (repo / "refs" / "main").write_text(commit)
+        env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(
+            [sys.executable, "-c", HUB_KEY_WORKER, str(TINY_MODEL)], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        fingerprint, key = out.stdout.split()
+        assert fingerprint == f"hub:org/chat@{commit}"
+        keys.append(key)
+    assert keys[0] != keys[1]
+
+
+def test_a_full_disk_while_building_the_cache_is_one_line_and_leaves_no_half_entry(tmp_path):
+    """No file may grow past 64 KB, less than one array of the encoded rows: the cache write fails.
+    Before, a traceback; now one line naming the disk error, no partial entry a later run could read,
+    and no row counted as a drop (the environment's fault is never bad data)."""
+    path = write_rows(tmp_path / "a.jsonl", 3000)
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(
+        "from jsft.config import default_config\n"
+        "def get_config():\n"
+        "    c = default_config()\n"
+        f"    c.model.path = {str(TINY_MODEL)!r}\n"
+        f"    c.data.mixer = (({path!r}, 1.0),)\n"
+        f"    c.data.cache_dir = {str(tmp_path / 'cache')!r}\n"
+        "    c.data.max_seq_length = 64\n"
+        "    return c\n"
+    )
+
+    def limit_file_size():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "jsft.cli.prepare", f"--config={config_file}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=limit_file_size,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    verdict = lines[-1]  # after the progress lines
+    assert verdict.startswith("jsft: error: writing the encoded-data cache ") and "a full disk?" in verdict, (
+        lines
+    )
+    assert not any("Traceback" in line for line in lines)
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not list(
+        (tmp_path / "cache").rglob("stats.json")
+    )
 
 
 def test_bad_rows_are_counted_by_reason_and_truncation_is_reported(tmp_path, tokenizer):

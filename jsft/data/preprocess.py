@@ -385,8 +385,14 @@ def prepare(data_cfg, tokenizer, *, seed: int, mixer=None, cache_dir: str | None
         max_row_chars=data_cfg.max_row_chars,
     )
     data.stats["cache_folder"] = str(shared or folder)
-    save(data, folder)
-    if shared:
-        upload(folder, shared)
+    try:
+        save(data, folder)
+        if shared:
+            upload(folder, shared)
+    except OSError as e:  # the disk, not the rows: nothing half-written stays behind to be read later
+        raise SetupError(
+            f"writing the encoded-data cache {shared or folder} failed: {one_line(e)} "
+            "(a full disk? set data.cache_dir or JSFT_CACHE to a folder with room)"
+        ) from e
     log.info("encoded data cached in %s", shared or folder)
     return load(folder)
