@@ -1,5 +1,6 @@
 """The hooks a run registers with its trainer (`trainer.add_hook`): the training log's lines, the
-held-out loss and greedy samples of a few prompts, each written to the run's metrics log."""
+held-out loss, scored tasks (`log.eval_tasks`) and greedy samples of a few prompts, each written to the
+run's metrics log."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from jsft import flops
 from jsft.data import EncodedData
 from jsft.data.batching import Batching
+from jsft.evaluate import Evaluator, Task, without_records
 from jsft.generate import Generator, Sampling
 from jsft.metrics import MetricsLog, batch_fingerprint
 from jsft.step import TrainState
@@ -119,6 +121,25 @@ class HeldOutLoss:
         self.metrics_log.write({"step": step, "eval_loss": self.losses[step]})
         log.info("held-out loss at step %d: %.4f", step, self.losses[step])
         return self.losses[step]
+
+
+class TaskScores:
+    """The `log.eval_tasks` hook: each task scored with the current weights (`jsft.evaluate`, the same
+    scores as `python -m jsft.eval` on the saved step), written as one `scores` record of the step."""
+
+    def __init__(self, evaluator: Evaluator, tasks: list[Task], metrics_log: MetricsLog):
+        self.evaluator, self.tasks, self.metrics_log = evaluator, tasks, metrics_log
+        self.scores: dict[int, dict] = {}
+
+    def __call__(self, state: TrainState, step: int) -> dict:
+        scores = without_records(self.evaluator.score(state.params, state.base, self.tasks))
+        self.scores[step] = scores
+        self.metrics_log.write({"step": step, "scores": scores})
+        shown = ", ".join(
+            f"{task} {k} {v:.3f}" for task, s in scores.items() for k, v in s.items() if k != "count"
+        )
+        log.info("scores at step %d: %s", step, shown)
+        return scores
 
 
 class TrainingSamples:

@@ -97,12 +97,23 @@ def _chat_model(generator: Generator, params: Params, base: Params | None, asset
         raise JsftError(f"cannot load the tokenizer: {one_line(e)}") from None
     if not tokenizer.chat_template:
         raise JsftError("the tokenizer has no chat template to render prompts with")
-    generation = os.path.join(assets, "generation_config.json")
-    generation_config = {}
-    if os.path.isfile(generation):
-        with open(generation) as f:
-            generation_config = json.load(f)
-    return ChatModel(generator, params, base, tokenizer, hf.read_config(assets), generation_config)
+    return ChatModel(generator, params, base, tokenizer, hf.read_config(assets), generation_config(assets))
+
+
+def generation_config(folder: str) -> dict:
+    """The folder's generation_config.json, or {} without one."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def eos_ids(tokenizer: transformers.PreTrainedTokenizerBase, hf_config: dict, generation: dict) -> list[int]:
+    """The model's end tokens: generation_config.json's, else config.json's, else the tokenizer's EOS."""
+    eos = generation.get("eos_token_id", hf_config.get("eos_token_id"))
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
 
 def sampling(
@@ -123,9 +134,7 @@ def sampling(
             raise JsftError(f"--stop {text!r} is {len(ids)} tokens, not one token of this tokenizer")
         stop_ids.append(ids[0])
     if not stop_ids:
-        eos = model.generation_config.get("eos_token_id", model.hf_config.get("eos_token_id"))
-        eos = tokenizer.eos_token_id if eos is None else eos
-        stop_ids = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        stop_ids = eos_ids(tokenizer, model.hf_config, model.generation_config)
     pad_id = model.hf_config.get("pad_token_id")
     pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     return Sampling(

@@ -35,10 +35,13 @@ SCALARS = {
 
 
 def charts(record: dict) -> dict[str, float]:
-    """The scalars of one metrics record under their chart names (eval lines add perplexity)."""
+    """The scalars of one metrics record under their chart names (eval lines add perplexity; a `scores`
+    line, {task: {metric: value, "count": n}}, gives `scores/<task>/<metric>`)."""
     values = {SCALARS[k]: float(v) for k, v in record.items() if k in SCALARS}
     if "eval_loss" in record:
         values["eval/perplexity"] = math.exp(min(float(record["eval_loss"]), 80.0))
+    for task, scores in record.get("scores", {}).items():
+        values |= {f"scores/{task}/{k}": float(v) for k, v in scores.items() if k != "count"}
     return values
 
 

@@ -18,12 +18,13 @@ import ml_collections
 import transformers
 from etils import epath
 
-from jsft import data, hf, models, runtime, sharding
+from jsft import data, hf, inference, models, runtime, sharding
 from jsft.checkpoint import Checkpointer
 from jsft.data import sources
 from jsft.data.batching import Batching
 from jsft.errors import JsftError, SetupError, one_line
-from jsft.hooks import HeldOutLoss, StepLogger, TrainingSamples
+from jsft.evaluate import Evaluator, load_tasks
+from jsft.hooks import HeldOutLoss, StepLogger, TaskScores, TrainingSamples
 from jsft.logging_backends import LogBackends
 from jsft.lora import peft
 from jsft.lora.spec import LoraSpec
@@ -45,6 +46,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     with Checkpointer(cfg) as checkpointer:
         folder = hf.resolve_model(cfg.model.path, cfg.model.revision or None)  # a Hub id is fetched once
         layout, tokenizer, template = load_model_description(cfg, folder, mesh.devices.flat[0])
+        tasks = load_tasks(cfg.log.eval_tasks, "log.eval_tasks") if cfg.log.eval_tasks else []
         train_data, eval_data = load_data(cfg, tokenizer)
         total_steps = count_steps(batching, train_data.examples)
         train_iter = iter(batching.train_batches(train_data.examples))
@@ -63,6 +65,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         logger, held_out = add_hooks(
             cfg, trainer, batching, state, tokenizer, template, eval_data, metrics_log
         )
+        scores = add_task_scores(cfg, trainer, state, folder, tokenizer, template, tasks, metrics_log)
 
         try:
             state = trainer.fit(state, train_iter)
@@ -74,8 +77,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         if checkpointer.stopped:
             where = checkpointer.directory
             log.info("stop requested: saved step %d in %s; run the same command to continue", steps, where)
-        elif held_out and steps not in held_out.losses:
-            held_out(state, steps)
+        else:
+            if held_out and steps not in held_out.losses:
+                held_out(state, steps)
+            if scores and steps not in scores.scores:
+                scores(state, steps)
         summary: dict = {"total_steps": total_steps}
         if held_out:
             summary["eval_loss_start"] = held_out.losses[first_step]
@@ -116,6 +122,35 @@ def add_hooks(
         samples.sample(state, first_step)
         trainer.add_hook(samples, every=cfg.log.sample_every_steps, at_end=True)
     return logger, held_out
+
+
+def add_task_scores(
+    cfg: ml_collections.ConfigDict,
+    trainer: Trainer,
+    state,
+    folder: str,
+    tokenizer,
+    template: str | None,
+    tasks: list,
+    metrics_log: MetricsLog,
+) -> TaskScores | None:
+    """The `log.eval_tasks` hook (None without tasks): scores taken now, every `log.eval_every_steps`
+    and at the end, as the held-out loss is. Answers end at the model's EOS tokens, as in jsft-eval."""
+    if not tasks:
+        return None
+    generation = inference.generation_config(folder)
+    evaluator = Evaluator(
+        trainer.layout,
+        trainer.mesh,
+        tokenizer,
+        stop_ids=inference.eos_ids(tokenizer, hf.read_config(folder), generation),
+        chat_template=template,
+    )
+    scores = TaskScores(evaluator, tasks, metrics_log)
+    scores(state, int(jax.device_get(state.step)))
+    if cfg.log.eval_every_steps:
+        trainer.add_hook(lambda info: scores(info.state, info.step), every=cfg.log.eval_every_steps)
+    return scores
 
 
 def load_model_description(cfg: ml_collections.ConfigDict, folder: str, device: jax.Device):
