@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_run_args
 
-from jsft import checkpoint, sharding
+from jsft import checkpoint, guards, sharding
 
 STEPS = 24
 EVERY = 4
@@ -133,6 +133,32 @@ def test_ctrl_c_saves_the_step_reached_and_exits_cleanly(reference, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {stopped_at}" in resumed.stderr
     assert _records(tmp_path)[STEPS]["loss"] == _records(reference)[STEPS]["loss"]
+
+
+def test_sigterm_before_the_data_is_encoded_saves_the_first_step_and_exits_cleanly(tmp_path):
+    """The handlers were installed after the first step, so a SIGTERM while encoding or compiling killed the
+    process. Now they hold from the run lock on: a stop asked before the data is encoded (a fresh cache, the
+    signal sent as soon as the lock exists) saves at the first step boundary and exits 0."""
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(
+        _command(tmp_path, f"--config.data.cache_dir={cache}", "--config.data.num_proc=1"),
+        env=_env(devices=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / guards.LOCK_NAME).exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert not list(cache.rglob("stats.json"))  # the data is not encoded yet
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stop requested: saved step 1 " in stderr
+    assert checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True).latest_step() == 1
 
 
 def _copy_run(reference, out, keep_up_to: int = STEPS) -> None:
