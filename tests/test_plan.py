@@ -3,7 +3,10 @@ its search's pick fits when compiled, and the Tulu config is planned from the sh
 
 from __future__ import annotations
 
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT
@@ -11,7 +14,7 @@ from conftest import ROOT
 from jsft import config, data, models
 from jsft.cli.plan import parse_args
 from jsft.models import shapes
-from jsft.planning import report
+from jsft.planning import hlo, report
 from jsft.planning.compiled import Memory, build_trainer, compile_step
 from jsft.planning.search import REMAT_ORDER, Setting
 from jsft.planning.steps import DataPlan, data_plan, step_rows
@@ -152,3 +155,27 @@ def test_the_plan_finds_the_cache_the_encoder_built(tmp_path):
     plan = data_plan(cfg)
     assert plan.note.startswith(f"from the data cache ({len(encoded)} conversations")
     assert plan.steps_per_epoch and plan.total_steps == cfg.train.epochs * plan.steps_per_epoch
+
+
+def test_loop_trip_counts_are_read_for_unsigned_counters_starting_above_zero():
+    """Collective-matmul loops count in u32 and some start at 2: reading only s32 bounds counted such a loop
+    once, so the plan reported 7.7 GiB of async traffic on v5p-64 where there are 40.2. A psum inside
+    `fori_loop(u32 2, u32 9)` runs 7 times, by XLA's annotation and, without it, by the condition's bound
+    less the counter's start."""
+    mesh = jax.make_mesh((8,), ("d",))
+
+    def body(x):
+        def step(i, carry):
+            return carry + jax.lax.psum(jnp.sin(carry) * i.astype(jnp.float32), "d")
+
+        return jax.lax.fori_loop(jnp.uint32(2), jnp.uint32(9), step, x)
+
+    program = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=jax.P("d"), out_specs=jax.P("d")))
+    x = jax.device_put(jnp.ones(64, jnp.float32), jax.NamedSharding(mesh, jax.P("d")))
+    text = program.lower(x).compile().as_text()
+    assert '"known_trip_count":{"n":"7"}' in text
+    unannotated = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
+    for program_text in (text, unannotated):
+        facts = hlo.program_facts(program_text)
+        assert [(i.opcode, repeats) for i, repeats in facts.sync_collectives] == [("all-reduce", 7)]
+        assert facts.collective_bytes() == {"all-reduce": 7 * 8 * 4}

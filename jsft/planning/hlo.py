@@ -135,15 +135,21 @@ def _loops(instructions: list[Instruction]) -> tuple[dict[str, int], dict[str, i
 
 
 def _trip_count(loop: Instruction, by_computation: dict[str, list[Instruction]]) -> int:
-    """The bound the loop condition compares its counter with (the largest integer constant in it)."""
+    """How many times the loop body runs: XLA's own `known_trip_count` where it annotated the loop, else
+    the bound the condition compares its counter with (the largest integer constant in it, of any integer
+    type: collective-matmul loops count in u32), less the counter's known start."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.operands)
+    if known:
+        return int(known.group(1))
     condition = re.search(r"condition=(%[\w.\-]+)", loop.operands).group(1)
     bounds = [
         int(c)
         for i in by_computation.get(condition, [])
-        if i.opcode == "constant" and i.shape.startswith("s32[]")
+        if i.opcode == "constant" and re.match(r"[su](8|16|32|64)\[\]", i.shape)
         for c in re.findall(r"^(-?\d+)\)", i.operands)
     ]
-    return max(bounds, default=1)
+    start = re.search(r'"known_init_step":\{"init":"(-?\d+)"', loop.operands)
+    return max(max(bounds, default=1) - (int(start.group(1)) if start else 0), 1)
 
 
 def program_facts(text: str) -> ProgramFacts:
