@@ -1,6 +1,7 @@
 """The one wrapper every jsft command runs under (`@command("jsft.chat")` on its `main(argv)`).
 
-Quiet by default: jsft's own lines at INFO, the libraries' (absl, JAX, Orbax, transformers, datasets, httpx)
+Quiet by default: jsft's own lines at INFO, the libraries' (absl, JAX, Orbax, transformers, datasets, httpx,
+lm_eval)
 only from WARNING up, and the notices they log about what jsft asks of them on purpose not at all.
 `--verbose` (or JSFT_VERBOSE=1) shows the libraries' logs. Every end is one line without a traceback: a
 JsftError (the user's input) as `<prog>: error: <message>` (`config.load_or_exit` ends a command whose
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from jsft.errors import JsftError, one_line
 
-LIBRARY_LOGGERS = ("absl", "jax", "orbax", "transformers", "datasets", "httpx")
+LIBRARY_LOGGERS = ("absl", "jax", "orbax", "transformers", "datasets", "httpx", "lm_eval")
 # Warnings a library logs about a choice jsft makes on purpose: opening a run's checkpoints read-only.
 EXPECTED_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
