@@ -1,8 +1,7 @@
 """The one wrapper every jsft command runs under (`@command("jsft.chat")` on its `main(argv)`).
 
 Quiet by default: jsft's own lines at INFO, the libraries' (absl, JAX, Orbax, transformers, datasets, httpx,
-lm_eval)
-only from WARNING up, and the notices they log about what jsft asks of them on purpose not at all.
+lm_eval) only from WARNING up, and the notices they log about what jsft asks of them on purpose not at all.
 `--verbose` (or JSFT_VERBOSE=1) shows the libraries' logs. Every end is one line without a traceback: a
 JsftError (the user's input) as `<prog>: error: <message>` (`config.load_or_exit` ends a command whose
 configuration does not load as `jsft: config error: <message>`), an OSError or a library's error as
