@@ -236,9 +236,9 @@ def test_unsupported_features_are_clear_errors():
     ):
         ModelConfig.from_hf({"model_type": "gpt2"})
     qwen = transformers.Qwen2Config().to_dict()
-    qwen["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}
+    qwen["rope_parameters"] = {"rope_type": "mrope", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
     with pytest.raises(
-        UnsupportedModelError, match="rope_scaling type 'yarn'.*supported: default, linear, llama3"
+        UnsupportedModelError, match="rope_scaling type 'mrope'.*supported: default, linear, llama3, yarn"
     ):
         ModelConfig.from_hf(qwen)
     with pytest.raises(UnsupportedModelError, match="activation 'relu'"):

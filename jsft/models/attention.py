@@ -1,4 +1,4 @@
-"""Attention and rotary embeddings, written for packed rows.
+"""Attention, written for packed rows (the rotary embeddings it takes are `rope.py`'s).
 
 Packed rows carry `segment_ids` (0 = padding) and per-segment `positions`: a token attends to earlier
 tokens of its own segment only (and, on sliding-window layers, to the last `sliding_window` of them).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsft import sharding
 from jsft.errors import ModelOptionError
-from jsft.models.config import ModelConfig, RopeScaling
+from jsft.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,43 +31,6 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 CUDNN_MAX_HEAD_DIM = 256
 SPLASH_BLOCK_SIZE = 512  # MaxText's choice; clipped to the sequence length
 SPLASH_MIN_BLOCK = 128  # the kernel's lane width: blocks (and so rows) are multiples of it
-
-
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
-    """Inverse frequencies [head_dim // 2], scaled as `linear` or Llama 3 RoPE scaling asks."""
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
-    if scaling is None:
-        return inv_freq
-    if scaling.rope_type == "linear":
-        return inv_freq / scaling.factor
-    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(is_medium, smoothed, scaled)
-
-
-def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin) [batch, seq, 1, head_dim] of each position's rotation angles, in `dtype`.
-
-    Computed once per forward pass and shared by every layer of the same RoPE settings.
-    """
-    freqs = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates [batch, seq, heads, head_dim] by `rope_tables`, in the half-split layout HF models use."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
 
 
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:

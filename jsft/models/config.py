@@ -8,6 +8,7 @@ traits of each family (where its norms sit, how they round, q/k norms, embedding
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from jsft.config import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES
 from jsft.errors import ModelOptionError, UnsupportedModelError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
@@ -54,13 +55,28 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: `linear` divides all frequencies by `factor`; `llama3` is Llama 3.1's."""
+    """RoPE frequency scaling, as transformers' `modeling_rope_utils` computes each `rope_type`.
+
+    `linear` divides all frequencies by `factor`; `llama3` is Llama 3.1's smoothed split; `yarn` blends
+    interpolated and original frequencies between the `beta_fast`/`beta_slow` rotation counts and scales
+    cos and sin by `attention_factor`; `dynamic` (NTK) raises the base once a sequence passes
+    `max_position_embeddings`; `longrope` divides by `short_factor` or `long_factor` per frequency, the
+    long ones once a sequence passes `original_max_position_embeddings`. "A sequence" is the batch's
+    largest position + 1, as transformers takes it (`rope.rope_frequencies`).
+    """
 
     rope_type: str
     factor: float
     low_freq_factor: float = 0.0
     high_freq_factor: float = 0.0
     original_max_position_embeddings: int = 0
+    max_position_embeddings: int = 0  # dynamic: the length past which the base grows
+    attention_factor: float = 1.0  # yarn, longrope: multiplies cos and sin
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True  # yarn: round the ramp's ends outwards to whole dimensions
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +175,8 @@ class ModelConfig:
         family = FAMILIES[model_type]
         num_heads = hf["num_attention_heads"]
         num_layers = hf["num_hidden_layers"]
-        rope_theta, rope_scaling, local_rope_theta = _rope_settings(model_type, hf)
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        rope_theta, rope_scaling, local_rope_theta = _rope_settings(model_type, hf, head_dim)
         sliding_window = _sliding_window(model_type, hf)
         attention_bias = bool(hf.get("attention_bias", False))
         query_pre_attn_scalar = hf.get("query_pre_attn_scalar")
@@ -170,7 +187,7 @@ class ModelConfig:
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
@@ -236,13 +253,18 @@ def _supported_type_and_activation(hf: dict[str, Any]) -> tuple[str, str]:
     return model_type, hidden_act
 
 
-def _rope_settings(model_type: str, hf: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+def _rope_settings(
+    model_type: str, hf: dict[str, Any], head_dim: int
+) -> tuple[float, RopeScaling | None, float | None]:
     """(RoPE base, its scaling, the sliding-window layers' own base or None); those layers are unscaled."""
     global_rope, local_rope = _rope_parameters(model_type, hf)
-    rope_theta, rope_scaling = _rope(global_rope, default_theta=_default_theta(model_type, "global"))
+    # transformers' standardize_rope_params: a top-level original_max_position_embeddings (Phi-3 style
+    # files) wins over the rope dict's, except in per-layer-type dicts, and max_position_embeddings fills it.
+    context = _RopeContext(hf, head_dim, nested=FULL_ATTENTION in (hf.get("rope_parameters") or {}))
+    rope_theta, rope_scaling = _rope(global_rope, _default_theta(model_type, "global"), context)
     local_rope_theta = None
     if local_rope is not None:
-        local_rope_theta, local_scaling = _rope(local_rope, _default_theta(model_type, "local"))
+        local_rope_theta, local_scaling = _rope(local_rope, _default_theta(model_type, "local"), context)
         if local_scaling is not None:
             raise UnsupportedModelError(
                 f"unsupported rope scaling {local_scaling.rope_type!r} on sliding-window layers"
@@ -270,8 +292,45 @@ def _rope_parameters(model_type: str, hf: dict[str, Any]) -> tuple[dict, dict | 
     return rope, local
 
 
-def _rope(rope: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+@dataclasses.dataclass(frozen=True)
+class _RopeContext:
+    """What the scalings read from outside their rope dict."""
+
+    hf: dict[str, Any]
+    head_dim: int
+    nested: bool  # the rope dict is one of several per layer type (Gemma 3's `rope_parameters`)
+
+    def number(self, rope: dict[str, Any], key: str, default: Any = None) -> Any:
+        """`rope[key]` (or `default` when absent or null), one line naming the key when it is missing."""
+        value = rope.get(key)
+        if value is None:
+            value = default
+        if value is None:
+            raise UnsupportedModelError(
+                f"rope_scaling type {rope.get('rope_type')!r} needs {key!r} in config.json's rope settings"
+            )
+        return value
+
+    def max_positions(self, rope: dict[str, Any]) -> int:
+        if "max_position_embeddings" not in self.hf:
+            raise UnsupportedModelError(
+                f"rope_scaling type {rope.get('rope_type')!r} needs max_position_embeddings in config.json"
+            )
+        return int(self.hf["max_position_embeddings"])
+
+    def original_context(self, rope: dict[str, Any]) -> int:
+        if not self.nested and self.hf.get("original_max_position_embeddings") is not None:
+            return int(self.hf["original_max_position_embeddings"])
+        if rope.get("original_max_position_embeddings") is not None:
+            return int(rope["original_max_position_embeddings"])
+        return self.max_positions(rope)
+
+
+def _rope(
+    rope: dict[str, Any], default_theta: float, context: _RopeContext
+) -> tuple[float, RopeScaling | None]:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope = dict(rope, rope_type=rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
             f"unsupported rope_scaling type {rope_type!r} in config.json; "
@@ -282,14 +341,76 @@ def _rope(rope: dict[str, Any], default_theta: float) -> tuple[float, RopeScalin
     theta = float(rope.get("rope_theta", default_theta))
     if rope_type == "default":
         return theta, None
-    if rope_type == "linear":
-        return theta, RopeScaling("linear", float(rope["factor"]))
-    return theta, RopeScaling(
-        "llama3",
-        factor=float(rope["factor"]),
-        low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    if rope_type in ("linear", "dynamic"):
+        scaling = RopeScaling(rope_type, float(context.number(rope, "factor")))
+        if rope_type == "dynamic":
+            scaling = dataclasses.replace(scaling, max_position_embeddings=context.max_positions(rope))
+        return theta, scaling
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            "llama3",
+            factor=float(context.number(rope, "factor")),
+            low_freq_factor=float(context.number(rope, "low_freq_factor")),
+            high_freq_factor=float(context.number(rope, "high_freq_factor")),
+            original_max_position_embeddings=context.original_context(rope),
+        )
+    return theta, (_yarn if rope_type == "yarn" else _longrope)(rope, context)
+
+
+def _yarn(rope: dict[str, Any], context: _RopeContext) -> RopeScaling:
+    """transformers' `_compute_yarn_parameters`: factor defaults to the context ratio, attention
+    factor to YaRN's `0.1 ln(factor) + 1` (or the ratio of two such with `mscale`/`mscale_all_dim`)."""
+    original = context.original_context(rope)
+    factor = rope.get("factor")
+    if factor is None:
+        factor = context.max_positions(rope) / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor, 1.0)
+    return RopeScaling(
+        "yarn",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+        beta_fast=float(rope.get("beta_fast") or 32),  # transformers: `or`, so 0 means the default too
+        beta_slow=float(rope.get("beta_slow") or 1),
+        truncate=True if context.nested else bool(rope.get("truncate", True)),
+    )
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _longrope(rope: dict[str, Any], context: _RopeContext) -> RopeScaling:
+    """transformers' `_compute_longrope_parameters`: per-frequency short and long divisors, factor
+    defaulting to the context ratio and attention factor to `sqrt(1 + ln(factor) / ln(original))`."""
+    original = context.original_context(rope)
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        values = context.number(rope, key)
+        if not isinstance(values, (list, tuple)) or len(values) != context.head_dim // 2:
+            raise UnsupportedModelError(
+                f"rope_scaling {key} in config.json must be a list of head_dim / 2 = "
+                f"{context.head_dim // 2} numbers, got {values!r:.80}"
+            )
+        factors[key] = tuple(float(v) for v in values)
+    factor = rope.get("factor")
+    if factor is None:
+        factor = context.max_positions(rope) / original
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        "longrope",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+        **factors,
     )
 
 

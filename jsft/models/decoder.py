@@ -21,16 +21,14 @@ from jsft import sharding
 from jsft.lora.spec import LoraSpec
 from jsft.models.attention import (
     KVCache,
-    apply_rope,
     attend,
     cached_attention,
     resolve_attention_impl,
-    rope_frequencies,
-    rope_tables,
     soft_cap,
 )
 from jsft.models.config import AttentionKind, ModelConfig
 from jsft.models.projection import Projection, kernel_init
+from jsft.models.rope import apply_rope, rope_frequencies, rope_tables
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -91,7 +89,7 @@ class RMSNorm(nnx.Module):
         return (self.offset + self.scale[...]).astype(x.dtype) * normed.astype(x.dtype)
 
 
-RopeTables = tuple[jax.Array, jax.Array]  # (cos, sin), see `attention.rope_tables`
+RopeTables = tuple[jax.Array, jax.Array]  # (cos, sin), see `rope.rope_tables`
 KeysValues = tuple[jax.Array, jax.Array]  # one layer's keys and values of the tokens run, for a KVCache
 
 
@@ -325,10 +323,15 @@ class Decoder(nnx.Module):
         kinds = self.cfg.attention_kinds
         # One (cos, sin) pair per kind, materialised once: left to itself XLA fuses cos and sin into
         # every consumer and recomputes them there (measured: 42 cosines for one layer's fwd+bwd).
+        # transformers' "current sequence length" for the scalings that depend on it (dynamic, longrope)
+        seq_len = jnp.max(positions) + 1
         ropes = jax.lax.optimization_barrier(
             [
                 rope_tables(
-                    positions, rope_frequencies(self.cfg.head_dim, k.rope_theta, k.rope_scaling), x.dtype
+                    positions,
+                    rope_frequencies(self.cfg.head_dim, k.rope_theta, k.rope_scaling, seq_len),
+                    x.dtype,
+                    k.rope_scaling.attention_factor if k.rope_scaling else 1.0,
                 )
                 for k in kinds
             ]
