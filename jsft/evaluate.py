@@ -4,7 +4,8 @@ mesh, and per-task scores with their counts.
 A task (grammar: `config.EVAL_TASK_KEYS`) is a local JSONL file and how to score it:
 - `generate`: the prompt is completed greedily (the decode loop of `jsft.generate`) and compared with the
   answer by `exact_match` (equal), `contains` (the answer inside the completion) or `final_answer` (the
-  answers extracted by `answer_regex`, default GSM8K's `#### X`, else the last number in the text). Before
+  answers extracted by `answer_regex`, default GSM8K's `#### X`, else the last number in the text; a
+  reference it finds nothing in is taken whole). Before
   comparing, texts are normalised: surrounding whitespace stripped, inner runs of whitespace made one
   space, lower-cased with `ignore_case`; an extracted final answer also loses `,` `$` and a trailing `.`,
   and two numbers compare by value (`42.0` = `42`).
@@ -168,7 +169,8 @@ def is_correct(completion: str, answer: str, spec: dict) -> bool:
     ignore_case = spec.get("ignore_case", False)
     if spec["score"] == "final_answer":
         pattern = spec.get("answer_regex", "")
-        return _same_answer(final_answer(completion, pattern), final_answer(answer, pattern))
+        wanted = final_answer(answer, pattern)  # a reference the pattern does not match counts whole
+        return _same_answer(final_answer(completion, pattern), wanted or final_answer(answer, "(?s)(.+)"))
     got, want = normalise(completion, ignore_case), normalise(answer, ignore_case)
     return got == want if spec["score"] == "exact_match" else want in got
 

@@ -1,6 +1,7 @@
-"""A short tiny run with samples, TensorBoard and W&B (offline): tensorboard's own event reader gets
-back the scalars of metrics.jsonl, the sample text, the config and data statistics; the W&B run
-directory appears; the progress bar shows step/total, ETA, loss, lr, tokens/s and MFU."""
+"""A short tiny run with samples, scored tasks, TensorBoard and W&B (offline): tensorboard's own event reader
+gets back the scalars of metrics.jsonl, the sample text, the config and data statistics; the task scores
+equal `python -m jsft.eval` on the saved step; the W&B run directory appears; the progress bar shows
+step/total, ETA, loss, lr, tokens/s and MFU."""
 
 from __future__ import annotations
 
@@ -16,13 +17,28 @@ import pytest
 from conftest import ROOT, TINY_DATA, tiny_run_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jsft import config, logging_backends, train
+from jsft import config, evaluate, logging_backends, train
+from jsft.cli import eval as eval_command
 
 PEAK_FLOPS = 1e11  # CPUs have no known peak; with one set, MFU is logged
 
 
 @pytest.fixture(scope="module")
-def logged_run(tmp_path_factory):
+def run_tasks(tmp_path_factory) -> tuple[dict, dict]:
+    """A generate task (4 held-out conversations) and a choice task (3 rows) for `log.eval_tasks`."""
+    folder = tmp_path_factory.mktemp("tasks")
+    held_out = (TINY_DATA / "held_out.jsonl").read_text().splitlines(keepends=True)[:4]
+    (folder / "gen.jsonl").write_text("".join(held_out))
+    rows = [{"prompt": f"upper: {w}", "choices": [w.upper(), w], "answer": 0} for w in ("ab", "xyz", "moo")]
+    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return (
+        {"name": "held", "path": str(folder / "gen.jsonl"), "kind": "generate", "max_new_tokens": 6},
+        {"name": "upper_mc", "path": str(folder / "mc.jsonl"), "kind": "choice"},
+    )
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, run_tasks):
     out = tmp_path_factory.mktemp("logged")
     cfg = config.load(
         [
@@ -36,6 +52,7 @@ def logged_run(tmp_path_factory):
             "--config.log.sample_max_new_tokens=8",
             f"--config.log.peak_flops={PEAK_FLOPS}",
             "--config.log.wandb_project=jsft-tests",
+            f"--config.log.eval_tasks={run_tasks!r}",
         ]
     )
     previous = os.environ.get("WANDB_MODE")
@@ -67,6 +84,26 @@ def test_tensorboard_scalars_equal_metrics_log(logged_run):
     perplexity = [s.value for s in events.Scalars("eval/perplexity")]
     np.testing.assert_allclose(perplexity, [math.exp(r["eval_loss"]) for r in eval_lines], rtol=1e-6)
     assert all(0 < r["mfu"] < 1 for r in train_lines)
+
+
+def test_task_scores_in_metrics_log_and_tensorboard_equal_jsft_eval_on_the_saved_step(
+    logged_run, run_tasks, capsys
+):
+    """`log.eval_tasks` scores at steps 0, 10 and 20 (as the held-out loss) in metrics.jsonl and
+    TensorBoard; `python -m jsft.eval` on the saved step 20 prints the same scores."""
+    out, records, events, _ = logged_run
+    scored = [r for r in records if "scores" in r]
+    assert [r["step"] for r in scored] == [r["step"] for r in records if "eval_loss" in r] == [0, 10, 20]
+    assert {t: s["count"] for t, s in scored[-1]["scores"].items()} == {"held": 4, "upper_mc": 3}
+    for task, metric in [("held", "exact_match"), ("upper_mc", "acc"), ("upper_mc", "acc_norm")]:
+        logged = [(s.step, s.value) for s in events.Scalars(f"scores/{task}/{metric}")]
+        assert logged == [(r["step"], pytest.approx(r["scores"][task][metric])) for r in scored]
+    capsys.readouterr()
+    eval_command.main([f"--model={out}", f"--tasks={json.dumps(run_tasks)}", f"--output={out}/scores.json"])
+    after = evaluate.without_records(json.loads((out / "scores.json").read_text()))
+    assert after == scored[-1]["scores"]
+    printed = capsys.readouterr().out
+    assert f"upper_mc     acc_norm     {after['upper_mc']['acc_norm']:.4f}  (n=3)" in printed, printed
 
 
 def test_samples_in_metrics_log_and_tensorboard_text(logged_run):
