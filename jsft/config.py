@@ -34,6 +34,10 @@ ON_UNLOCATED_TURN = ("drop_row", "train_located")
 LOSS_REDUCTIONS = ("mean", "sum")
 BATCH_UNITS = ("rows", "examples")  # what train.global_batch_size counts
 SCHEDULES = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "adafactor")
+# "param": the parameters' storage dtype (param_dtype); "bfloat16": first moment rounded to nearest,
+# second moment rounded stochastically (its small per-step changes would otherwise round away)
+MOMENT_DTYPES = ("param", "float32", "bfloat16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_BASE_DTYPES = ("auto", "float32", "bfloat16")  # auto: the compute dtype (model.dtype)
 QUANTIZATIONS = ("none", "int8", "nf4")
@@ -249,6 +253,8 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.optim = ml_collections.ConfigDict(
         {
+            "name": "adamw",  # adamw | adafactor (factored second moment, no first moment: lean state)
+            "moment_dtype": "param",  # AdamW's moments: param (param_dtype) | float32 | bfloat16
             "lr": 1e-5,
             "schedule": "linear",  # linear | cosine | constant, each after a linear warmup
             "warmup_ratio": 0.03,
@@ -373,6 +379,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.loss_reduction": LOSS_REDUCTIONS,
         "train.batch_unit": BATCH_UNITS,
         "optim.schedule": SCHEDULES,
+        "optim.name": OPTIMIZERS,
+        "optim.moment_dtype": MOMENT_DTYPES,
         "lora.targets": LORA_TARGETS,
         "lora.base_dtype": LORA_BASE_DTYPES,
         "lora.base_quantization": QUANTIZATIONS,
@@ -428,6 +436,11 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}",
         ),
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs or train.max_steps above 0"),
+        (
+            cfg.optim.name == "adamw" or cfg.optim.moment_dtype == "param",
+            f"optim.moment_dtype={cfg.optim.moment_dtype!r} is AdamW's; optim.name={cfg.optim.name!r} "
+            "keeps its own factored float32 statistics",
+        ),
         (
             all(isinstance(p, str) and p for p in cfg.log.sample_prompts),
             "log.sample_prompts must be non-empty strings (user messages)",

@@ -43,12 +43,18 @@ class TrainState:
     base: Params | None = None
 
 
-def _opt_state_shardings(abstract_opt_state, param_shardings: dict[str, NamedSharding], mesh: Mesh):
-    """Optimizer moments are sharded like their parameter; scalars (step counts) are replicated."""
+def _opt_state_shardings(
+    abstract_opt_state,
+    param_shardings: dict[str, NamedSharding],
+    param_shapes: dict[str, jax.ShapeDtypeStruct],
+    mesh: Mesh,
+):
+    """Optimizer moments are sharded like their parameter; scalars (step counts) and Adafactor's factored
+    statistics (a matrix's row and column means, shaped unlike it) are replicated."""
 
     def one(path, leaf):
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        if names and names[-1] in param_shardings and leaf.ndim > 0:
+        if names and names[-1] in param_shardings and leaf.shape == param_shapes[names[-1]].shape:
             return param_shardings[names[-1]]
         return sharding.replicated(mesh)
 
@@ -69,10 +75,11 @@ def state_shardings(layout: Layout, optimizer: optax.GradientTransformation, mes
     a quantized frozen kernel's codes and scales split like the kernel where their sizes allow."""
     all_shardings = layout.shardings(mesh)
     params = {name: all_shardings[name] for name in sorted(layout.trainable)}
-    abstract_opt = jax.eval_shape(optimizer.init, trainable_shapes(layout))
+    shapes = trainable_shapes(layout)
+    abstract_opt = jax.eval_shape(optimizer.init, shapes)
     return TrainState(
         params=params,
-        opt_state=_opt_state_shardings(abstract_opt, params, mesh),
+        opt_state=_opt_state_shardings(abstract_opt, params, shapes, mesh),
         step=sharding.replicated(mesh),
         nonfinite_streak=sharding.replicated(mesh),
         base=lora_params.base_shardings(layout, mesh) if layout.lora else None,

@@ -13,7 +13,7 @@ import torch
 import transformers
 from conftest import gradient_recorder
 
-from jsft import models, optim, sharding, train
+from jsft import config, errors, models, optim, sharding, train
 from jsft.config import default_config
 from jsft.data.batching import Batching
 from jsft.trainer import Trainer
@@ -162,3 +162,112 @@ def test_steps_are_epochs_times_batches_unless_max_steps(epochs, max_steps, expe
         dict.fromkeys(("input_ids", "target_ids", "loss_mask"), np.ones(5 + i, np.int32)) for i in range(24)
     ]
     assert train.count_steps(Batching.from_config(cfg), examples) == expected
+
+
+def _quadratic_run(optimizer: optax.GradientTransformation, steps: int, shape=(64, 256)):
+    """`steps` updates of a matrix pulled to 0 under noisy gradients; (final params, final state)."""
+    rng = np.random.default_rng(0)
+    params = {"layers.mlp.w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
+    state = optimizer.init(params)
+    update = jax.jit(optimizer.update)
+    for _ in range(steps):
+        noise = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        grads = {"layers.mlp.w": params["layers.mlp.w"] + noise}
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_adamw_is_optax_adamw_step_for_step_with_the_same_state_tree():
+    """The chain is built by hand (so its moments can be stored in another dtype); with the parameters'
+    dtype it must be optax.adamw exactly, state tree included (checkpoints of either restore in the other)."""
+    cfg = _optim_cfg(lr=1e-2, warmup_ratio=0.0, weight_decay=0.1, clip_grad_norm=0.0)
+    ours = optim.make_optimizer(cfg, 20)
+    reference = optax.adamw(
+        optim.make_schedule(cfg, 20),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=0.1,
+        mask=lambda p: {name: optim.decays(name) for name in p},
+    )
+    got, got_state = _quadratic_run(ours, 20)
+    expected, expected_state = _quadratic_run(reference, 20)
+    assert jax.tree.structure(got_state) == jax.tree.structure(expected_state)
+    np.testing.assert_array_equal(got["layers.mlp.w"], expected["layers.mlp.w"])
+
+
+def test_stochastic_rounding_to_bfloat16_is_unbiased():
+    x = jnp.full((200_000,), 1.0 + 3 / 1024, jnp.float32)  # between two bfloat16 values (spacing 1/128)
+    rounded = optim._round_stochastically(x, jax.random.key(1), jnp.bfloat16)
+    assert set(np.unique(np.asarray(rounded, np.float32))) == {1.0, 1.0 + 1 / 128}
+    assert float(jnp.mean(rounded.astype(jnp.float32))) == pytest.approx(1.0 + 3 / 1024, rel=2e-5)
+
+
+def test_bfloat16_moments_follow_float32_ones_where_rounding_to_nearest_stalls():
+    """b2 = 0.999 moves the second moment by 0.1% a step, below bfloat16's spacing (0.4-0.8%): rounded to
+    nearest it stays at its first value; rounded stochastically it tracks float32's within 2%."""
+    cfg = _optim_cfg(lr=1e-3, warmup_ratio=0.0, clip_grad_norm=0.0, b2=0.999)
+    _, f32_state = _quadratic_run(optim.make_optimizer(cfg, 300), 300)
+    cfg.moment_dtype = "bfloat16"
+    _, bf16_state = _quadratic_run(optim.make_optimizer(cfg, 300), 300)
+    nearest = optim.moments_stored_in(jnp.bfloat16, optax.scale_by_adam(b2=0.999))
+    nearest_nu = optax.tree_utils.tree_get(_quadratic_run_nearest(nearest), "nu")["layers.mlp.w"]
+    f32_nu = np.asarray(optax.tree_utils.tree_get(f32_state, "nu")["layers.mlp.w"])
+    bf16_nu = optax.tree_utils.tree_get(bf16_state, "nu")["layers.mlp.w"]
+    assert bf16_nu.dtype == jnp.bfloat16
+    assert optax.tree_utils.tree_get(bf16_state, "mu")["layers.mlp.w"].dtype == jnp.bfloat16
+    relative = np.abs(np.asarray(bf16_nu, np.float32) - f32_nu).mean() / f32_nu.mean()
+    assert relative < 0.02, relative
+    assert np.abs(np.asarray(nearest_nu, np.float32) - f32_nu).mean() / f32_nu.mean() > 5 * relative
+
+
+def _quadratic_run_nearest(adam: optax.GradientTransformation) -> optax.OptState:
+    """The same run with the second moment rounded to nearest (the stochastic rounding switched off)."""
+    original = optim._round_stochastically
+    optim._round_stochastically = lambda x, key, dtype: x.astype(dtype)
+    try:
+        return _quadratic_run(adam, 300)[1]
+    finally:
+        optim._round_stochastically = original
+
+
+def test_adafactor_keeps_rows_and_columns_and_trains():
+    cfg = _optim_cfg(name="adafactor", lr=1e-2, warmup_ratio=0.0, clip_grad_norm=1.0, weight_decay=0.01)
+    before, _ = _quadratic_run(optax.identity(), 0, shape=(128, 256))
+    after, state = _quadratic_run(optim.make_optimizer(cfg, 50), 50, shape=(128, 256))
+    state_size = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+    assert state_size <= 128 + 256 + 1  # factored: a row and a column statistic (and a placeholder)
+    assert float(jnp.abs(after["layers.mlp.w"]).mean()) < 0.5 * float(jnp.abs(before["layers.mlp.w"]).mean())
+
+
+def test_moment_dtype_is_adamw_only():
+    cfg = default_config()
+    cfg.model.path, cfg.data.mixer = "m", (("d.jsonl", 1.0),)
+    cfg.optim.name, cfg.optim.moment_dtype = "adafactor", "bfloat16"
+    with pytest.raises(errors.ConfigError, match="optim.moment_dtype='bfloat16' is AdamW's"):
+        config.validate(cfg)
+
+
+def test_adafactor_state_on_an_fsdp_mesh_shards_full_statistics_and_replicates_factored_ones():
+    """Factored statistics (a matrix's row and column) are not shaped like their parameter: they are
+    replicated; the unfactored ones (vectors, small matrices) are split like their parameter."""
+    from conftest import small_model_config
+
+    from jsft import step
+
+    layout = models.Layout(small_model_config(hidden_size=128, intermediate_size=256, vocab_size=256))
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 8, "tensor": 1}))
+    optimizer = optim.make_optimizer(_optim_cfg(name="adafactor"), 10)
+    shardings = step.state_shardings(layout, optimizer, mesh)
+    state = step.init_state(layout.init(0, mesh), optimizer, shardings)
+    shapes = step.trainable_shapes(layout)
+    checked = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state):
+        name = path[-1].key if isinstance(path[-1], jax.tree_util.DictKey) else None
+        if name in shapes and leaf.ndim:
+            like_param = leaf.shape == shapes[name].shape
+            expected = shardings.params[name] if like_param else sharding.replicated(mesh)
+            assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (path, leaf.shape)
+            checked += 1
+    assert checked > len(shapes)  # rows and columns of the matrices, full statistics of the rest

@@ -7,7 +7,9 @@ sizes and loop trip counts read from the program, ring factors) / ICI bandwidth.
 
 from __future__ import annotations
 
-from jsft import flops, hardware
+import jax.numpy as jnp
+
+from jsft import flops, hardware, optim
 from jsft.planning.hlo import ProgramFacts
 
 
@@ -41,9 +43,11 @@ def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
     model_flops = flops.mfu_flops_per_token(model, seq) * tokens / devices
     compute = model_flops / peak
     # HBM floor: the gathered bf16 weights read in the forward, the backward and the recomputation
-    # of each micro-batch, and the float32 state (parameters, gradients, two moments) read and written.
+    # of each micro-batch, and the state (parameters, gradients, the optimizer's moments) read and written.
     params = model.num_params()
-    streamed = 3 * 2 * params * trainer.cfg.train.grad_accum_steps + 2 * 4 * 4 * params / devices
+    param_bytes = jnp.dtype(trainer.cfg.model.param_dtype).itemsize
+    state_bytes = 2 * param_bytes + optim.moment_bytes_per_parameter(trainer.cfg.optim, param_bytes)
+    streamed = 3 * 2 * params * trainer.cfg.train.grad_accum_steps + 2 * state_bytes * params / devices
     memory = streamed / hbm
     overlapped, blocking = wire_bytes(facts, devices)
     step = max(compute, memory, overlapped / ici) + blocking / ici
