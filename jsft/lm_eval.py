@@ -16,6 +16,7 @@ imports `lm_eval` (the `eval` extra).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 
 from lm_eval import evaluator as harness
@@ -26,21 +27,21 @@ from lm_eval.api.registry import model_registry
 from lm_eval.models import utils as model_utils
 from lm_eval.tasks import TaskManager
 
-from jsft import evaluate, inference
+from jsft import config, evaluate, inference
 from jsft.errors import JsftError
 
 MAX_GEN_TOKS = 256  # the harness's default for a request that names no max_gen_toks (as its hf backend)
 
 
 class JsftLM(TemplateLM):
-    """`model_args`: `model` (a run's output_dir or checkpoints, or an HF folder), `step`, `batch_size`,
-    `max_length` (default: the model's `max_position_embeddings`)."""
+    """`model_args`: `model` (a run's output_dir or checkpoints, or an HF folder; in Python also a loaded
+    `inference.ChatModel`), `step`, `batch_size`, `max_length` (default: `max_position_embeddings`)."""
 
     backend = "causal"
 
     def __init__(
         self,
-        model: str = "",
+        model: str | inference.ChatModel = "",
         step: int | str | None = None,
         batch_size: int | str | None = 16,
         max_length: int | str | None = None,
@@ -49,8 +50,11 @@ class JsftLM(TemplateLM):
         super().__init__()
         if not model:
             raise JsftError("the jsft lm-eval model needs model_args model=<run or HF folder>")
-        self.path = model
-        self.loaded = inference.load(model, None if step in (None, "") else int(step))
+        if isinstance(model, inference.ChatModel):  # already loaded (tests, benchmarks)
+            self.path, self.loaded = "jsft", model
+        else:
+            self.path = model
+            self.loaded = inference.load(model, None if step in (None, "") else int(step))
         self.tokenizer = self.loaded.tokenizer
         size = 16 if batch_size in (None, "", "auto") else int(str(batch_size).split(":")[0])
         self.evaluator = evaluate.Evaluator.for_model(self.loaded, size)
@@ -157,6 +161,49 @@ class JsftLM(TemplateLM):
 # Registered by name and module (a placeholder the harness resolves when asked for "jsft"), so importing
 # this module twice (as `python -m jsft.lm_eval` does) registers the same target.
 model_registry.register("jsft", target=f"{__spec__.name if __spec__ else __name__}:JsftLM")
+
+
+def harness_task(spec: dict, folder: str) -> str:
+    """Writes a jsft task (`config.eval_task`'s grammar) into `folder` as a harness task of the same name
+    and rows (YAML, written as JSON, which YAML reads): a choice task as `multiple_choice` (acc, acc_norm),
+    a generate task of raw `prompt` rows (`chat: False`) as `generate_until` (exact_match; its `stop` texts
+    as `until`). Returns the YAML's path; `--include_path=folder` finds it."""
+    spec = config.eval_task(spec, "harness_task")
+    rows = evaluate.read_rows(spec)
+    common = {
+        "task": spec["name"],
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": os.path.abspath(spec["path"])}},
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+    }
+    if spec["kind"] == "choice":
+        task = common | {
+            "output_type": "multiple_choice",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "{{answer}}",
+            "target_delimiter": spec["delimiter"],
+            "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+        }
+    elif spec["chat"] or any(len(r["messages"]) != 1 for r in rows):
+        raise JsftError(
+            f"task {spec['name']!r}: only raw prompts (chat: False, prompt rows) become harness tasks"
+        )
+    else:
+        task = common | {
+            "output_type": "generate_until",
+            "doc_to_target": "{{answer}}",
+            "generation_kwargs": {
+                "until": list(spec["stop"]),
+                "max_gen_toks": spec["max_new_tokens"],
+                "do_sample": False,
+            },
+            "metric_list": [{"metric": "exact_match", "ignore_case": spec["ignore_case"]}],
+        }
+    path = os.path.join(folder, f"{spec['name']}.yaml")
+    with open(path, "w") as f:
+        json.dump(task, f, indent=1)
+    return path
 
 
 def run(
