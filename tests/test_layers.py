@@ -33,11 +33,13 @@ LAYERS = (
             "jsft.export",
             "jsft.plots",
             "jsft.inference",
+            "jsft.evaluate",
+            "jsft.lm_eval",
         ),
     ),
     ("planning", ("jsft.planning",)),
     ("run", ("jsft.train",)),
-    ("commands", ("jsft.cli",)),
+    ("commands", ("jsft.cli", "jsft.eval")),
 )
 
 
