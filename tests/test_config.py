@@ -39,6 +39,32 @@ def test_tulu_config_is_the_published_recipe():
     assert cfg.train.loss_reduction == "sum"
 
 
+def test_tulu_70b_config_is_the_published_recipe():
+    """open-instruct's command for Llama-3.1-Tulu-3-70B-SFT: as the 8B's but lr 2e-6 and seed 456."""
+    cfg = _load(f"--config={ROOT}/configs/tulu_70b.py")
+    assert cfg.model.path == "meta-llama/Llama-3.1-70B"
+    assert cfg.data.mixer == (("allenai/tulu-3-sft-mixture", 1.0),)
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio, cfg.optim.weight_decay) == (
+        2e-6,
+        "linear",
+        0.03,
+        0.0,
+    )
+    assert (cfg.train.batch_unit, cfg.train.global_batch_size, cfg.train.grad_accum_steps) == (
+        "examples",
+        128,
+        1,
+    )
+    assert (cfg.train.epochs, cfg.data.max_seq_length, cfg.data.chat_template) == (2, 4096, "tulu")
+    assert (cfg.train.loss_reduction, cfg.train.seed, cfg.optim.clip_grad_norm) == ("sum", 456, 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.py")))
+def test_every_shipped_config_loads(name):
+    cfg = _load(f"--config={ROOT}/configs/{name}")
+    assert cfg.data.max_seq_length > 0 and cfg.optim.lr > 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -91,6 +91,16 @@ def test_tulu_planned_from_the_shape_table_without_weights():
     assert (total, trained) == (8_030_261_248, 32 * 16 * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3))
 
 
+def test_tulu_70b_planned_from_the_shape_table_without_weights():
+    cfg = load(str(ROOT / "configs" / "tulu_70b.py"))
+    hf_config, source = shapes.hf_config(cfg.model.path)
+    assert "shape table" in source
+    trainer = build_trainer(cfg, hf_config, jax.devices())  # builds, compiles nothing
+    # Llama 3.1 70B's published count
+    assert report.parameter_counts(trainer) == (70_553_706_496, 70_553_706_496)
+    assert report._count(70_553_706_496) == "70.55B"
+
+
 def test_batches_of_conversations_compile_the_rows_they_pack_into():
     """With batch_unit=examples the plan compiles the rows a step's conversations take, not one each."""
     cfg = load(TINY, *FSDP, "--config.train.batch_unit=examples", "--config.train.global_batch_size=64")

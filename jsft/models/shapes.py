@@ -32,7 +32,17 @@ LLAMA_31_8B = {
     "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0,
     "rope_scaling": {**_LLAMA3_ROPE, "factor": 8.0},
+    "max_position_embeddings": 131072,
     "tie_word_embeddings": False,
+}
+
+LLAMA_31_70B = {
+    **LLAMA_31_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
 }
 
 LLAMA_32_1B = {
@@ -57,6 +67,8 @@ LLAMA_32_3B = {
 KNOWN_CONFIGS: dict[str, dict] = {
     "meta-llama/Llama-3.1-8B": LLAMA_31_8B,
     "meta-llama/Llama-3.1-8B-Instruct": LLAMA_31_8B,
+    "meta-llama/Llama-3.1-70B": LLAMA_31_70B,
+    "meta-llama/Llama-3.1-70B-Instruct": LLAMA_31_70B,
     "meta-llama/Llama-3.2-1B": LLAMA_32_1B,
     "meta-llama/Llama-3.2-1B-Instruct": LLAMA_32_1B,
     "meta-llama/Llama-3.2-3B": LLAMA_32_3B,
