@@ -144,7 +144,8 @@ def test_help_of_tools_whose_run_is_too_long():
 
 def test_every_command_answers_help():
     """jsft-train, jsft-prepare and jsft-tpu read a config, not flags: their --help was a config error."""
-    modules = [f"jsft.cli.{name}" for name in ("train", "prepare", "chat", "export", "plan", "tpu")]
+    names = ("train", "prepare", "chat", "export", "plan", "tpu", "eval", "lm_eval")
+    modules = [f"jsft.cli.{name}" for name in names]
     results = json.loads(run("-c", HELP_RUNNER, *modules, "jsft.train").stdout.splitlines()[-1])
     for module, (code, text) in results.items():
         assert code in (0, "returned") and text.startswith("usage: jsft-") and "--" in text, (module, text)
