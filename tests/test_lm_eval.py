@@ -76,7 +76,8 @@ def test_jsft_backend_agrees_with_the_harness_hf_backend(tmp_path):
                 assert [r[0][1] for r in a["resps"]] == [r[0][1] for r in b["resps"]]
             ours_ll = [r[0][0] if task == "tiny_mc" else r[0] for r in a["resps"]]
             theirs_ll = [r[0][0] if task == "tiny_mc" else r[0] for r in b["resps"]]
-            np.testing.assert_allclose(ours_ll, theirs_ll, atol=1e-4, rtol=0)
+            # a rolling document sums ~20 tokens' log-probabilities: its bound grows with the total (1e-6)
+            np.testing.assert_allclose(ours_ll, theirs_ll, atol=1e-4, rtol=0 if task == "tiny_mc" else 1e-6)
     for task, metric in [
         ("tiny_mc", "acc,none"),
         ("tiny_mc", "acc_norm,none"),
