@@ -7,17 +7,21 @@ question the model knows. Converted once per module (~35 s: transformers' GGUF r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 
-from jsft import gguf, hf, inference, sharding
+from jsft import config, gguf, hf, inference, sharding, train
 from jsft.errors import JsftError, ModelFolderError, SetupError, UnsupportedModelError
 
-gguf_package = pytest.importorskip("gguf", reason="the gguf package is not installed (the real extra)")
-torch = pytest.importorskip("torch", reason="transformers reads GGUF through torch")
+needs_gguf = pytest.mark.skipif(
+    importlib.util.find_spec("gguf") is None or importlib.util.find_spec("torch") is None,
+    reason="gguf or torch is not installed (pip install -e '.[real]')",
+)
 
 PROMPTS = ["What is the capital of France?", "reverse: abc", "Name three colours."]
 # Converted folder against transformers on the GGUF: the same weights through the same code.
@@ -54,11 +58,15 @@ def _prompt_ids(tokenizer) -> list[list[int]]:
 
 
 def _reference_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
+@needs_gguf
 def test_the_folder_gives_the_logits_of_transformers_on_the_gguf(converted):
+    import torch
     import transformers
 
     reference, tokenizer, folder = converted
@@ -79,6 +87,7 @@ def test_the_folder_gives_the_logits_of_transformers_on_the_gguf(converted):
         )
 
 
+@needs_gguf
 def test_jsft_loads_the_folder_at_parity_and_answers_greedily(converted):
     reference, tokenizer, folder = converted
     model = inference.load(folder, mesh=sharding.single_device_mesh())
@@ -91,6 +100,7 @@ def test_jsft_loads_the_folder_at_parity_and_answers_greedily(converted):
     assert "Paris" in answer["completion"], answer
 
 
+@needs_gguf
 def test_a_non_empty_output_folder_is_refused_before_reading_the_weights(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(JsftError, match="not empty"):
@@ -101,6 +111,8 @@ def test_a_non_empty_output_folder_is_refused_before_reading_the_weights(tmp_pat
 def _write_gguf(path, arch: str, reorder: bool = False) -> str:
     """A weightless GGUF file written by the gguf package; `reorder` puts general.architecture after keys
     of every shape (strings, a string array, numbers), so the header reader must skip them."""
+    import gguf as gguf_package
+
     writer = gguf_package.GGUFWriter(str(path), arch)
     writer.add_name("test")
     writer.add_token_list(["a", "bb", "ccc"])
@@ -116,11 +128,13 @@ def _write_gguf(path, arch: str, reorder: bool = False) -> str:
     return str(path)
 
 
+@needs_gguf
 def test_the_architecture_is_read_from_the_header(tmp_path):
     assert gguf.architecture(_write_gguf(tmp_path / "a.gguf", "qwen2", reorder=True)) == "qwen2"
     assert gguf.architecture(_write_gguf(tmp_path / "b.gguf", "llama")) == "llama"
 
 
+@needs_gguf
 def test_bad_inputs_are_one_line_errors_before_any_reading(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     with pytest.raises(ModelFolderError, match="does not exist"):
@@ -138,3 +152,21 @@ def test_bad_inputs_are_one_line_errors_before_any_reading(tmp_path, monkeypatch
     with pytest.raises(SetupError, match=r"needs transformers with gguf, not installed: pip install"):
         gguf.to_hf_folder(llama, out)
     assert not (tmp_path / "out").exists()
+
+
+def _smollm2_config():
+    return config.load(["jsft-train", f"--config={ROOT}/configs/smollm2.py"])
+
+
+def test_the_smollm2_config_names_the_tool_in_one_line_when_its_folder_is_absent(tmp_path, monkeypatch):
+    monkeypatch.setenv("JSFT_SMOLLM2_HF", str(tmp_path / "smollm2-hf"))
+    cfg = _smollm2_config()
+    with cfg.unlocked():
+        cfg.output_dir = str(tmp_path / "run")
+    with pytest.raises(ModelFolderError) as error:
+        train.run(cfg)
+    message = str(error.value)
+    assert "\n" not in message and "does not exist" in message, message
+    assert "make it with `python tools/gguf_to_hf.py smollm2 runs/smollm2-hf`" in message, message
+    (tmp_path / "smollm2-hf").mkdir()
+    assert _smollm2_config().model.path == str(tmp_path / "smollm2-hf")

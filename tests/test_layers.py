@@ -18,7 +18,7 @@ LAYERS = (
     ("foundation", ("jsft", "jsft.errors", "jsft.config", "jsft.paths", "jsft.units", "jsft.hardware")),
     ("runtime", ("jsft.runtime",)),
     ("mesh", ("jsft.sharding",)),
-    ("model", ("jsft.models", "jsft.hf", "jsft.lora.spec", "jsft.lora.quant")),
+    ("model", ("jsft.models", "jsft.hf", "jsft.gguf", "jsft.lora.spec", "jsft.lora.quant")),
     ("lora", ("jsft.lora",)),
     ("data", ("jsft.data",)),
     ("objective", ("jsft.loss", "jsft.optim", "jsft.flops")),

@@ -78,6 +78,8 @@ HELP_ONLY = {
     "tools/bench/loop.py": "~40 s on 2 cores: a model, the bare step and the whole loop compiled",
     "tools/bench/loss_reduction.py": "eight tiny runs: ~2.5 minutes on 2 cores even at --steps=1",
     "tools/bench/lora.py": "compiles an 8B model's step and times a ~60M one; neither size is a flag",
+    "tools/gguf_to_hf.py": "~40 s and 0.5 GB: the 135M SmolLM2 GGUF read and dequantized by transformers "
+    "(tests/test_gguf.py converts it once through jsft.gguf, which the tool calls)",
     "tools/bench/optimizers.py": "three tiny runs, one per optimizer: a minute even at --steps=1",
     "tools/bench/lm_eval_backends.py": "two backends loaded and run twice on a real model (minutes); on the "
     "tiny model the same agreement is tests/test_lm_eval.py",
