@@ -3,6 +3,7 @@ its search's pick fits when compiled, and the Tulu config is planned from the sh
 
 from __future__ import annotations
 
+import logging
 import re
 
 import jax
@@ -101,6 +102,14 @@ def test_tulu_70b_planned_from_the_shape_table_without_weights():
     assert report._count(70_553_706_496) == "70.55B"
 
 
+def test_offload_falls_back_to_full_remat_on_cpu(caplog):
+    cfg = load(TINY, "--config.model.remat=offload")
+    with caplog.at_level(logging.WARNING):
+        trainer = build_trainer(cfg, shapes.hf_config(cfg.model.path)[0], jax.devices())
+    assert trainer.layout.cfg.remat == "full"
+    assert "model.remat=offload: cpu devices cannot offload activations" in caplog.text
+
+
 def test_batches_of_conversations_compile_the_rows_they_pack_into():
     """With batch_unit=examples the plan compiles the rows a step's conversations take, not one each."""
     cfg = load(TINY, *FSDP, "--config.train.batch_unit=examples", "--config.train.global_batch_size=64")
@@ -168,24 +177,33 @@ def test_the_plan_finds_the_cache_the_encoder_built(tmp_path):
 
 
 def test_loop_trip_counts_are_read_for_unsigned_counters_starting_above_zero():
-    """Collective-matmul loops count in u32 and some start at 2: reading only s32 bounds counted such a loop
-    once, so the plan reported 7.7 GiB of async traffic on v5p-64 where there are 40.2. A psum inside
-    `fori_loop(u32 2, u32 9)` runs 7 times, by XLA's annotation and, without it, by the condition's bound
-    less the counter's start."""
+    """The TPU's collective-matmul loops count in u32 from 2 by 2 below 16, without XLA's trip-count
+    annotation: reading only s32 bounds counted such a loop once, the largest constant 16 times; the plan
+    reported 7.7 GiB of async traffic for configs/tulu.py on v5p-64 where there are 40.2. A psum inside a
+    u32 loop from 2 to 9 by 1 runs 7 times, and one from 2 below 16 by 2 runs 7 times: by XLA's
+    annotation where it gave one, and without it from the counter's start, step and bound."""
     mesh = jax.make_mesh((8,), ("d",))
 
-    def body(x):
+    def by_one(x):
         def step(i, carry):
             return carry + jax.lax.psum(jnp.sin(carry) * i.astype(jnp.float32), "d")
 
         return jax.lax.fori_loop(jnp.uint32(2), jnp.uint32(9), step, x)
 
-    program = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=jax.P("d"), out_specs=jax.P("d")))
+    def by_two(x):
+        def step(state):
+            i, carry = state
+            return i + jnp.uint32(2), carry + jax.lax.psum(jnp.sin(carry) * i.astype(jnp.float32), "d")
+
+        return jax.lax.while_loop(lambda state: state[0] < jnp.uint32(16), step, (jnp.uint32(2), x))[1]
+
     x = jax.device_put(jnp.ones(64, jnp.float32), jax.NamedSharding(mesh, jax.P("d")))
-    text = program.lower(x).compile().as_text()
-    assert '"known_trip_count":{"n":"7"}' in text
-    unannotated = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
-    for program_text in (text, unannotated):
-        facts = hlo.program_facts(program_text)
-        assert [(i.opcode, repeats) for i, repeats in facts.sync_collectives] == [("all-reduce", 7)]
-        assert facts.collective_bytes() == {"all-reduce": 7 * 8 * 4}
+    for body in (by_one, by_two):
+        program = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=jax.P("d"), out_specs=jax.P("d")))
+        text = program.lower(x).compile().as_text()
+        unannotated = re.sub(r'"known_(trip_count|init_step)":\{[^}]*\},?', "", text)
+        assert "known_trip_count" not in unannotated
+        for program_text in (text, unannotated):
+            facts = hlo.program_facts(program_text)
+            assert [(i.opcode, repeats) for i, repeats in facts.sync_collectives] == [("all-reduce", 7)]
+            assert facts.collective_bytes() == {"all-reduce": 7 * 8 * 4}

@@ -118,13 +118,14 @@ def _loops(instructions: list[Instruction]) -> tuple[dict[str, int], dict[str, i
     by_computation: dict[str, list[Instruction]] = {}
     for i in instructions:
         by_computation.setdefault(i.computation, []).append(i)
+    by_name = {i.name: i for i in instructions}
     entry = instructions[-1].computation if instructions else ""
     depth, repeats = {entry: 0}, {entry: 1}
     stack = [entry]
     while stack:
         computation = stack.pop()
         for i in by_computation.get(computation, []):
-            trips = _trip_count(i, by_computation) if i.opcode == "while" else 1
+            trips = _trip_count(i, by_computation, by_name) if i.opcode == "while" else 1
             for callee in _called(i):
                 if callee in repeats:
                     continue
@@ -134,22 +135,115 @@ def _loops(instructions: list[Instruction]) -> tuple[dict[str, int], dict[str, i
     return depth, repeats
 
 
-def _trip_count(loop: Instruction, by_computation: dict[str, list[Instruction]]) -> int:
-    """How many times the loop body runs: XLA's own `known_trip_count` where it annotated the loop, else
-    the bound the condition compares its counter with (the largest integer constant in it, of any integer
-    type: collective-matmul loops count in u32), less the counter's known start."""
+def _trip_count(
+    loop: Instruction, by_computation: dict[str, list[Instruction]], by_name: dict[str, Instruction]
+) -> int:
+    """How many times the loop body runs: XLA's own `known_trip_count` where it annotated the loop; else
+    from the loop's counter (its start in the loop's operand, its step in the body, the bound and
+    comparison in the condition, in any integer type: the TPU's collective-matmul loops count in u32,
+    from 2 by 2 below 16); else the largest integer constant in the condition."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.operands)
     if known:
         return int(known.group(1))
     condition = re.search(r"condition=(%[\w.\-]+)", loop.operands).group(1)
+    counted = _counted_trips(loop, condition, by_computation, by_name)
+    if counted is not None:
+        return counted
     bounds = [
         int(c)
         for i in by_computation.get(condition, [])
         if i.opcode == "constant" and re.match(r"[su](8|16|32|64)\[\]", i.shape)
         for c in re.findall(r"^(-?\d+)\)", i.operands)
     ]
-    start = re.search(r'"known_init_step":\{"init":"(-?\d+)"', loop.operands)
-    return max(max(bounds, default=1) - (int(start.group(1)) if start else 0), 1)
+    return max(bounds, default=1)
+
+
+def _counted_trips(
+    loop: Instruction, condition: str, by_computation: dict[str, list[Instruction]], by_name: dict
+) -> int | None:
+    """Trips of `counter < bound` (or <=, !=, >, >=) with a constant start and step, None when the loop
+    is not of that form."""
+    compared = _binary(by_computation.get(condition, [None])[-1], "compare", by_computation, by_name)
+    if compared is None:
+        return None
+    (left, right), direction = compared
+    if left[0] == "constant":
+        (left, right), direction = (
+            (right, left),
+            {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}.get(direction, direction),
+        )
+    if left[0] != "counter" or right[0] != "constant":
+        return None
+    index, bound = left[1], right[1]
+    start = _element(by_name.get(next(iter(_operand_names(loop)), "")), index, by_name)
+    body = re.search(r"body=(%[\w.\-]+)", loop.operands).group(1)
+    update = _element(by_computation.get(body, [None])[-1], index, by_name, resolve=False)
+    added = _binary(update, "add", by_computation, by_name) if update else None
+    if start is None or start[0] != "constant" or added is None:
+        return None
+    (a, b), _ = added
+    if not ({a[0], b[0]} == {"counter", "constant"} and index in (a[1], b[1])):
+        return None
+    begin, step = start[1], (b if b[0] == "constant" else a)[1]
+    span = {"LT": bound - begin, "LE": bound - begin + step, "NE": bound - begin}.get(direction)
+    if direction in ("GT", "GE") and step < 0:
+        span, step = begin - bound + (-step if direction == "GE" else 0), -step
+    if span is None or step <= 0:
+        return None
+    return max(-(-span // step), 0)
+
+
+def _value(name: str, by_name: dict[str, Instruction]) -> tuple[str, int] | None:
+    """("constant", value) or ("counter", tuple index) of an operand, through copies and conversions."""
+    i = by_name.get(name)
+    while i is not None and i.opcode in ("copy", "bitcast", "convert"):
+        i = by_name.get(next(iter(_operand_names(i)), ""))
+    if i is None:
+        return None
+    if i.opcode == "constant":
+        value = re.match(r"(-?\d+)\)", i.operands)
+        return ("constant", int(value.group(1))) if value else None
+    if i.opcode == "get-tuple-element":
+        return ("counter", int(re.search(r"index=(\d+)", i.operands).group(1)))
+    return None
+
+
+def _element(tuple_: Instruction | None, index: int, by_name: dict, resolve: bool = True):
+    """Element `index` of a `tuple` instruction: its value (`_value`), or with resolve=False the
+    instruction itself."""
+    if tuple_ is None or tuple_.opcode != "tuple":
+        return None
+    names = _operand_names(tuple_)
+    if index >= len(names):
+        return None
+    return _value(names[index], by_name) if resolve else by_name.get(names[index])
+
+
+def _binary(i: Instruction | None, opcode: str, by_computation: dict, by_name: dict):
+    """((left value, right value), compare direction) of a binary `opcode` instruction, or of a fusion
+    whose computation is one (operands mapped through its parameters), else None."""
+    if i is None:
+        return None
+    operands = _operand_names(i)
+    if i.opcode == "fusion":
+        fused = by_computation.get(next(iter(_called(i)), ""), [])
+        inner = [f for f in fused if f.opcode == opcode]
+        if len(inner) != 1:
+            return None
+        parameters = {
+            f.name: int(re.match(r"(\d+)\)", f.operands).group(1)) for f in fused if f.opcode == "parameter"
+        }
+        inner_operands = _operand_names(inner[0])
+        if not all(name in parameters for name in inner_operands):
+            return None
+        operands, i = [operands[parameters[name]] for name in inner_operands], inner[0]
+    if i.opcode != opcode or len(operands) != 2:
+        return None
+    values = (_value(operands[0], by_name), _value(operands[1], by_name))
+    if None in values:
+        return None
+    direction = re.search(r"direction=(\w+)", i.operands)
+    return values, direction.group(1) if direction else None
 
 
 def program_facts(text: str) -> ProgramFacts:
