@@ -16,7 +16,7 @@ pytest.importorskip("torch", reason="the harness's hf backend is the reference")
 from lm_eval import evaluator as harness  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from jsft import inference  # noqa: E402
+from jsft import evaluate, inference  # noqa: E402
 from jsft import lm_eval as backend  # noqa: E402
 
 WORDS = ("moon", "ab", "tiny", "xyz", "sort", "hello")
@@ -49,9 +49,12 @@ def write_tasks(folder) -> list[str]:
 
 
 def test_jsft_backend_agrees_with_the_harness_hf_backend(tmp_path):
+    """Also: jsft's own choice scoring (jsft.evaluate, as jsft-eval and log.eval_tasks score) of the same rows
+    gives the harness's acc and acc_norm."""
     tasks = write_tasks(tmp_path)
+    lm = backend.JsftLM(inference.load(str(TINY_MODEL)), batch_size=8)
     jsft = backend.run(
-        backend.JsftLM(inference.load(str(TINY_MODEL)), batch_size=8),
+        lm,
         tasks,
         include_path=str(tmp_path),
         log_samples=True,
@@ -86,6 +89,11 @@ def test_jsft_backend_agrees_with_the_harness_hf_backend(tmp_path):
         assert jsft["results"][task][metric] == hf["results"][task][metric], (task, metric)
     assert jsft["results"]["tiny_rolling"]["word_perplexity,none"] == pytest.approx(
         hf["results"]["tiny_rolling"]["word_perplexity,none"], rel=1e-4
+    )
+    choice = evaluate.load_tasks([{"name": "tiny_mc", "path": str(tmp_path / "mc.jsonl"), "kind": "choice"}])
+    own = lm.evaluator.score(lm.loaded.params, lm.loaded.base, choice)["tiny_mc"]
+    assert (own["acc"], own["acc_norm"]) == pytest.approx(
+        (hf["results"]["tiny_mc"]["acc,none"], hf["results"]["tiny_mc"]["acc_norm,none"])
     )
     generated = [s["resps"][0][0] for s in jsft["samples"]["tiny_gen"]]
     assert any(generated), generated  # the greedy strings compared are not all empty
