@@ -27,7 +27,7 @@ from jsft.errors import ConfigError, DataError, one_line
 # names from here, so the config loads without JAX and a name exists in one place.
 DTYPES = ("float32", "bfloat16")  # model.param_dtype; model.dtype also takes "auto"
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
-REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal")  # what each decoder block keeps for backward
+REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal", "offload")  # what each block keeps for backward
 PACKERS = ("first_fit", "best_fit")  # Grain's packers
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 ON_UNLOCATED_TURN = ("drop_row", "train_located")
@@ -208,7 +208,7 @@ def default_config() -> ml_collections.ConfigDict:
             "dtype": "auto",  # compute dtype of activations: auto = bfloat16 on GPU/TPU, float32 on CPU
             "param_dtype": "float32",  # storage dtype of parameters and optimizer moments
             "attention": "auto",  # auto | xla | cudnn | splash (auto: cudnn on NVIDIA, splash on TPU)
-            "remat": "none",  # none | full | minimal | dots_saveable: what each block keeps for backward
+            "remat": "none",  # none | full | minimal | dots_saveable | offload: what blocks keep for backward
             "scan_layers": True,  # one lax.scan over stacked layers: compile time does not grow with depth
         }
     )

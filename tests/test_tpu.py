@@ -28,13 +28,12 @@ TINY_ON_V5P_8 = [
 ]
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def _compiled_report(*overrides: str) -> dict:
     # compiled with the libtpu flags jsft sets by default, whatever this shell sets
     drop = ("XLA_FLAGS", "LIBTPU_INIT_ARGS", "JSFT_LIBTPU_DEFAULTS")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     done = subprocess.run(
-        [sys.executable, "-m", "jsft.cli.tpu", *TINY_ON_V5P_8],
+        [sys.executable, "-m", "jsft.cli.tpu", *TINY_ON_V5P_8, *overrides],
         capture_output=True,
         text=True,
         env=env,
@@ -44,12 +43,25 @@ def report() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return _compiled_report()
+
+
 def test_compiled_for_the_slice_with_the_tpu_compilers_memory(report):
     assert report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     memory = report["memory_gib"]
     # float32 parameters and two Adam moments of 0.84M parameters, split 4 ways: ~2.5 MiB before padding
     assert 2.4 / 1024 < memory["state"] < 8 / 1024
     assert memory["peak"] >= memory["state"] + memory["temporaries"]
+
+
+def test_offload_keeps_every_layer_input_in_host_memory(report):
+    """remat=offload: the TPU compiler places each layer's input in host memory, exactly 4 layers x 4
+    rows x 128 tokens x 128 bfloat16 values per chip; without it nothing is offloaded."""
+    offload = _compiled_report("--config.model.remat=offload")
+    assert offload["memory_gib"]["host"] * 2**30 == 4 * 4 * 128 * 128 * 2
+    assert report["memory_gib"]["host"] == 0
 
 
 def test_splash_kernel_is_the_attention(report):

@@ -23,7 +23,7 @@ from jsft.errors import JsftError, ModelFolderError
 from jsft.lora.spec import LoraSpec
 from jsft.models.attention import resolve_attention_impl, soft_cap
 from jsft.models.config import ModelConfig
-from jsft.models.decoder import Decoder
+from jsft.models.decoder import Decoder, resolve_remat
 from jsft.models.names import IGNORED_HF_TENSORS, NameMap
 from jsft.models.projection import LoraParam, Projection, parameter_name
 
@@ -52,12 +52,13 @@ class Layout:
     is stored in the spec's base dtype. `kernel_input_axis` names each projection kernel's last input
     axis (counted from the end), along which a frozen kernel is quantized.
 
-    `device` is one of the devices the model will run on (the mesh's): `model.attention` is resolved
-    for its platform (default: this process's first device), so a program compiled for a TPU topology
-    on a CPU host gets splash attention.
+    `device` is one of the devices the model will run on (the mesh's): `model.attention` and
+    `model.remat=offload` are resolved for its platform (default: this process's first device), so a
+    program compiled for a TPU topology on a CPU host gets splash attention and host offload.
     """
 
     def __init__(self, cfg: ModelConfig, lora: LoraSpec | None = None, device: jax.Device | None = None):
+        cfg = resolve_remat(cfg, device)
         self.cfg = cfg
         self.device = device
         self.attention = resolve_attention_impl(cfg, device)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jsft import sharding
 from jsft.lora.spec import LoraSpec
@@ -30,18 +32,44 @@ from jsft.models.config import AttentionKind, ModelConfig
 from jsft.models.projection import Projection, kernel_init
 from jsft.models.rope import apply_rope, rope_frequencies, rope_tables
 
+log = logging.getLogger(__name__)
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 # What a decoder block saves for the backward pass; everything else is recomputed from its input.
 #   full: nothing (least memory, about one more forward pass of compute);
 #   minimal: the projections' outputs (matmuls without batch dimensions; MaxText's "minimal"), so the
 #     backward recomputes norms, RoPE, activations and the attention core (its [t, t] scores included);
-#   dots_saveable: every matmul's output, attention scores included (most memory of the three).
+#   dots_saveable: every matmul's output, attention scores included (most memory of the three);
+#   offload: as full, but each block's input is moved to host memory after the forward pass and back for
+#     the backward (MaxText's offload policy), so no layer input stays in device memory. TPU and GPU
+#     only: `Layout` falls back to full elsewhere (`resolve_remat`).
+LAYER_INPUT = "layer_input"  # the name of each block's input, for the offload policy
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
+OFFLOAD_PLATFORMS = ("tpu", "gpu")
+
+
+def resolve_remat(cfg: ModelConfig, device: jax.Device | None = None) -> ModelConfig:
+    """`cfg` with `remat=offload` replaced by `full` (saying so) on a platform without host offload."""
+    device = device or jax.devices()[0]
+    if cfg.remat != "offload" or device.platform in OFFLOAD_PLATFORMS:
+        return cfg
+    log.warning(
+        "model.remat=offload: %s devices cannot offload activations to host memory; using remat=full",
+        device.platform,
+    )
+    return dataclasses.replace(cfg, remat="full")
+
+
 HIDDEN_AXES = ("batch", "sequence", "activation_embed")
 
 
@@ -202,6 +230,7 @@ class Block(nnx.Module):
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KeysValues]:
+        x = checkpoint_name(x, LAYER_INPUT)  # what remat=offload keeps, in host memory
         attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind, cache, dropout_key)
         if cache is not None:
             attn_out, keys_values = attn_out

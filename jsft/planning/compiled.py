@@ -55,6 +55,7 @@ class Memory:
     temporaries: float
     peak: float
     refused: str = ""  # the TPU compiler's out-of-memory message, when it refused to compile
+    host: float = 0.0  # activations offloaded to host memory (`model.remat=offload`), not in the peak
 
     @classmethod
     def of(cls, compiled, batch_bytes: float) -> Memory:
@@ -65,6 +66,7 @@ class Memory:
             batch_bytes,
             m.temp_size_in_bytes,
             live + m.temp_size_in_bytes,
+            host=m.host_temp_size_in_bytes,
         )
 
     @classmethod

@@ -100,6 +100,7 @@ def describe(trainer, memory: Memory, budget: float) -> list[str]:
         f"temporaries {memory.temporaries / GIB:.2f} GiB; peak {memory.peak / GIB:.2f} GiB of "
         f"{budget / GIB:.1f} GiB: {verdict} ({memory.peak / budget:.0%})",
         *([f"            the TPU compiler refused it: {memory.refused}"] if memory.refused else []),
+        *([f"            offloaded to host memory: {memory.host / GIB:.2f} GiB"] if memory.host else []),
     ]
 
 
