@@ -282,7 +282,7 @@ class Evaluator:
                 if not continuation:
                     raise JsftError("a log-likelihood request has an empty continuation")
                 inputs.append((context + continuation)[-(self.max_length + 1) :][:-1])
-                conts.append(continuation)
+                conts.append(continuation[-len(inputs[-1]) :])  # past max_length, the tokens that fit
             width = _bucket(max(len(x) for x in inputs), PROMPT_BUCKET)
             scored = min(_bucket(max(len(c) for c in conts), CONTINUATION_BUCKET), width)
             arrays = np.zeros((4, self.batch_size, width), np.int32)  # ids, positions, segments, targets
