@@ -159,7 +159,8 @@ def _smollm2_config():
 
 
 def test_the_smollm2_config_names_the_tool_in_one_line_when_its_folder_is_absent(tmp_path, monkeypatch):
-    monkeypatch.setenv("JSFT_SMOLLM2_HF", str(tmp_path / "smollm2-hf"))
+    folder = str(tmp_path / "smollm2-hf")
+    monkeypatch.setenv("JSFT_SMOLLM2_HF", folder)
     cfg = _smollm2_config()
     with cfg.unlocked():
         cfg.output_dir = str(tmp_path / "run")
@@ -167,6 +168,6 @@ def test_the_smollm2_config_names_the_tool_in_one_line_when_its_folder_is_absent
         train.run(cfg)
     message = str(error.value)
     assert "\n" not in message and "does not exist" in message, message
-    assert "make it with `python tools/gguf_to_hf.py smollm2 runs/smollm2-hf`" in message, message
+    assert f"make it with `python tools/gguf_to_hf.py smollm2 {folder}`" in message, message
     (tmp_path / "smollm2-hf").mkdir()
-    assert _smollm2_config().model.path == str(tmp_path / "smollm2-hf")
+    assert _smollm2_config().model.path == folder

@@ -10,10 +10,11 @@ Needs `pip install -e ".[real]"` (gguf, torch); `smollm2` names the file inside 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from jsft import gguf
-from jsft.cli import command
+from jsft.cli import command, verbose_requested
 
 
 @command("gguf_to_hf")
@@ -24,6 +25,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if not verbose_requested(sys.argv):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     source = gguf.smollm2_file() if args.gguf_file == "smollm2" else args.gguf_file
     gguf.to_hf_folder(source, args.out_dir, overwrite=args.overwrite)
     print(f"wrote {args.out_dir} from {source} ({time.perf_counter() - start:.0f} s)")
