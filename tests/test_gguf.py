@@ -40,10 +40,11 @@ def _smollm2_file() -> str:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """(transformers' model of the GGUF, its tokenizer, the folder written from them)."""
+    """(PROMPTS as token ids, their logits by transformers' model of the GGUF, the folder written from it)."""
     reference, tokenizer = gguf.load(_smollm2_file())
     folder = gguf.write_folder(reference, tokenizer, str(tmp_path_factory.mktemp("gguf") / "smollm2-hf"))
-    return reference.eval(), tokenizer, folder
+    prompts = _prompt_ids(tokenizer)
+    return prompts, [_logits(reference.eval(), ids) for ids in prompts], folder
 
 
 def _prompt_ids(tokenizer) -> list[list[int]]:
@@ -57,7 +58,7 @@ def _prompt_ids(tokenizer) -> list[list[int]]:
     ]
 
 
-def _reference_logits(model, ids: list[int]) -> np.ndarray:
+def _logits(model, ids: list[int]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_the_folder_gives_the_logits_of_transformers_on_the_gguf(converted):
     import torch
     import transformers
 
-    reference, tokenizer, folder = converted
+    prompts, expected, folder = converted
     config = hf.read_config(folder)
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert config["num_hidden_layers"] == 30 and config["tie_word_embeddings"]
@@ -81,20 +82,24 @@ def test_the_folder_gives_the_logits_of_transformers_on_the_gguf(converted):
     assert "<|im_start|>assistant" in transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
     )
-    for ids in _prompt_ids(tokenizer):
-        np.testing.assert_allclose(
-            _reference_logits(loaded, ids), _reference_logits(reference, ids), atol=FOLDER_ATOL, rtol=0
-        )
+    for ids, reference in zip(prompts, expected, strict=True):
+        np.testing.assert_allclose(_logits(loaded, ids), reference, atol=FOLDER_ATOL, rtol=0)
 
 
 @needs_gguf
 def test_jsft_loads_the_folder_at_parity_and_answers_greedily(converted):
-    reference, tokenizer, folder = converted
+    prompts, expected, folder = converted
     model = inference.load(folder, mesh=sharding.single_device_mesh())
-    forward = jax.jit(lambda params, ids: model.generator.layout.merge(params)(ids))
-    for ids in _prompt_ids(tokenizer):
-        got = np.asarray(forward(model.params, np.array([ids], np.int32)))[0]
-        np.testing.assert_allclose(got, _reference_logits(reference, ids), atol=JSFT_ATOL, rtol=0)
+    ids = np.zeros((len(prompts), max(map(len, prompts))), np.int32)  # right-padded: one compile
+    segments = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)], segments[row, : len(prompt)] = prompt, 1
+    forward = jax.jit(
+        lambda params, ids, segments: model.generator.layout.merge(params)(ids, segment_ids=segments)
+    )
+    got = np.asarray(forward(model.params, ids, segments))
+    for row, (prompt, reference) in enumerate(zip(prompts, expected, strict=True)):  # not the padding
+        np.testing.assert_allclose(got[row, : len(prompt)], reference, atol=JSFT_ATOL, rtol=0)
     question = [([{"role": "user", "content": "What is the capital of France?"}], None)]
     (answer,) = inference.generate_all(model, question, inference.sampling(model, max_new_tokens=12), 1)
     assert "Paris" in answer["completion"], answer
