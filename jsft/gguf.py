@@ -109,7 +109,8 @@ def _skip_value(f: BinaryIO, kind: int) -> None:
 
 
 def check_convertible(gguf_file: str) -> str:
-    """The file's architecture once it exists, is GGUF of a family jsft trains, and `gguf` is installed."""
+    """The file's architecture once it exists, is GGUF of a family jsft trains, and gguf and torch are
+    installed."""
     arch = architecture(gguf_file)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -127,10 +128,10 @@ def check_convertible(gguf_file: str) -> str:
 
 def load(gguf_file: str):
     """(model, tokenizer) as transformers reads the file: float32 weights dequantized, on the CPU."""
-    import torch
+    check_convertible(gguf_file)
+    import torch  # after the check, which names the missing packages
     import transformers
 
-    check_convertible(gguf_file)
     folder, name = os.path.split(os.path.abspath(gguf_file))
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
