@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,6 @@ from jsft.models.config import AttentionKind, ModelConfig
 from jsft.models.projection import Projection, kernel_init
 from jsft.models.rope import apply_rope, rope_frequencies, rope_tables
 
-log = logging.getLogger(__name__)
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 # What a decoder block saves for the backward pass; everything else is recomputed from its input.
@@ -42,7 +40,7 @@ ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.n
 #   dots_saveable: every matmul's output, attention scores included (most memory of the three);
 #   offload: as full, but each block's input is moved to host memory after the forward pass and back for
 #     the backward (MaxText's offload policy), so no layer input stays in device memory. TPU and GPU
-#     only: `Layout` falls back to full elsewhere (`resolve_remat`).
+#     only: `Layout` falls back to full elsewhere (`models.resolve_remat`).
 LAYER_INPUT = "layer_input"  # the name of each block's input, for the offload policy
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -55,19 +53,6 @@ REMAT_POLICIES = {
         offload_dst="pinned_host",
     ),
 }
-OFFLOAD_PLATFORMS = ("tpu", "gpu")
-
-
-def resolve_remat(cfg: ModelConfig, device: jax.Device | None = None) -> ModelConfig:
-    """`cfg` with `remat=offload` replaced by `full` (saying so) on a platform without host offload."""
-    device = device or jax.devices()[0]
-    if cfg.remat != "offload" or device.platform in OFFLOAD_PLATFORMS:
-        return cfg
-    log.warning(
-        "model.remat=offload: %s devices cannot offload activations to host memory; using remat=full",
-        device.platform,
-    )
-    return dataclasses.replace(cfg, remat="full")
 
 
 HIDDEN_AXES = ("batch", "sequence", "activation_embed")
