@@ -16,9 +16,10 @@ gradient by a near-constant count, which AdamW ignores).
 
 Sized for a TPU v5p-64 slice (32 chips of 95 GiB): FSDP over the 32 chips, one row per chip, full
 remat (each layer keeps only its 32k x 4096 bfloat16 input, 256 MiB; `minimal` would keep 43k values
-per token per layer, 90 GiB a row). The row count must be a multiple of the chips until rows can be
-split over devices; on another slice set `train.global_batch_size` to a multiple of its chips, and check
-it with `python -m jsft.cli.plan --config=configs/tulu_32k.py --topology=v5p-64`.
+per token per layer, 90 GiB a row). The TPU compiler's plan (`python -m jsft.cli.plan
+--config=configs/tulu_32k.py --topology=v5p-64`): peak 22.5 GiB a chip, roofline 5.1 s a step. The row
+count must be a multiple of the chips until rows can be split over devices: on another slice set
+`train.global_batch_size` to a multiple of its chips and plan it the same way.
 """
 
 from jsft.config import default_config

@@ -3,7 +3,7 @@
     python -m jsft.train --config=configs/tulu_70b.py
 
 Published recipe (open-instruct's docs/tulu3.md, the command that produced
-allenai/Llama-3.1-Tulu-3-70B-SFT; the paper's SFT hyperparameter table agrees): lr 2e-6 (5e-6 for 8B),
+allenai/Llama-3.1-Tulu-3-70B-SFT): lr 2e-6 (5e-6 for 8B),
 linear schedule with 3% warmup, no weight decay, 2 epochs, sequences of 4096 tokens, an effective
 batch of 128 conversations (64 GPUs x 1 x 2 accumulation steps), sum loss reduction, seed 456, no
 gradient clipping. As in `configs/tulu.py`, `batch_unit = "examples"` makes a step exactly 128
@@ -11,10 +11,12 @@ conversations, packed into as few 4096-token rows as they need.
 
 Sized for a TPU v5p-128 slice (64 chips of 95 GiB): FSDP over all 64 chips holds the float32
 parameters and Adam moments (70.6B x 12 bytes = 790 GiB, 12.3 GiB a chip) plus gradients.
-`python -m jsft.cli.plan --config=configs/tulu_70b.py --topology=v5p-128` prints the compiler's
-peak per chip; for a smaller slice (v5p-64: 32 chips) run the plan without `--no_search` and take the
-overrides it prints (more accumulation steps, a cheaper remat); on 8x H100 nodes use
-`--devices=N --device_memory=80GiB` the same way.
+`python -m jsft.cli.plan --config=configs/tulu_70b.py --topology=v5p-128 --examples=939344
+--mean_tokens=714` (the TPU compiler's figures): peak 30.1 GiB a chip with the 64 rows 128 Tulu
+conversations pack into, 37.3 GiB in the worst case of one row per conversation; roofline 3.9 s a step
+(`python -m jsft.cli.tpu`), 14,676 steps. For a smaller slice (v5p-64: 32 chips) run the plan
+for it and take the overrides it prints when the step does not fit (more accumulation steps, a
+tensor split); on 8x H100 nodes use `--devices=N --device_memory=80GiB` the same way.
 """
 
 from jsft.config import default_config
