@@ -165,7 +165,7 @@ def test_choice_table_declares_every_choice_valued_key():
     assert table["model.dtype"] == ("auto", "float32", "bfloat16")
     assert table["model.param_dtype"] == ("float32", "bfloat16")
     assert table["model.attention"] == ("auto", "xla", "cudnn", "splash")
-    assert set(table["model.remat"]) == {"none", "full", "minimal", "dots_saveable"}
+    assert set(table["model.remat"]) == {"none", "full", "minimal", "dots_saveable", "offload"}
     assert table["lora.targets"] == (
         "q_proj",
         "k_proj",
