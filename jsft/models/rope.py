@@ -9,7 +9,8 @@ padding-free packed rows (position ids restarting per sequence). Rows packed wit
 across the whole row, or padded to a fixed length with positions running on, would make transformers
 pick by the row length instead. transformers' dynamic RoPE also keeps the largest length it has seen
 until a sequence shorter than `max_position_embeddings` resets it; jsft's is a function of each batch,
-i.e. transformers' on a freshly loaded model.
+i.e. transformers' on a freshly loaded model. "The batch" is the whole micro-batch of the step across
+devices; transformers under data parallelism decides on each device's own rows.
 """
 
 from __future__ import annotations
