@@ -28,6 +28,43 @@ from jsft.errors import ConfigError, DataError, one_line
 DTYPES = ("float32", "bfloat16")  # model.param_dtype; model.dtype also takes "auto"
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 REMAT_CHOICES = ("none", "full", "dots_saveable", "minimal", "offload")  # what each block keeps for backward
+# Per-tensor remat, `model.remat="custom:save=q_proj,k_proj;offload=layer_input"`: the named activations of
+# each block saved in device memory or offloaded to host memory; every other one is recomputed.
+REMAT_NAMES = (
+    "layer_input",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "attention_out",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+CUSTOM_REMAT = "custom:"
+
+
+def parse_custom_remat(value: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(saved names, offloaded names) of a `custom:` remat value, None for a named policy; a bad one is a
+    ConfigError naming the part."""
+    if not isinstance(value, str) or not value.startswith(CUSTOM_REMAT):
+        return None
+    lists = {"save": (), "offload": ()}
+    for part in filter(None, (p.strip() for p in value[len(CUSTOM_REMAT) :].split(";"))):
+        kind, _, names = part.partition("=")
+        kind = kind.strip()
+        if kind not in lists:
+            raise ConfigError(f"model.remat={value!r}: {kind!r} is not save or offload")
+        lists[kind] = tuple(n.strip() for n in names.split(",") if n.strip())
+        unknown = [n for n in lists[kind] if n not in REMAT_NAMES]
+        if unknown:
+            raise ConfigError(f"model.remat={value!r}: {unknown[0]!r} is not one of {', '.join(REMAT_NAMES)}")
+    both = set(lists["save"]) & set(lists["offload"])
+    if both:
+        raise ConfigError(f"model.remat={value!r}: {sorted(both)[0]!r} is both saved and offloaded")
+    return lists["save"], lists["offload"]
+
+
 PACKERS = ("first_fit", "best_fit")  # Grain's packers
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 ON_UNLOCATED_TURN = ("drop_row", "train_located")
@@ -208,7 +245,9 @@ def default_config() -> ml_collections.ConfigDict:
             "dtype": "auto",  # compute dtype of activations: auto = bfloat16 on GPU/TPU, float32 on CPU
             "param_dtype": "float32",  # storage dtype of parameters and optimizer moments
             "attention": "auto",  # auto | xla | cudnn | splash (auto: cudnn on NVIDIA, splash on TPU)
-            "remat": "none",  # none | full | minimal | dots_saveable | offload: what blocks keep for backward
+            # none | full | minimal | dots_saveable | offload | custom:save=NAMES;offload=NAMES (REMAT_NAMES):
+            # what each block keeps for the backward pass
+            "remat": "none",
             "scan_layers": True,  # one lax.scan over stacked layers: compile time does not grow with depth
         }
     )
@@ -398,6 +437,8 @@ def _check_choices(cfg: ml_collections.ConfigDict, where: str) -> None:
         else:
             names = [value]
         for name in names:
+            if key == "model.remat" and parse_custom_remat(name) is not None:
+                continue  # a per-tensor policy, checked by its parser
             if name not in allowed:
                 raise ConfigError(f"{key}: {name!r} is not one of {', '.join(allowed)} ({where})")
 

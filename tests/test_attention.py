@@ -22,7 +22,7 @@ import pytest
 from conftest import small_model_config
 from flax import nnx
 
-from jsft import models, sharding
+from jsft import config, models, sharding
 from jsft.errors import ModelOptionError
 from jsft.models import attention
 from jsft.models.config import ModelConfig, RopeScaling
@@ -197,7 +197,9 @@ def _loss_and_params(cfg: ModelConfig, rows: int, seq: int):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
-@pytest.mark.parametrize("remat", ["full", "dots_saveable", "minimal"])
+@pytest.mark.parametrize(
+    "remat", ["full", "dots_saveable", "minimal", "custom:save=q_proj,k_proj,v_proj,attention_out,up_proj"]
+)
 def test_remat_keeps_the_gradients(remat, scan_layers):
     cfg = dataclasses.replace(SMALL, num_layers=2, scan_layers=scan_layers)
     loss, params = _loss_and_params(cfg, rows=2, seq=24)
@@ -258,17 +260,24 @@ def gradient_temp_bytes(remat: str, scan_layers: bool) -> int:
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_full_remat_needs_less_memory(scan_layers):
     """Measured in a child process: XLA:CPU's default scheduler favours parallelism over memory and
-    runs every recomputation early, which hides what remat saves; the memory-minimising one shows it."""
+    runs every recomputation early, which hides what remat saves; the memory-minimising one shows it.
+    A per-tensor policy lies between: saving nothing by name is full remat's memory, saving every named
+    activation needs more, and still less than no remat (the attention scores and activations between
+    the named tensors are recomputed)."""
+    policies = ("none", "full", "custom:save=", f"custom:save={','.join(config.REMAT_NAMES)}")
     script = (
         f"import json, sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
         "from test_attention import gradient_temp_bytes; "
-        f"print(json.dumps({{r: gradient_temp_bytes(r, {scan_layers}) for r in ('none', 'full')}}))"
+        f"print(json.dumps({{r: gradient_temp_bytes(r, {scan_layers}) for r in {policies!r}}}))"
     )
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     temp_bytes = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"temp bytes of the gradient, 6 layers, 2 x 512 tokens: {temp_bytes}")
     assert temp_bytes["full"] < 0.5 * temp_bytes["none"]
+    saved_none, saved_all = temp_bytes[policies[2]], temp_bytes[policies[3]]
+    assert saved_none == pytest.approx(temp_bytes["full"], rel=0.05)
+    assert temp_bytes["full"] < saved_all < temp_bytes["none"]
 
 
 def test_no_sharding_constraints_without_a_mesh():

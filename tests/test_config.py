@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import jax
 import pytest
 from conftest import ROOT
 
-from jsft import config, models, optim, sharding
+from jsft import config, errors, models, optim, sharding
 
 TINY = f"{ROOT}/configs/tiny.py"
 
@@ -276,3 +277,23 @@ def test_a_key_added_after_a_checkpoint_counts_as_its_default():
     assert config.breaking_changes(saved, current) == []
     current.model.revision = "v2"
     assert config.breaking_changes(saved, current) == ["model.revision"]
+
+
+def test_per_tensor_remat_is_parsed_and_bad_names_are_one_line():
+    assert config.parse_custom_remat("full") is None
+    assert config.parse_custom_remat("custom:save=q_proj, k_proj;offload=layer_input") == (
+        ("q_proj", "k_proj"),
+        ("layer_input",),
+    )
+    cfg = config.default_config()
+    cfg.model.path, cfg.data.mixer = "m", (("d.jsonl", 1.0),)
+    cfg.model.remat = "custom:save=o_proj;offload=layer_input"
+    config.validate(cfg)
+    for value, message in (
+        ("custom:save=qq_proj", "'qq_proj' is not one of layer_input, q_proj"),
+        ("custom:keep=q_proj", "'keep' is not save or offload"),
+        ("custom:save=q_proj;offload=q_proj", "'q_proj' is both saved and offloaded"),
+    ):
+        cfg.model.remat = value
+        with pytest.raises(errors.ConfigError, match=re.escape(message)):
+            config.validate(cfg)

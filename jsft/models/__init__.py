@@ -8,7 +8,6 @@ such a dict back into a module inside jitted code.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 
@@ -28,6 +27,7 @@ from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder
 from jsft.models.names import IGNORED_HF_TENSORS, NameMap
 from jsft.models.projection import LoraParam, Projection, parameter_name
+from jsft.models.remat import resolve_remat
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +45,6 @@ def dtype_of(dtype: str | DTypeLike) -> type:
     if name not in _DTYPES:
         raise JsftError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     return _DTYPES[name]
-
-
-OFFLOAD_PLATFORMS = ("tpu", "gpu")  # where jax can offload activations to host memory
-
-
-def resolve_remat(cfg: ModelConfig, device: jax.Device | None = None) -> ModelConfig:
-    """`cfg` with `remat=offload` replaced by `full` (saying so) on a platform without host offload."""
-    device = device or jax.devices()[0]
-    if cfg.remat != "offload" or device.platform in OFFLOAD_PLATFORMS:
-        return cfg
-    log.warning(
-        "model.remat=offload: %s devices cannot offload activations to host memory; using remat=full",
-        device.platform,
-    )
-    return dataclasses.replace(cfg, remat="full")
 
 
 class Layout:

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jsft.config import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES
+from jsft.config import ATTENTION_IMPLEMENTATIONS, REMAT_CHOICES, parse_custom_remat
 from jsft.errors import ModelOptionError, UnsupportedModelError
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
@@ -124,7 +124,7 @@ class ModelConfig:
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32  # storage dtype
     attention_impl: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
-    remat: str = "none"  # one of REMAT_CHOICES
+    remat: str = "none"  # one of REMAT_CHOICES, or a per-tensor "custom:..." policy
     scan_layers: bool = False  # layers as one `lax.scan` over stacked parameters (compile time flat in depth)
 
     def __post_init__(self):
@@ -132,7 +132,7 @@ class ModelConfig:
             ("attention", self.attention_impl, ATTENTION_IMPLEMENTATIONS),
             ("remat", self.remat, REMAT_CHOICES),
         ):
-            if value not in choices:
+            if value not in choices and not (name == "remat" and parse_custom_remat(value)):
                 raise ModelOptionError(f"model.{name}={value!r} is not one of {', '.join(choices)}")
 
     def is_sliding(self, layer: int) -> bool:

@@ -29,31 +29,10 @@ from jsft.models.attention import (
 )
 from jsft.models.config import AttentionKind, ModelConfig
 from jsft.models.projection import Projection, kernel_init
+from jsft.models.remat import ATTENTION_OUT, LAYER_INPUT, remat_policy
 from jsft.models.rope import apply_rope, rope_frequencies, rope_tables
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
-
-# What a decoder block saves for the backward pass; everything else is recomputed from its input.
-#   full: nothing (least memory, about one more forward pass of compute);
-#   minimal: the projections' outputs (matmuls without batch dimensions; MaxText's "minimal"), so the
-#     backward recomputes norms, RoPE, activations and the attention core (its [t, t] scores included);
-#   dots_saveable: every matmul's output, attention scores included (most memory of the three);
-#   offload: as full, but each block's input is moved to host memory after the forward pass and back for
-#     the backward (MaxText's offload policy), so no layer input stays in device memory. TPU and GPU
-#     only: `Layout` falls back to full elsewhere (`models.resolve_remat`).
-LAYER_INPUT = "layer_input"  # the name of each block's input, for the offload policy
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[],
-        names_which_can_be_offloaded=[LAYER_INPUT],
-        offload_src="device",
-        offload_dst="pinned_host",
-    ),
-}
-
 
 HIDDEN_AXES = ("batch", "sequence", "activation_embed")
 
@@ -169,7 +148,9 @@ class Attention(nnx.Module):
             out = attend(self.implementation, q, k, v, segment_ids, **options)
         else:
             out = cached_attention(q, k, v, cache, segment_ids, **options)
-        out = sharding.constrain(out, ("batch", "sequence", "heads", "head_dim"))
+        out = checkpoint_name(
+            sharding.constrain(out, ("batch", "sequence", "heads", "head_dim")), ATTENTION_OUT
+        )
         out = self.o_proj(out, dropout_key)
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
@@ -239,7 +220,7 @@ def _block_runner(kind: AttentionKind, remat: str):
     ):
         return block(x, rope, segment_ids, kind, cache, dropout_key)
 
-    return run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
+    return run if remat == "none" else nnx.remat(run, policy=remat_policy(remat))
 
 
 def _stacked_blocks(cfg: ModelConfig, attention: str, rngs: nnx.Rngs, lora: LoraSpec | None) -> Block:
@@ -284,7 +265,7 @@ class Decoder(nnx.Module):
 
     The attention backend is resolved when the model is built (by `Layout`, for the mesh's devices:
     errors then, not at the first step); each block runs under `jax.checkpoint` with
-    `REMAT_POLICIES[cfg.remat]`.
+    `remat_policy(cfg.remat)`.
 
     With `cfg.scan_layers`, `layers` is one Block whose parameters carry a leading "layers" axis, run
     by `lax.scan`: one layer is compiled, whatever the depth. Otherwise `layers` is a list of blocks,
@@ -403,7 +384,7 @@ class Decoder(nnx.Module):
             return jax.lax.switch(kind_id, branches, state, x, c, key)
 
         if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
+            layer = jax.checkpoint(layer, policy=remat_policy(self.cfg.remat))
 
         def step(carry, xs):
             x, cache = carry

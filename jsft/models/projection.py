@@ -20,6 +20,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jsft.lora.quant import Quantized
 from jsft.lora.spec import LoraSpec
@@ -55,6 +56,7 @@ class Projection(nnx.Module):
     ):
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype), out_sharding=axes)
         self.dtype = dtype  # the compute dtype
+        self.output_name = name  # its output's name for per-tensor remat (`config.REMAT_NAMES`)
         outputs = len(shape) - inputs
         # x [..., inputs] . W [inputs, outputs] -> [..., outputs], e.g. "...a,abc->...bc" for q_proj
         letters = "abcdefgh"[: len(shape)]
@@ -79,9 +81,9 @@ class Projection(nnx.Module):
         kernel = self.kernel.get_value()
         kernel = kernel.dequantize(self.dtype) if isinstance(kernel, Quantized) else kernel.astype(self.dtype)
         y = jnp.einsum(self.contraction, x, kernel)
-        if self.lora is None:
-            return y
-        return y + self._lora_update(x, dropout_key).reshape(y.shape)
+        if self.lora is not None:
+            y = y + self._lora_update(x, dropout_key).reshape(y.shape)
+        return checkpoint_name(y, self.output_name)
 
     def _lora_update(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
         """`scale * (dropout(x) A) B` as 2-D matmuls over x's trailing (contracted) axes, which A's leading
