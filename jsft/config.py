@@ -133,6 +133,7 @@ RANGES: dict[str, Range] = {
     "optim.clip_grad_norm": AT_LEAST_0,
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,
+    "mesh.context": MESH_AXIS,
     "mesh.tensor": MESH_AXIS,
     "mesh.num_processes": AT_LEAST_1,
     "mesh.process_id": AT_LEAST_0,
@@ -309,6 +310,9 @@ def default_config() -> ml_collections.ConfigDict:
         {
             "data": -1,  # -1 fills the rest
             "fsdp": 1,
+            # Splits each row's tokens over this many devices (long rows); rows must divide into
+            # 2 x context chunks (zigzag load balance, see jsft.sharding.context_order).
+            "context": 1,
             "tensor": 1,
             # Multi-process launches: TPU pods and SLURM are detected; elsewhere name the coordinator.
             "coordinator_address": "",  # host:port of process 0
@@ -477,6 +481,11 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config") -> None:
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}",
         ),
         (cfg.train.epochs > 0 or cfg.train.max_steps > 0, "set train.epochs or train.max_steps above 0"),
+        (
+            cfg.mesh.context <= 1 or cfg.data.max_seq_length % (2 * cfg.mesh.context) == 0,
+            f"data.max_seq_length={cfg.data.max_seq_length} must divide into 2 x mesh.context = "
+            f"{2 * cfg.mesh.context} equal chunks (each device holds an early and a late one)",
+        ),
         (
             cfg.optim.name == "adamw" or cfg.optim.moment_dtype == "param",
             f"optim.moment_dtype={cfg.optim.moment_dtype!r} is AdamW's; optim.name={cfg.optim.name!r} "

@@ -63,17 +63,19 @@ def chunked_loss_sum(
     compiled TPU program: 128 of each per step, 250 GiB each way).
     """
     batch_axes = _manual_batch_axes(batch=hidden.shape[0])
+    token_axes = ("context",) if sharding.context_shards(hidden.shape[1]) > 1 else ()
     rows = hidden.shape[0] // math.prod(_axis_sizes(batch_axes))
     if chunk_size is None:
         chunk_size = max(LOGITS_BUDGET_BYTES // (4 * rows * _per_device(kernel.shape[-1], "vocab")), 16)
     local = functools.partial(_chunked, chunk_size=chunk_size, z_loss=z_loss, softcap=softcap)
-    if not batch_axes:
+    if not batch_axes + token_axes:
         return local(hidden, kernel, targets, mask)
-    rows_spec = P(batch_axes)
+    # Under context parallelism each device scores its own tokens (their order does not matter to a sum).
+    rows_spec = P(batch_axes or None, *token_axes)
     kernel_dtype = kernel.dtype
 
     def per_device(h, k, t, m):
-        return jax.lax.psum(local(h, k.astype(kernel_dtype), t, m), batch_axes)
+        return jax.lax.psum(local(h, k.astype(kernel_dtype), t, m), batch_axes + token_axes)
 
     # The head enters in float32, so its gradient is summed over the devices in float32 (with a
     # bfloat16 head, XLA:CPU aborts compiling this: "Invalid binary instruction opcode copy").
@@ -81,7 +83,7 @@ def chunked_loss_sum(
         per_device,
         in_specs=(rows_spec, P(), rows_spec, rows_spec),
         out_specs=P(),
-        axis_names=set(batch_axes),
+        axis_names=set(batch_axes + token_axes),
         check_vma=False,
     )(hidden, kernel.astype(jnp.float32), targets, mask)
 

@@ -2,7 +2,13 @@
 
 Every parameter names its axes (vocab, embed, heads, ...), and so do the model's main activations
 (batch, sequence, activation_embed, heads, mlp, ...); `LOGICAL_RULES` says which mesh axis each is
-split over. FSDP, tensor parallelism and pure data parallelism are then mesh sizes, not code.
+split over. FSDP, tensor parallelism, pure data parallelism and context parallelism are then mesh
+sizes, not code.
+
+Under context parallelism (`context` > 1) a row's tokens are split over the context axis in the
+load-balanced "zigzag" order (`context_order`): the row is cut into 2n chunks and device i holds chunks
+i and 2n-1-i, so under the causal mask every device has the same attention work. The decoder puts its
+inputs in that order and its outputs back (`to_context_order`, `from_context_order`).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
@@ -17,11 +24,11 @@ from jax.sharding import PartitionSpec as P
 
 from jsft.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "sequence": None,
+    "sequence": "context",
     "vocab": "tensor",
     "embed": "fsdp",  # weights; activations already split their batch over fsdp
     "activation_embed": None,
@@ -31,16 +38,18 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,  # the stacked axis of scanned layers
+    "expert": None,  # the stacked axis of a mixture's experts
 }
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices of all processes; one size may be -1 (the rest).
+    """A (data, fsdp, context, tensor) mesh over all devices of all processes; one size may be -1 (the
+    rest), an axis `mesh_cfg` does not name has size 1.
 
     A mesh that does not fit the devices is a one-line ConfigError naming the mesh and the device count.
     """
     devices = jax.devices() if devices is None else devices
-    sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
+    sizes = [int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES]
     shape_text = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
         raise ConfigError(f"mesh {shape_text}: at most one axis may be -1")
@@ -86,8 +95,8 @@ def named_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: M
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches [rows, seq] are split over rows on the data and fsdp axes."""
-    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], None))
+    """Batches [rows, seq] are split over rows on the data and fsdp axes, and over tokens on context."""
+    return NamedSharding(mesh, P(LOGICAL_RULES["batch"], LOGICAL_RULES["sequence"]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -96,4 +105,46 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def single_device_mesh() -> Mesh:
     """The mesh of the first device alone: for loading, export and tools that do not shard."""
-    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
+    return Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+
+
+def context_size(mesh: Mesh | AbstractMesh | None = None) -> int:
+    """How many devices share a row's tokens: the context axis of `mesh` (default: the traced one)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else mesh.shape.get("context", 1)
+
+
+def context_shards(seq: int) -> int:
+    """Over how many devices the traced program splits rows of `seq` tokens in `context_order`: the
+    context axis when rows divide into its 2n chunks, else 1 (decoding, and scoring prompts of any
+    length, run with plain attention under the same mesh). The decoder and attention both ask this."""
+    shards = context_size()
+    return shards if shards > 1 and seq % (2 * shards) == 0 else 1
+
+
+def context_order(seq: int, shards: int) -> np.ndarray:
+    """The token index held at each place of a row split over `shards` devices, zigzag-balanced.
+
+    The row is cut into 2 * shards chunks; device i holds chunks i and 2 * shards - 1 - i, one early
+    and one late, so each device's queries see the same number of keys under the causal mask. Rows
+    must be divisible into the 2 * shards chunks (`config` checks data.max_seq_length).
+    """
+    chunks = np.arange(seq).reshape(2 * shards, seq // (2 * shards))
+    pairs = [(i, 2 * shards - 1 - i) for i in range(shards)]
+    return np.concatenate([chunks[c] for pair in pairs for c in pair])
+
+
+def to_context_order(x: jax.Array, axis: int = 1) -> jax.Array:
+    """`x` with its token axis in `context_order` where `context_shards` splits it; else `x`."""
+    shards = context_shards(x.shape[axis])
+    if shards == 1:
+        return x
+    return jnp.take(x, context_order(x.shape[axis], shards), axis=axis)
+
+
+def from_context_order(x: jax.Array, axis: int = 1) -> jax.Array:
+    """The inverse of `to_context_order`: tokens back in row order."""
+    shards = context_shards(x.shape[axis])
+    if shards == 1:
+        return x
+    return jnp.take(x, np.argsort(context_order(x.shape[axis], shards)), axis=axis)

@@ -113,14 +113,18 @@ def _loss_sum(
 ) -> jax.Array:
     model = layout.merge(params)
     hidden = model.hidden_states(
-        batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        dropout_key=dropout_key,
+        in_context_order=True,
     )
     kernel = model.output_kernel()
     return loss.chunked_loss_sum(
         hidden,
         kernel,
-        batch["target_ids"],
-        batch["loss_mask"],
+        sharding.to_context_order(batch["target_ids"]),
+        sharding.to_context_order(batch["loss_mask"]),
         z_loss=z_loss,
         softcap=model.cfg.final_logit_softcap,
     )

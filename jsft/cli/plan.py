@@ -13,7 +13,7 @@ Reads only the model's config.json (a local folder, the Hugging Face cache, or j
 known models), never the weights. Prints the parameters (total, trainable), the mesh and each
 parameter's sharding, the per-device memory of the compiled train step against the device's memory,
 the steps, and the wall time at the stated MFU. When the step does not fit, it searches remat policy x
-gradient accumulation x fsdp/tensor split, prints the cheapest setting that fits as config overrides,
+gradient accumulation x fsdp/context/tensor split, prints the cheapest setting that fits as config overrides,
 and compiles it to check. `--verbose` shows the libraries' logs.
 """
 
@@ -71,7 +71,7 @@ def prepare_environment(args: argparse.Namespace, mesh: ml_collections.ConfigDic
     if args.topology:
         runtime.prepare_tpu_compile()
         return
-    sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+    sizes = (mesh.data, mesh.fsdp, mesh.context, mesh.tensor)
     mesh_size = math.prod(s for s in sizes if s > 0) if -1 not in sizes else 0
     runtime.prepare_cpu_devices(args.devices or mesh_size or 8)
 

@@ -28,6 +28,7 @@ from jsft.models.attention import (
     soft_cap,
 )
 from jsft.models.config import AttentionKind, ModelConfig
+from jsft.models.context import context_attention
 from jsft.models.projection import Projection, kernel_init
 from jsft.models.remat import ATTENTION_OUT, LAYER_INPUT, remat_policy
 from jsft.models.rope import apply_rope, rope_frequencies, rope_tables
@@ -144,7 +145,9 @@ class Attention(nnx.Module):
         options = dict(
             scale=cfg.query_scale, logit_softcap=cfg.attn_logit_softcap, sliding_window=kind.sliding_window
         )
-        if cache is None:
+        if cache is None and sharding.context_shards(q.shape[1]) > 1:
+            out = context_attention(self.implementation, q, k, v, segment_ids, **options)
+        elif cache is None:
             out = attend(self.implementation, q, k, v, segment_ids, **options)
         else:
             out = cached_attention(q, k, v, cache, segment_ids, **options)
@@ -299,6 +302,7 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
+        in_context_order: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """The final normalised hidden states [batch, seq, hidden]; `logits_from_hidden` maps them on.
 
@@ -306,11 +310,18 @@ class Decoder(nnx.Module):
         also attend to the cached ones; the cache with them written in comes back with the states.
         With a `dropout_key` (training), LoRA factors see dropout on their inputs (rate `lora.dropout`),
         masks drawn from the key folded with the layer index and the projection's name.
+        Under context parallelism the tokens run in `sharding.context_order` and the states come back
+        in row order, unless `in_context_order` (the training loss, a sum over tokens, puts its targets
+        in that order instead: no exchange of the states between devices).
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids)
+        if cache is None:  # under context parallelism, tokens in load-balanced order (undone at the end)
+            input_ids, positions, segment_ids = map(
+                sharding.to_context_order, (input_ids, positions, segment_ids)
+            )
         x = self.embed[...][input_ids]
         if self.cfg.scale_embeddings:  # HF rounds sqrt(hidden) to the weights' dtype first
             x = x * np.float32(self.cfg.hidden_size**0.5).astype(x.dtype)
@@ -337,7 +348,8 @@ class Decoder(nnx.Module):
         run_layers = self._scan_layers if self.cfg.scan_layers else self._unrolled_layers
         x, cache = run_layers(x, ropes, segment_ids, cache, dropout_key)
         if cache is None:
-            return self.final_norm(x)
+            hidden = self.final_norm(x)
+            return hidden if in_context_order else sharding.from_context_order(hidden)
         return self.final_norm(x), dataclasses.replace(cache, index=cache.index + input_ids.shape[1])
 
     def _unrolled_layers(

@@ -73,7 +73,7 @@ def make_trainer(
     )
     if device is None:
         return Trainer(cfg, models.Layout(model_cfg), sharding.single_device_mesh(), total_steps=1000)
-    mesh = jax.sharding.Mesh(np.asarray([device]).reshape(1, 1, 1), sharding.MESH_AXES)
+    mesh = jax.sharding.Mesh(np.asarray([device]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
     return Trainer(cfg, models.Layout(model_cfg, device=device), mesh, total_steps=1000)
 
 
