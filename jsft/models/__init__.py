@@ -9,6 +9,7 @@ such a dict back into a module inside jitted code.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 
 import jax
@@ -155,36 +156,41 @@ def load_params(path: str, layout: Layout, mesh: Mesh, revision: str | None = No
     memory maps of all their layers.
     """
     path = hf.resolve_model(path, revision)
-    names, num_layers = layout.names, layout.cfg.num_layers
+    names = layout.names
     views = _tensor_views(path, layout)
     base_names = [name for name in layout.shapes if name not in layout.adapters]
     missing = [
-        names.to_hf(name, layer)[0]
+        names.to_hf_at(name, index)[0]
         for name in base_names
-        for layer in (range(num_layers) if names.is_stacked(name) else [None])
-        if name not in views or (layer is not None and layer not in views[name])
+        for index in _indices(layout, name)
+        if index not in views.get(name, {})
     ]
     if missing:
         raise ModelFolderError(f"{path}: missing tensors {', '.join(missing)}")
     shardings = layout.shardings(mesh)
     params: Params = {}
     for name in base_names:
-        target, view = layout.shapes[name], views[name]
-        if names.is_stacked(name):
-            read = functools.partial(_stacked_shard, [view[i] for i in range(num_layers)], target.dtype)
+        target, depth = layout.shapes[name], names.index_axes(name)
+        if depth:
+            read = functools.partial(_stacked_shard, views[name], target.shape[:depth], target.dtype)
         else:
-            read = functools.partial(_shard, view, target.dtype)
+            read = functools.partial(_shard, views[name][()], target.dtype)
         params[name] = jax.make_array_from_callback(target.shape, shardings[name], read)
         if convert is not None:
             params[name] = convert(name, params[name])
     return params
 
 
-def _tensor_views(path: str, layout: Layout) -> dict[str, np.ndarray | dict[int, np.ndarray]]:
-    """Every tensor of the folder as a memory-mapped view in jsft's name and shape (a view per layer for
-    stacked names); a tensor with no place in `layout`, or of another shape, is an error."""
-    names, num_layers = layout.names, layout.cfg.num_layers
-    views: dict[str, np.ndarray | dict[int, np.ndarray]] = {}
+def _indices(layout: Layout, name: str) -> list[tuple[int, ...]]:
+    """The index (`NameMap`) of every HF tensor a parameter holds: [()] for one tensor."""
+    return list(np.ndindex(*layout.shapes[name].shape[: layout.names.index_axes(name)]))
+
+
+def _tensor_views(path: str, layout: Layout) -> dict[str, dict[tuple[int, ...], np.ndarray]]:
+    """Every tensor of the folder as a memory-mapped view in jsft's name and shape, by its index in the
+    parameter (`NameMap`); a tensor with no place in `layout`, or of another shape, is an error."""
+    names = layout.names
+    views: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
     for hf_name, tensor in hf.iter_tensors(path):
         found = names.to_jsft(hf_name)
         if found is None:
@@ -193,23 +199,19 @@ def _tensor_views(path: str, layout: Layout) -> dict[str, np.ndarray | dict[int,
             ):
                 continue
             raise ModelFolderError(f"{path}: tensor {hf_name} has no place in a {layout.model_type} model")
-        name, transform, layer = found
+        name, transform, index = found
         target = layout.shapes.get(name)
-        if target is None or (layer is not None and layer >= num_layers):
+        if target is None or any(i >= n for i, n in zip(index, target.shape, strict=False)):
             raise ModelFolderError(
                 f"{path}: tensor {hf_name} does not fit this config ({name} does not exist)"
             )
-        shape = target.shape[1:] if layer is not None else target.shape
+        shape = target.shape[len(index) :]
         expected = transform.hf_shape(shape)
         if tensor.shape != expected:
             raise ModelFolderError(
                 f"{path}: tensor {hf_name} has shape {tensor.shape}, expected {expected} for {name}"
             )
-        view = transform.to_jsft(tensor, shape)
-        if layer is None:
-            views[name] = view
-        else:
-            views.setdefault(name, {})[layer] = view
+        views.setdefault(name, {})[index] = transform.to_jsft(tensor, shape)
     return views
 
 
@@ -222,9 +224,14 @@ def _shard(view: np.ndarray, dtype, index: tuple[slice, ...]) -> np.ndarray:
     return np.ascontiguousarray(np.array(view[index], order="K"), dtype=dtype)
 
 
-def _stacked_shard(layers: list[np.ndarray], dtype, index: tuple[slice, ...]) -> np.ndarray:
-    """One device's block of a stacked parameter: its slice of each layer's tensor, stacked."""
-    return np.stack([_shard(view, dtype, index[1:]) for view in layers[index[0]]])
+def _stacked_shard(
+    views: dict[tuple[int, ...], np.ndarray], lead_shape: tuple[int, ...], dtype, index: tuple[slice, ...]
+) -> np.ndarray:
+    """One device's block of a parameter whose leading axes (`lead_shape`: layers when stacked, then
+    experts) index HF tensors: its slice of each such tensor, stacked."""
+    lead = [range(n)[s] for s, n in zip(index, lead_shape, strict=False)]
+    blocks = [_shard(views[i], dtype, index[len(lead) :]) for i in itertools.product(*lead)]
+    return np.stack(blocks).reshape(*map(len, lead), *blocks[0].shape)
 
 
 def load_pretrained(
@@ -254,10 +261,9 @@ def to_hf_tensors(params: Params, layout: Layout, dtype=None) -> dict[str, np.nd
     for name, value in params.items():
         host = np.asarray(jax.device_get(value))
         host = host.astype(dtype) if dtype else host
-        per_layer = enumerate(host) if names.is_stacked(name) else [(None, host)]
-        for layer, tensor in per_layer:
-            hf_name, transform = names.to_hf(name, layer)
-            out[hf_name] = np.ascontiguousarray(transform.to_hf(tensor))
+        for index in np.ndindex(*host.shape[: names.index_axes(name)]):
+            hf_name, transform = names.to_hf_at(name, index)
+            out[hf_name] = np.ascontiguousarray(transform.to_hf(host[index]))
     return out
 
 

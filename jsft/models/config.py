@@ -2,7 +2,8 @@
 
 Every supported family is the one decoder in `decoder.py` under a different `ModelConfig`: the fixed
 traits of each family (where its norms sit, how they round, q/k norms, embedding scale) are the
-`FAMILIES` table; the rest comes from the config file.
+`FAMILIES` table; the rest comes from the config file. Over 450 lines on purpose: every family's
+reading of config.json (RoPE, windows, experts) in one place.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Family:
     norm_scale_in_float32: bool = False  # multiply by the scale before casting back (Gemma, OLMo 2)
     scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     qkv_bias_always: bool = False  # q/k/v biases regardless of `attention_bias` (Qwen2)
+    experts: bool = False  # a mixture-of-experts MLP in every layer (`Experts`)
+    norm_topk_always: bool = False  # renormalise the top-k router weights whatever config.json says
 
 
 _GEMMA = Family(norm_after_sublayers=True, norm_offset=1.0, norm_scale_in_float32=True, scale_embeddings=True)
@@ -49,6 +52,9 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma2": _GEMMA,
     "gemma3_text": dataclasses.replace(_GEMMA, qk_norm="head"),
+    "qwen3_moe": Family(qk_norm="head", experts=True),
+    "mixtral": Family(experts=True, norm_topk_always=True),
+    "olmoe": Family(qk_norm="projection", experts=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -93,6 +99,19 @@ class AttentionKind:
 
 
 @dataclasses.dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP (`moe.MoE`): a softmax router picks `per_token` of `count` SwiGLU experts
+    of width `intermediate_size` per token, weighted by their router probabilities (renormalised to sum
+    to 1 with `norm_topk_prob`); `router_aux_loss_coef` scales the load-balancing loss in training."""
+
+    count: int
+    per_token: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    router_aux_loss_coef: float
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -121,6 +140,7 @@ class ModelConfig:
     final_logit_softcap: float | None = None  # the same on the output logits; the loss must apply it
     sliding_window: int | None = None  # a query sees keys with q_index - k_index < sliding_window
     layer_types: tuple[str, ...] = ()  # per layer FULL_ATTENTION or SLIDING_ATTENTION; () = all full
+    experts: Experts | None = None  # None: a dense MLP in every layer
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32  # storage dtype
     attention_impl: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
@@ -208,6 +228,7 @@ class ModelConfig:
             final_logit_softcap=hf.get("final_logit_softcapping"),
             sliding_window=sliding_window,
             layer_types=_layer_types(model_type, hf, num_layers, sliding_window),
+            experts=_experts(model_type, hf) if family.experts else None,
             dtype=dtype,
             param_dtype=param_dtype,
             attention_impl=attention_impl,
@@ -226,7 +247,11 @@ class ModelConfig:
         norms = 2 * (self.norm_before_sublayers + self.norm_after_sublayers) * d
         qk_norms = {"head": 2 * hd, "projection": (h + kv) * hd}.get(self.qk_norm, 0)
         biases = self.qkv_bias * (h + 2 * kv) * hd + self.o_bias * d
-        per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * f + norms + qk_norms + biases
+        if self.experts is not None:  # every expert, and the router
+            mlp = self.experts.count * (3 * d * self.experts.intermediate_size + d)
+        else:
+            mlp = 3 * d * f
+        per_layer = d * hd * (2 * h + 2 * kv) + mlp + norms + qk_norms + biases
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
@@ -251,6 +276,29 @@ def _supported_type_and_activation(hf: dict[str, Any]) -> tuple[str, str]:
     if hf.get("use_bidirectional_attention"):
         raise UnsupportedModelError("unsupported use_bidirectional_attention=true in config.json")
     return model_type, hidden_act
+
+
+def _experts(model_type: str, hf: dict[str, Any]) -> Experts:
+    """The MoE settings as transformers reads them; layouts it would build differently are refused."""
+    count = hf.get("num_experts") or hf.get("num_local_experts")  # Qwen3-MoE files use either name
+    if not count:
+        raise UnsupportedModelError(f"{model_type} config.json lacks num_experts (or num_local_experts)")
+    refused = {
+        "decoder_sparse_step": hf.get("decoder_sparse_step", 1) != 1,  # dense MLPs between MoE layers
+        "mlp_only_layers": bool(hf.get("mlp_only_layers")),
+        "router_jitter_noise": bool(hf.get("router_jitter_noise")),  # Mixtral's training-time noise
+        "clip_qkv": hf.get("clip_qkv") is not None,  # OLMoE's clamp of q, k, v
+    }
+    for key, unsupported in refused.items():
+        if unsupported:
+            raise UnsupportedModelError(f"unsupported {key}={hf[key]!r} in config.json")
+    return Experts(
+        count=int(count),
+        per_token=int(hf["num_experts_per_tok"]),
+        intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+        norm_topk_prob=FAMILIES[model_type].norm_topk_always or bool(hf.get("norm_topk_prob")),
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+    )
 
 
 def _rope_settings(
@@ -417,7 +465,7 @@ def _longrope(rope: dict[str, Any], context: _RopeContext) -> RopeScaling:
 def _sliding_window(model_type: str, hf: dict[str, Any]) -> int | None:
     if model_type in ("llama", "olmo2"):
         return None
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window"):
         return None  # Qwen configs carry a sliding_window even when it is switched off
     return hf.get("sliding_window")
 
@@ -428,7 +476,7 @@ def _layer_types(
     """Which layers use the sliding window, as transformers derives it for each family."""
     if sliding_window is None:
         return ()
-    if model_type == "mistral":  # Mistral slides on every layer whenever a window is set
+    if model_type in ("mistral", "mixtral", "qwen3_moe"):  # every layer slides whenever a window is set
         return (SLIDING_ATTENTION,) * num_layers
     if hf.get("layer_types"):
         types = tuple(hf["layer_types"])

@@ -29,11 +29,10 @@ from jsft.models.attention import (
 )
 from jsft.models.config import AttentionKind, ModelConfig
 from jsft.models.context import context_attention
+from jsft.models.moe import MLP, MoE, load_balancing_loss
 from jsft.models.projection import Projection, kernel_init
 from jsft.models.remat import ATTENTION_OUT, LAYER_INPUT, remat_policy
 from jsft.models.rope import apply_rope, rope_frequencies, rope_tables
-
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 HIDDEN_AXES = ("batch", "sequence", "activation_embed")
 
@@ -160,21 +159,6 @@ class Attention(nnx.Module):
         return out if cache is None else (out, (k, v))
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None):
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.cfg = cfg
-        project = functools.partial(_projection, cfg, rngs, lora)
-        self.gate_proj = project("gate_proj", (d, f), ("embed", "mlp"))
-        self.up_proj = project("up_proj", (d, f), ("embed", "mlp"))
-        self.down_proj = project("down_proj", (f, d), ("mlp", "embed"))
-
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        gate = ACTIVATIONS[self.cfg.hidden_act](self.gate_proj(x, dropout_key))
-        hidden = sharding.constrain(gate * self.up_proj(x, dropout_key), ("batch", "sequence", "mlp"))
-        return self.down_proj(hidden, dropout_key)
-
-
 class Block(nnx.Module):
     """Attention then MLP, residual branches normalised before (Llama), after (OLMo 2) or both (Gemma)."""
 
@@ -187,7 +171,7 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, attention, rngs=rngs, lora=lora)
         self.post_attn_norm = norm() if after else None
         self.pre_mlp_norm = norm() if before else None
-        self.mlp = MLP(cfg, rngs=rngs, lora=lora)
+        self.mlp = (MLP if cfg.experts is None else MoE)(cfg, rngs=rngs, lora=lora)
         self.post_mlp_norm = norm() if after else None
 
     def __call__(
@@ -198,15 +182,16 @@ class Block(nnx.Module):
         kind: AttentionKind,
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, KeysValues]:
+    ) -> tuple[jax.Array, jax.Array | KeysValues]:
+        """(output, the router statistics [2, experts] or with a `cache` this layer's keys and values)."""
         x = checkpoint_name(x, LAYER_INPUT)  # what remat=offload keeps, in host memory
         attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind, cache, dropout_key)
         if cache is not None:
             attn_out, keys_values = attn_out
         x = x + _maybe(self.post_attn_norm, attn_out)
-        x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.pre_mlp_norm, x), dropout_key))
-        x = sharding.constrain(x, HIDDEN_AXES)
-        return x if cache is None else (x, keys_values)
+        mlp_out, router_stats = self.mlp(_maybe(self.pre_mlp_norm, x), segment_ids > 0, dropout_key)
+        x = sharding.constrain(x + _maybe(self.post_mlp_norm, mlp_out), HIDDEN_AXES)
+        return (x, router_stats) if cache is None else (x, keys_values)
 
 
 def _block_runner(kind: AttentionKind, remat: str):
@@ -303,13 +288,15 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
         in_context_order: bool = False,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        aux_loss: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache] | tuple[jax.Array, jax.Array]:
         """The final normalised hidden states [batch, seq, hidden]; `logits_from_hidden` maps them on.
 
         With a `cache` (decoding: `jsft.generate`), the tokens take slots `cache.index + [0, seq)` and
         also attend to the cached ones; the cache with them written in comes back with the states.
         With a `dropout_key` (training), LoRA factors see dropout on their inputs (rate `lora.dropout`),
         masks drawn from the key folded with the layer index and the projection's name.
+        With `aux_loss` (no cache), also the routers' load-balancing loss (`moe.load_balancing_loss`).
         Under context parallelism the tokens run in `sharding.context_order` and the states come back
         in row order, unless `in_context_order` (the training loss, a sum over tokens, puts its targets
         in that order instead: no exchange of the states between devices).
@@ -346,10 +333,12 @@ class Decoder(nnx.Module):
             written = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
             cache = dataclasses.replace(cache, segment_ids=written)
         run_layers = self._scan_layers if self.cfg.scan_layers else self._unrolled_layers
-        x, cache = run_layers(x, ropes, segment_ids, cache, dropout_key)
+        x, cache, router_stats = run_layers(x, ropes, segment_ids, cache, dropout_key)
         if cache is None:
             hidden = self.final_norm(x)
-            return hidden if in_context_order else sharding.from_context_order(hidden)
+            hidden = hidden if in_context_order else sharding.from_context_order(hidden)
+            aux = load_balancing_loss(router_stats, segment_ids, self.cfg.num_layers)
+            return (hidden, aux) if aux_loss else hidden
         return self.final_norm(x), dataclasses.replace(cache, index=cache.index + input_ids.shape[1])
 
     def _unrolled_layers(
@@ -359,16 +348,18 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array,
         cache: KVCache | None,
         dropout_key: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """The layers one after the other, each its own piece of the program."""
-        kinds = self.cfg.attention_kinds
+    ) -> tuple[jax.Array, KVCache | None, jax.Array]:
+        """The layers one after the other, each its own piece of the program; the router statistics summed."""
+        kinds, router_stats = self.cfg.attention_kinds, 0.0
         for i, (block, kind_id) in enumerate(zip(self.layers, self.cfg.layer_kind_ids, strict=True)):
             run = _block_runner(kinds[kind_id], self.cfg.remat)
             layer_cache = None if cache is None else _layer_cache(cache, i)
-            x = run(block, x, ropes[kind_id], segment_ids, layer_cache, _layer_key(dropout_key, i))
-            if cache is not None:
-                x, cache = x[0], _write_layer(cache, i, x[1])
-        return x, cache
+            x, out = run(block, x, ropes[kind_id], segment_ids, layer_cache, _layer_key(dropout_key, i))
+            if cache is None:
+                router_stats = router_stats + out
+            else:
+                cache = _write_layer(cache, i, out)
+        return x, cache, router_stats
 
     def _scan_layers(
         self,
@@ -377,7 +368,7 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array,
         cache: KVCache | None,
         dropout_key: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
         """All layers as one scan over the stacked parameters; a model with several attention kinds
         picks each layer's branch with `lax.switch` on its kind index (only that branch runs). A cache
         rides in the carry, so each layer writes only its new keys and values into it."""
@@ -402,14 +393,15 @@ class Decoder(nnx.Module):
             x, cache = carry
             state, kind_id, index = xs
             if cache is None:
-                return (layer(x, state, kind_id, None, _layer_key(dropout_key, index)), None), None
+                x, router_stats = layer(x, state, kind_id, None, _layer_key(dropout_key, index))
+                return (x, None), router_stats
             x, keys_values = layer(x, state, kind_id, _layer_cache(cache, index), None)
             return (x, _write_layer(cache, index, keys_values)), None
 
         kind_ids = jnp.asarray(self.cfg.layer_kind_ids, jnp.int32)
         layer_index = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(step, (x, cache), (stacked, kind_ids, layer_index))
-        return x, cache
+        (x, cache), router_stats = jax.lax.scan(step, (x, cache), (stacked, kind_ids, layer_index))
+        return x, cache, None if router_stats is None else jnp.sum(router_stats, axis=0)
 
     def output_kernel(self) -> jax.Array:
         """[hidden, vocab] projection to logits (the transposed embedding when tied).

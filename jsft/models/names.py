@@ -1,8 +1,9 @@
 """Hugging Face tensor names <-> jsft parameter names, as data.
 
-One table per family: (HF name, jsft name, transform). `{i}` stands for the layer index. The same
-table drives import and export, so the two directions cannot drift apart. Transforms are exact
-reshapes and transposes, so a round trip is bit-identical.
+One table per family: (HF name, jsft name, transform). `{i}` stands for the layer index, `{e}` for an
+expert's: each expert is its own HF tensor, and jsft stacks them on a leading axis. The same table drives
+import and export, so the two directions cannot drift apart. Transforms are exact reshapes and
+transposes, so a round trip is bit-identical.
 """
 
 from __future__ import annotations
@@ -83,11 +84,26 @@ def _qk_norms(transform: Transform) -> tuple:
     )
 
 
+def _experts(block: str, gate: str, up: str, down: str) -> tuple:
+    """A mixture's router and its experts' kernels, as the Hub's files name them (per expert)."""
+    experts = _LAYER + block + ".experts.{e}."
+    return (
+        (_LAYER + block + ".gate.weight", "layers.{i}.mlp.router", TRANSPOSE),
+        (experts + gate + ".weight", "layers.{i}.mlp.gate_proj", TRANSPOSE),
+        (experts + up + ".weight", "layers.{i}.mlp.up_proj", TRANSPOSE),
+        (experts + down + ".weight", "layers.{i}.mlp.down_proj", TRANSPOSE),
+    )
+
+
+_ATTENTION = tuple(entry for entry in _SHARED if ".mlp." not in entry[0])
 LLAMA = _SHARED + _PRE_NORMS
 QWEN3 = LLAMA + _qk_norms(KEEP)  # per head: [head_dim]
 OLMO2 = _SHARED + _POST_NORMS + _qk_norms(HEADS_FLAT)  # over the projection: [heads * head_dim]
 GEMMA2 = _SHARED + _SANDWICH_NORMS
 GEMMA3 = GEMMA2 + _qk_norms(KEEP)
+QWEN3_MOE = _ATTENTION + _PRE_NORMS + _qk_norms(KEEP) + _experts("mlp", "gate_proj", "up_proj", "down_proj")
+MIXTRAL = _ATTENTION + _PRE_NORMS + _experts("block_sparse_moe", "w1", "w3", "w2")
+OLMOE = _ATTENTION + _PRE_NORMS + _qk_norms(HEADS_FLAT) + _experts("mlp", "gate_proj", "up_proj", "down_proj")
 
 NAME_MAPS = {
     "llama": LLAMA,
@@ -97,6 +113,9 @@ NAME_MAPS = {
     "olmo2": OLMO2,
     "gemma2": GEMMA2,
     "gemma3_text": GEMMA3,
+    "qwen3_moe": QWEN3_MOE,
+    "mixtral": MIXTRAL,
+    "olmoe": OLMOE,
 }
 
 # HF buffers that are recomputed, not loaded.
@@ -104,14 +123,17 @@ IGNORED_HF_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+    escaped = re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)")
+    return re.compile("^" + escaped.replace(re.escape("{e}"), r"(?P<e>\d+)") + "$")
 
 
 class NameMap:
     """Translates names both ways with one table.
 
     With `stacked` (scanned layers), every layer's tensor maps to one jsft parameter "layers.<rest>"
-    with a leading layer axis, and the layer index travels beside the name.
+    with a leading layer axis. Experts' tensors map to one jsft parameter per layer with an expert axis
+    (after the layer axis, when stacked). A tensor's position on these leading axes, its `index`, travels
+    beside the jsft name: (layer, expert), (layer,), (expert,) or ().
     """
 
     def __init__(self, model_type: str, stacked: bool = False):
@@ -123,22 +145,43 @@ class NameMap:
         self._to_jsft = [(_pattern(hf), jsft, t) for hf, jsft, t in table]
         self._to_hf = [(_pattern(jsft), hf, t) for hf, jsft, t in table]
 
-    def to_jsft(self, hf_name: str) -> tuple[str, Transform, int | None] | None:
-        """(jsft name, transform, layer index when stacked else None), or None for an unknown name."""
+    def to_jsft(self, hf_name: str) -> tuple[str, Transform, tuple[int, ...]] | None:
+        """(jsft name, transform, index), or None for an unknown name."""
         for pattern, target, transform in self._to_jsft:
             m = pattern.match(hf_name)
             if m:
-                layer = int(m["i"]) if self.stacked and "i" in m.groupdict() else None
-                return target.format(**m.groupdict()), transform, layer
+                groups = m.groupdict()
+                layer = (int(groups["i"]),) if self.stacked and "i" in groups else ()
+                expert = (int(groups["e"]),) if "e" in groups else ()
+                return target.format(i=groups.get("i")), transform, layer + expert
         return None
 
-    def to_hf(self, jsft_name: str, layer: int | None = None) -> tuple[str, Transform]:
-        """The HF name of a parameter (of its `layer`, for a stacked one) and the transform to HF."""
+    def to_hf(
+        self, jsft_name: str, layer: int | None = None, expert: int | None = None
+    ) -> tuple[str, Transform]:
+        """The HF name of a parameter (of its `layer`, for a stacked one; of its `expert`, for experts')
+        and the transform to HF."""
         for pattern, target, transform in self._to_hf:
             m = pattern.match(jsft_name)
             if m:
-                return target.format(**(m.groupdict() if layer is None else {"i": layer})), transform
+                if "{e}" in target and expert is None:
+                    raise KeyError(f"{jsft_name!r} holds experts: name one")
+                i = m.groupdict().get("i") if layer is None else layer
+                return target.format(i=i, e=expert), transform
         raise KeyError(f"no Hugging Face name for jsft parameter {jsft_name!r}")
+
+    def to_hf_at(self, jsft_name: str, index: tuple[int, ...]) -> tuple[str, Transform]:
+        """`to_hf` of the tensor at `index` (see the class) of a parameter."""
+        layer = index[0] if self.is_stacked(jsft_name) else None
+        expert = index[-1] if self.has_experts(jsft_name) else None
+        return self.to_hf(jsft_name, layer, expert)
 
     def is_stacked(self, jsft_name: str) -> bool:
         return self.stacked and jsft_name.startswith("layers.")
+
+    def has_experts(self, jsft_name: str) -> bool:
+        return any(pattern.match(jsft_name) and "{e}" in hf for pattern, hf, _ in self._to_hf)
+
+    def index_axes(self, jsft_name: str) -> int:
+        """How many leading axes of the parameter index HF tensors (layers when stacked, experts)."""
+        return int(self.is_stacked(jsft_name)) + int(self.has_experts(jsft_name))

@@ -1,0 +1,121 @@
+"""The decoder's MLPs: the dense SwiGLU `MLP`, and the mixture of experts (`MoE`) of Qwen3-MoE, Mixtral
+and OLMoE with its router's load-balancing loss. Both take (x, real-token mask, dropout key) and return
+(output, router statistics), so a block runs either the same way.
+
+Routing is transformers': softmax over the router logits in float32, the top k experts, their
+probabilities renormalised to sum to 1 where the family does (`Experts.norm_topk_prob`). Dispatch is
+dropless: every (token, expert) assignment is computed, none is dropped for capacity. The assignments are
+sorted by expert so each expert's tokens are contiguous, one grouped matmul (`jax.lax.ragged_dot`) per
+kernel runs all experts, and the outputs go back to token order to be summed with the router weights.
+Accelerators run `ragged_dot` as a grouped matmul; XLA:CPU lowers it to a dense product with every
+expert (E times the FLOPs), which is fine for tests, not for speed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jsft import sharding
+from jsft.errors import UnsupportedModelError
+from jsft.lora.spec import LoraSpec
+from jsft.models.config import ModelConfig
+from jsft.models.projection import Projection, kernel_init
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+EXPERT_KERNELS = ("gate_proj", "up_proj", "down_proj")
+
+
+class MLP(nnx.Module):
+    """gate, up and down projections (LoRA where the spec targets them); no router statistics."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.cfg = cfg
+        project = functools.partial(
+            Projection, inputs=1, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, lora=lora
+        )
+        self.gate_proj = project("gate_proj", (d, f), ("embed", "mlp"))
+        self.up_proj = project("up_proj", (d, f), ("embed", "mlp"))
+        self.down_proj = project("down_proj", (f, d), ("mlp", "embed"))
+
+    def __call__(
+        self, x: jax.Array, real: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        gate = ACTIVATIONS[self.cfg.hidden_act](self.gate_proj(x, dropout_key))
+        hidden = sharding.constrain(gate * self.up_proj(x, dropout_key), ("batch", "sequence", "mlp"))
+        return self.down_proj(hidden, dropout_key), jnp.zeros((2, 0), jnp.float32)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
+    return nnx.Param(kernel_init(rngs.params(), shape, dtype), out_sharding=axes)
+
+
+class MoE(nnx.Module):
+    """`moe(x, real, dropout_key)` -> (output like x, router statistics [2, experts] of the `real` tokens).
+
+    The router is [embed, experts]; the experts' kernels are stacked on a leading "expert" axis:
+    gate and up [expert, embed, mlp], down [expert, mlp, embed]. The statistics (assignments per expert,
+    summed router probability per expert, over the real tokens) are what `load_balancing_loss` needs.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None):
+        experts = cfg.experts
+        adapted = [name for name in EXPERT_KERNELS if lora is not None and name in lora.targets]
+        if adapted:
+            raise UnsupportedModelError(
+                f"lora.targets names {', '.join(adapted)}: on a {cfg.model_type} model these are experts, "
+                "which jsft does not adapt; set lora.targets=q_proj,k_proj,v_proj,o_proj"
+            )
+        d, f, e, pd = cfg.hidden_size, experts.intermediate_size, experts.count, cfg.param_dtype
+        self.cfg = cfg
+        self.router = _param(rngs, (d, e), ("embed", None), pd)
+        self.gate_proj = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), pd)
+
+    def __call__(
+        self, x: jax.Array, real: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """`dropout_key` is unused: the experts have no LoRA factors."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        k, count = cfg.experts.per_token, cfg.experts.count
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = tokens @ self.router[...].astype(dt)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights, chosen = jax.lax.top_k(probs, k)  # [tokens, k]
+        if cfg.experts.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        # Sorted by expert (stable: a token's assignments keep their order), each expert's rows contiguous.
+        flat = chosen.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        group_sizes = jnp.bincount(flat, length=count).astype(jnp.int32)
+        rows = tokens[order // k]
+
+        def grouped(inputs: jax.Array, kernel: nnx.Param) -> jax.Array:
+            return jax.lax.ragged_dot(inputs, kernel[...].astype(dt), group_sizes)
+
+        hidden = ACTIVATIONS[cfg.hidden_act](grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
+        out = grouped(hidden, self.down_proj)[jnp.argsort(order)].reshape(*chosen.shape, -1)
+        combined = jnp.einsum("tkd,tk->td", out, weights.astype(dt))
+        mask = real.reshape(-1).astype(jnp.float32)
+        stats = jnp.stack(
+            [
+                jnp.zeros(count, jnp.float32).at[flat].add(jnp.repeat(mask, k)),
+                jnp.sum(probs * mask[:, None], axis=0),
+            ]
+        )
+        return combined.reshape(x.shape), stats
+
+
+def load_balancing_loss(stats: jax.Array, segment_ids: jax.Array, num_layers: int) -> jax.Array:
+    """transformers' `load_balancing_loss_func` with an attention mask, from the layers' summed router
+    statistics [2, experts] of the real tokens (segment id > 0): experts x sum over experts of (share of
+    assignments) x (mean router probability), both over all layers' real tokens at once. 0 for a dense
+    model (no experts)."""
+    rows = jnp.maximum(num_layers * jnp.sum(segment_ids > 0).astype(jnp.float32), 1.0)
+    counts, probs = stats
+    return stats.shape[-1] * jnp.sum((counts / rows) * (probs / rows))
