@@ -72,7 +72,11 @@ def _hf_padded(model, sequences: list[np.ndarray], labels_mask: np.ndarray | Non
 @pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
 def reference(request, tmp_path_factory) -> Reference:
     folder = tmp_path_factory.mktemp(request.param)
-    model = make_hf_family(folder, request.param)
+    return make_reference(folder, make_hf_family(folder, request.param))
+
+
+def make_reference(folder, model) -> Reference:
+    """The test batch and transformers' outputs on it, for `model` saved in `folder`."""
     rng = np.random.default_rng(0)
     padded = [rng.integers(3, VOCAB, n) for n in PADDED_LENGTHS]
     packed = [rng.integers(3, VOCAB, n) for n in PACKED_LENGTHS]

@@ -1,0 +1,199 @@
+"""Mixture-of-experts families (Qwen3-MoE, Mixtral, OLMoE) against their transformers implementations.
+
+Tiny random float32 models (2 layers, 4-8 experts, top-2) saved by transformers; jsft loads them through
+its normal path and must reproduce the logits on padded and packed rows, the router's load-balancing loss,
+and an export that transformers loads with the same logits. Reuses test_families' batch and runs.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from test_families import (
+    ATOL,
+    PACKED_LENGTHS,
+    PADDED_LENGTHS,
+    _assert_logits_match,
+    _hf_padded,
+    _jsft,
+    make_reference,
+)
+
+from jsft import export, hf, models, sharding
+from jsft.errors import UnsupportedModelError
+from jsft.lora.params import init_factors
+from jsft.lora.spec import LoraSpec
+from jsft.models.config import ModelConfig
+
+AUX_ATOL = 1e-5
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MOE_CONFIGS: dict[str, tuple[str, dict]] = {
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(head_dim=10, num_experts=8, moe_intermediate_size=24, norm_topk_prob=True),
+    ),
+    "mixtral": ("MixtralConfig", dict(head_dim=10, num_local_experts=4, sliding_window=5)),
+    "olmoe": (
+        "OlmoeConfig",
+        dict(num_experts=8, intermediate_size=24, pad_token_id=1, bos_token_id=None, eos_token_id=2),
+    ),
+}
+SETTINGS = ("one_device", "one_device_scanned", "fsdp4_tensor2_scanned")
+
+
+def make_hf_moe(folder, model_type: str, seed: int = 0):
+    """Saves a tiny random model of `model_type` (a key of MOE_CONFIGS); returns the torch model.
+    Norms and routers are moved off their initial values, so a wrong mapping or routing shows."""
+    config_class, family_kwargs = MOE_CONFIGS[model_type]
+    kwargs = dict(
+        vocab_size=98,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        router_aux_loss_coef=0.02,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.15,
+    )
+    kwargs.update(family_kwargs)
+    config = getattr(transformers, config_class)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "gate.weight" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(MOE_CONFIGS))
+def moe(request, tmp_path_factory):
+    """(test_families.Reference, torch model) of one family."""
+    folder = tmp_path_factory.mktemp(request.param)
+    model = make_hf_moe(folder, request.param)
+    return make_reference(folder, model), model
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_logits_match_transformers(moe, setting):
+    ref, _ = moe
+    _, _, logits = _jsft(ref, setting)
+    _assert_logits_match(ref, logits, ATOL)
+
+
+def test_weights_load_stacked_and_export_bit_identically(moe):
+    ref, _ = moe
+    layout, params, _ = _jsft(ref, "one_device_scanned")
+    cfg = layout.cfg
+    assert params["layers.mlp.gate_proj"].shape == (2, cfg.experts.count, 48, cfg.experts.intermediate_size)
+    exported = models.to_hf_tensors(params, layout)
+    original = dict(hf.iter_tensors(ref.folder))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert np.array_equal(exported[name], tensor), name
+
+
+def _forward(layout: models.Layout, params: models.Params, ref) -> np.ndarray:
+    """jsft's logits on the test batch."""
+    forward = jax.jit(lambda p, ids, pos, seg: layout.merge(p)(ids, pos, seg))
+    return np.asarray(forward(params, ref.input_ids, ref.positions, ref.segment_ids))
+
+
+def _sequences(ref) -> list[np.ndarray]:
+    """The batch's padded and packed sequences, each alone."""
+    padded = [ref.input_ids[row, :n] for row, n in enumerate(PADDED_LENGTHS)]
+    starts = np.cumsum((0, *PACKED_LENGTHS))
+    return padded + [ref.input_ids[3, a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def test_aux_loss_matches_transformers(moe):
+    """transformers' load-balancing loss over the real tokens (its attention mask) of the six sequences;
+    jsft's over the same tokens, three of them packed in one row."""
+    ref, model = moe
+    layout, params, _ = _jsft(ref, "one_device")
+    aux = jax.jit(lambda p, ids, pos, seg: layout.merge(p).hidden_states(ids, pos, seg, aux_loss=True)[1])(
+        params, ref.input_ids, ref.positions, ref.segment_ids
+    )
+    model.config.output_router_logits = True
+    expected = float(_hf_padded(model, _sequences(ref)).aux_loss)
+    model.config.output_router_logits = False
+    assert expected > 1.0  # experts x (share x probability) summed: 1 when perfectly balanced
+    assert abs(float(aux) - expected) <= AUX_ATOL, (float(aux), expected)
+
+
+def test_exported_folder_loads_in_transformers_with_jsft_logits(moe, tmp_path):
+    """Changed weights (stacked over layers and experts) written by jsft, read by transformers."""
+    ref, _ = moe
+    layout, params, _ = _jsft(ref, "one_device_scanned")
+    rng = np.random.default_rng(1)
+    changed = {
+        name: value + 0.05 * rng.standard_normal(value.shape, np.float32) for name, value in params.items()
+    }
+    logits = np.asarray(_forward(layout, changed, ref)[:3])
+    files = {"config.json": pathlib.Path(ref.folder, "config.json").read_bytes()}
+    out = export.write_folder(
+        str(tmp_path / "export"), models.to_hf_tensors(changed, layout), files, "# card\n", "float32"
+    )
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    expected = _hf_padded(reloaded, _sequences(ref)[:3]).logits.numpy()
+    for row, n in enumerate(PADDED_LENGTHS):
+        np.testing.assert_allclose(logits[row, :n], expected[row, :n], atol=ATOL, rtol=0)
+
+
+def test_lora_adapts_attention_of_an_moe_model(moe):
+    """LoRA factors on the attention projections give the logits of their merged kernels; targeting
+    the experts is a one-line error."""
+    ref, _ = moe
+    cfg, _ = models.config_from_folder(ref.folder)
+    mesh = sharding.single_device_mesh()
+    spec = LoraSpec(rank=4, alpha=8.0, targets=ATTENTION)
+    layout = models.Layout(cfg, lora=spec)
+    base = models.load_params(ref.folder, layout, mesh)
+    factors = init_factors(layout, 0, mesh)
+    assert {name.split(".")[-2] for name in factors} == set(ATTENTION)
+    factors = {n: v + 0.1 if n.endswith("lora_b") else v for n, v in factors.items()}
+    adapted = _forward(layout, {**base, **factors}, ref)
+    merged = _forward(models.Layout(cfg), spec.merge(base, factors), ref)
+    np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=0)
+    with pytest.raises(UnsupportedModelError, match="lora.targets names gate_proj, up_proj, down_proj"):
+        models.Layout(cfg, lora=LoraSpec(rank=4, alpha=8.0))
+
+
+@pytest.mark.parametrize(
+    "config_class, change, key",
+    [
+        ("Qwen3MoeConfig", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+        ("Qwen3MoeConfig", {"mlp_only_layers": [0]}, "mlp_only_layers=[0]"),
+        ("MixtralConfig", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
+        ("OlmoeConfig", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
+        ("MixtralConfig", {"num_local_experts": None}, "lacks num_experts"),
+    ],
+)
+def test_unsupported_moe_layouts_are_one_line_errors(config_class, change, key):
+    hf_config = {**getattr(transformers, config_class)().to_dict(), **change}
+    with pytest.raises(UnsupportedModelError, match=f"^[^\n]*{re.escape(key)}[^\n]*$"):
+        ModelConfig.from_hf(hf_config)
+
+
+def test_norm_topk_prob_as_each_family_reads_it():
+    """Mixtral renormalises always; Qwen3-MoE and OLMoE as config.json says."""
+    read = {
+        name: ModelConfig.from_hf(getattr(transformers, name)(norm_topk_prob=False).to_dict()).experts
+        for name in ("Qwen3MoeConfig", "MixtralConfig", "OlmoeConfig")
+    }
+    assert [e.norm_topk_prob for e in read.values()] == [False, True, False]
+    assert read["Qwen3MoeConfig"].count == 128 and read["Qwen3MoeConfig"].intermediate_size == 768
+    assert read["MixtralConfig"].count == 8 and read["MixtralConfig"].intermediate_size == 14336
