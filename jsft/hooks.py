@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from transformers import PreTrainedTokenizerBase
 
-from jsft import flops
+from jsft import flops, sharding
 from jsft.data import EncodedData
 from jsft.data.batching import Batching
 from jsft.evaluate import Evaluator, Task, without_records
@@ -38,8 +38,10 @@ class StepLogger:
         *,
         flops_per_token: float,
         peak_flops: float | None,
+        row_groups: int = 1,
     ):
         self.log, self.schedule = metrics_log, schedule
+        self._row_groups = row_groups  # processes that load distinct rows (`sharding.row_groups`)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.last_loss: float | None = None
         self._pending: tuple[StepInfo, float, float] | None = None
@@ -55,6 +57,7 @@ class StepLogger:
             trainer.schedule,
             flops_per_token=flops.mfu_flops_per_token(trainer.layout.cfg, cfg.data.max_seq_length),
             peak_flops=flops.device_peak_flops(override=cfg.log.peak_flops or None),
+            row_groups=sharding.row_groups(trainer.mesh)[1],
         )
 
     def count(self, info: StepInfo) -> None:
@@ -62,8 +65,8 @@ class StepLogger:
 
         Also writes the line queued at an earlier step: this step is queued by now, so fetching the
         earlier step's metrics does not leave the devices idle."""
-        self._window_tokens += int(np.count_nonzero(info.batch["segment_ids"])) * jax.process_count()
-        self._window_positions += info.batch["segment_ids"].size * jax.process_count()
+        self._window_tokens += int(np.count_nonzero(info.batch["segment_ids"])) * self._row_groups
+        self._window_positions += info.batch["segment_ids"].size * self._row_groups
         self.log.progress(1)
         if self._pending is not None and self._pending[0].step < info.step:
             self.flush()
@@ -97,6 +100,8 @@ class StepLogger:
             "tokens_per_sec": tokens_per_sec,
             "batch_fingerprint": batch_fingerprint(info.batch),
         }
+        if "aux_loss" in values:  # a mixture of experts: the routers' load-balancing loss
+            record["aux_loss"] = float(values["aux_loss"])
         if self.peak_flops:
             per_device = positions_per_sec / jax.device_count()
             record["mfu"] = flops.mfu(per_device, self.flops_per_token, self.peak_flops)

@@ -65,6 +65,28 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def row_groups(mesh: Mesh) -> tuple[int, int]:
+    """(this process's group, the number of groups): processes whose devices hold the same rows of a
+    batch (a context or tensor axis reaching across hosts) form a group, and load the same rows.
+
+    Rows are split over data x fsdp; each process must hold one contiguous run of those shards, as
+    `make_mesh` lays devices out (process by process), else a one-line ConfigError.
+    """
+    held: dict[int, set[int]] = {}
+    for index, device in np.ndenumerate(mesh.devices):
+        coords = dict(zip(mesh.axis_names, index, strict=True))
+        shard = coords["data"] * mesh.shape["fsdp"] + coords["fsdp"]
+        held.setdefault(device.process_index, set()).add(shard)
+    mine = sorted(held[jax.process_index()])
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if mine != list(range(mine[0], mine[0] + len(mine))) or shards % len(mine) or mine[0] % len(mine):
+        raise ConfigError(
+            f"process {jax.process_index()} holds batch shards {mine} of {shards}: a process's devices must "
+            "hold one aligned run of data x fsdp shards (order the mesh as make_mesh does)"
+        )
+    return mine[0] // len(mine), shards // len(mine)
+
+
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh | AbstractMesh) -> P:
     """Partition spec for one array; a dimension the mesh axis does not divide stays replicated."""
     spec = []

@@ -134,9 +134,14 @@ class Trainer:
     # --- batches ------------------------------------------------------------------------------------
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of the global batch, assembled into global arrays."""
+        """This process's rows of the global batch, assembled into global arrays. The rows are whole:
+        where a context axis splits them over devices of several processes, each takes its tokens."""
         spec = sharding.batch_sharding(self.mesh)
-        return {k: jax.make_array_from_process_local_data(spec, v) for k, v in batch.items()}
+        groups = sharding.row_groups(self.mesh)[1]
+        return {
+            k: jax.make_array_from_process_local_data(spec, v, (v.shape[0] * groups, *v.shape[1:]))
+            for k, v in batch.items()
+        }
 
     def abstract_batch(self, rows: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
         spec = jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=sharding.batch_sharding(self.mesh))

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jsft import sharding
 from jsft.data import pipeline
 from jsft.errors import JsftError
 
@@ -37,6 +38,8 @@ class Batching:
     epochs: int
     max_steps: int  # above 0, overrides epochs
     batch_shards: int = 1
+    # This process's group of processes that load the same rows, and how many groups there are: one
+    # group per process, unless a context or tensor axis reaches across hosts (`sharding.row_groups`).
     process_index: int = 0
     process_count: int = 1
 
@@ -44,6 +47,8 @@ class Batching:
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh=None) -> Batching:
         """The run's batching over `mesh` (None: no mesh yet, for step counts only) and this process."""
         shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        no_mesh = (jax.process_index(), jax.process_count())
+        group, groups = sharding.row_groups(mesh) if mesh is not None else no_mesh
         return cls(
             global_batch_size=cfg.train.global_batch_size,
             grad_accum_steps=cfg.train.grad_accum_steps,
@@ -55,8 +60,8 @@ class Batching:
             epochs=cfg.train.epochs,
             max_steps=cfg.train.max_steps,
             batch_shards=shards,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=group,
+            process_count=groups,
         )
 
     # --- what a step holds ------------------------------------------------------------------------
