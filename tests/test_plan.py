@@ -17,7 +17,7 @@ from jsft.cli.plan import parse_args
 from jsft.models import shapes
 from jsft.planning import hlo, report
 from jsft.planning.compiled import Memory, build_trainer, compile_step
-from jsft.planning.search import REMAT_ORDER, Setting
+from jsft.planning.search import REMAT_ORDER, Setting, candidates
 from jsft.planning.steps import DataPlan, data_plan, step_rows
 from jsft.trainer import Trainer
 from jsft.units import parse_size
@@ -73,6 +73,22 @@ def test_search_pick_fits_when_compiled():
     assert any(line.startswith("verified") and "fits" in line for line in lines)
     order = REMAT_ORDER.index
     assert (order(pick.remat), pick.grad_accum_steps) <= (order(smallest.remat), smallest.grad_accum_steps)
+
+
+def test_the_search_splits_rows_over_the_context_axis_when_there_are_fewer_rows_than_devices():
+    """Two rows of 1024 tokens on 8 devices: rows split over at most 2 (fsdp), the tiny model's 2 key/value
+    heads over at most 2 (tensor); context 2 and 4 split the tokens, and context 8 would cut rows into
+    64-token chunks, below splash's 128-token blocks."""
+    cfg = load(TINY, "--config.train.global_batch_size=2", "--config.data.max_seq_length=1024")
+    hf_config, _ = shapes.hf_config(cfg.model.path)
+    settings = candidates(cfg, hf_config, devices=8)
+    meshes = {(s.fsdp, s.context, s.tensor) for s in settings if s.grad_accum_steps == 1}
+    assert (2, 4, 1) in meshes and (2, 2, 2) in meshes and (1, 8, 1) not in meshes
+    assert all(s.fsdp * s.context * s.tensor == 8 for s in settings)
+    assert all((2 // s.grad_accum_steps) % s.fsdp == 0 for s in settings)
+    pick = next(s for s in settings if (s.fsdp, s.context, s.tensor) == (2, 4, 1))
+    assert "--config.mesh.context=4" in pick.overrides()
+    assert pick.apply(cfg).mesh.context == 4
 
 
 def test_tulu_planned_from_the_shape_table_without_weights():
