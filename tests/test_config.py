@@ -233,7 +233,9 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
     with pytest.raises(config.ConfigError) as err:
         sharding.make_mesh({"data": 3, "fsdp": 1, "tensor": 1})
     assert str(err.value) == "mesh data=3 x fsdp=1 x context=1 x tensor=1 needs 3 devices, but there are 8"
-    with pytest.raises(config.ConfigError, match="^mesh data=-1 x fsdp=3 x context=1 x tensor=1 does not fit 8 devices$"):
+    with pytest.raises(
+        config.ConfigError, match="^mesh data=-1 x fsdp=3 x context=1 x tensor=1 does not fit 8 devices$"
+    ):
         sharding.make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
 
 
