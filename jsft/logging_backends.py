@@ -28,6 +28,7 @@ SCALARS = {
     "loss": "train/loss",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
+    "aux_loss": "train/aux_loss",
     "tokens_per_sec": "train/tokens_per_sec",
     "mfu": "train/mfu",
     "eval_loss": "eval/loss",

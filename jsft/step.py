@@ -111,16 +111,25 @@ def model_params(params: Params, base: Params | None) -> Params:
 def _loss_sum(
     layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0, dropout_key: jax.Array | None = None
 ) -> jax.Array:
+    """The summed token losses (what evaluation reports)."""
+    return _loss_terms(layout, params, batch, z_loss, dropout_key)[0]
+
+
+def _loss_terms(
+    layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(summed token losses, the routers' load-balancing loss: 0 without experts; see `_with_aux_loss`)."""
     model = layout.merge(params)
-    hidden = model.hidden_states(
+    hidden, aux_loss = model.hidden_states(
         batch["input_ids"],
         batch["positions"],
         batch["segment_ids"],
         dropout_key=dropout_key,
         in_context_order=True,
+        aux_loss=True,
     )
     kernel = model.output_kernel()
-    return loss.chunked_loss_sum(
+    token_sum = loss.chunked_loss_sum(
         hidden,
         kernel,
         sharding.to_context_order(batch["target_ids"]),
@@ -128,6 +137,19 @@ def _loss_sum(
         z_loss=z_loss,
         softcap=model.cfg.final_logit_softcap,
     )
+    return token_sum, aux_loss
+
+
+def _with_aux_loss(
+    layout: Layout, token_sum: jax.Array, aux_loss: jax.Array, loss_mask: jax.Array
+) -> jax.Array:
+    """The training loss of a micro-batch: transformers adds `router_aux_loss_coef` x the aux loss to the
+    mean token loss; jsft sums token losses and divides by the global batch's trained tokens once, so the
+    aux loss enters the sum times the micro-batch's trained tokens. With `loss_reduction=mean` and one
+    micro-batch that is transformers' total exactly (with several, the aux losses' token-weighted mean);
+    with `sum` it keeps the same weight against the token losses."""
+    coef = layout.cfg.experts.router_aux_loss_coef if layout.cfg.experts else 0.0
+    return token_sum + coef * aux_loss * jnp.sum(loss_mask)
 
 
 def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
@@ -142,9 +164,10 @@ def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
 
 def _summed_gradients(
     layout: Layout, mesh: Mesh, grad_accum_steps: int, z_loss: float, seed: int
-) -> Callable[[TrainState, Batch], tuple[Params, jax.Array]]:
+) -> Callable[[TrainState, Batch], tuple[Params, jax.Array, jax.Array]]:
     """`summed(state, batch)` -> (gradient, loss) summed over the batch's tokens, one micro-batch at a
-    time in a scan. With `lora.dropout`, each micro-batch draws its masks from (seed, step, micro-batch)."""
+    time in a scan, and the micro-batches' mean aux loss (`_with_aux_loss`). With `lora.dropout`, each
+    micro-batch draws its masks from (seed, step, micro-batch)."""
     batch_sharding = sharding.batch_sharding(mesh)
     micro_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
     dropout = layout.lora is not None and layout.lora.dropout > 0
@@ -158,21 +181,22 @@ def _summed_gradients(
         params, base = state.params, state.base
         step_key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
 
-        def micro_loss(p: Params, micro: Batch, key: jax.Array | None) -> jax.Array:
-            return _loss_sum(layout, model_params(p, base), micro, z_loss, key)
+        def micro_loss(p: Params, micro: Batch, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+            token_sum, aux_loss = _loss_terms(layout, model_params(p, base), micro, z_loss, key)
+            return _with_aux_loss(layout, token_sum, aux_loss, micro["loss_mask"]), aux_loss
 
         def accumulate(carry, xs):
-            grads_sum, loss_sum = carry
+            grads_sum, loss_sum, aux_sum = carry
             micro, index = xs
             key = None if step_key is None else jax.random.fold_in(step_key, index)
-            value, grads = jax.value_and_grad(micro_loss)(params, micro, key)
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value), None
+            (value, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, micro, key)
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value, aux_sum + aux), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        carry = (zeros, jnp.zeros((), jnp.float32))
+        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         micro = (jax.tree.map(micro_batches, batch), jnp.arange(grad_accum_steps))
-        (grads_sum, loss_sum), _ = jax.lax.scan(accumulate, carry, micro)
-        return grads_sum, loss_sum
+        (grads_sum, loss_sum, aux_sum), _ = jax.lax.scan(accumulate, carry, micro)
+        return grads_sum, loss_sum, aux_sum / grad_accum_steps
 
     return summed
 
@@ -196,7 +220,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state.params
         trained_tokens = jnp.sum(batch["loss_mask"])
-        grads_sum, loss_sum = summed_gradients(state, batch)
+        grads_sum, loss_sum, aux_loss = summed_gradients(state, batch)
         tokens = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
         scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
@@ -217,12 +241,15 @@ def make_train_step(
             nonfinite_streak=streak,
         )
         metrics = {
-            "loss": loss_sum / tokens,  # mean token loss (plus z-loss), whatever the reduction optimised
+            # mean token loss (plus z-loss and the weighted aux loss), whatever the reduction optimised
+            "loss": loss_sum / tokens,
             "grad_norm": grad_norm,
             "trained_tokens": trained_tokens,
             "skipped": jnp.logical_not(finite),
             "nonfinite_streak": streak,
         }
+        if layout.cfg.experts:
+            metrics["aux_loss"] = aux_loss  # the micro-batches' mean, before router_aux_loss_coef
         return new_state, metrics
 
     return jax.jit(

@@ -75,6 +75,9 @@ def test_tensorboard_scalars_equal_metrics_log(logged_run):
     assert [r["step"] for r in train_lines] == [5, 10, 15, 20]
     for key, tag in logging_backends.SCALARS.items():
         lines = [r for r in records if key in r]
+        if key == "aux_loss":  # a mixture of experts' only; the tiny model is dense
+            assert not lines
+            continue
         assert lines, key
         scalars = events.Scalars(tag)
         assert [s.step for s in scalars] == [r["step"] for r in lines]

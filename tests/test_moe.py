@@ -7,6 +7,7 @@ and an export that transformers loads with the same logits. Reuses test_families
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import re
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import assert_params_close, gradient_recorder
 from test_families import (
     ATOL,
     PACKED_LENGTHS,
@@ -26,10 +28,12 @@ from test_families import (
 )
 
 from jsft import export, hf, models, sharding
+from jsft.config import default_config
 from jsft.errors import UnsupportedModelError
 from jsft.lora.params import init_factors
 from jsft.lora.spec import LoraSpec
 from jsft.models.config import ModelConfig
+from jsft.trainer import Trainer
 
 AUX_ATOL = 1e-5
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -153,6 +157,7 @@ def test_exported_folder_loads_in_transformers_with_jsft_logits(moe, tmp_path):
         np.testing.assert_allclose(logits[row, :n], expected[row, :n], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("moe", ["olmoe"], indirect=True)
 def test_lora_adapts_attention_of_an_moe_model(moe):
     """LoRA factors on the attention projections give the logits of their merged kernels; targeting
     the experts is a one-line error."""
@@ -197,3 +202,68 @@ def test_norm_topk_prob_as_each_family_reads_it():
     assert [e.norm_topk_prob for e in read.values()] == [False, True, False]
     assert read["Qwen3MoeConfig"].count == 128 and read["Qwen3MoeConfig"].intermediate_size == 768
     assert read["MixtralConfig"].count == 8 and read["MixtralConfig"].intermediate_size == 14336
+
+
+def _padded_batch(ref) -> dict[str, np.ndarray]:
+    """Rows 0-2 of the test batch as a training batch: next-token targets, the loss on positions past
+    the prompt (`ref.loss_mask`, shifted onto the position that predicts them)."""
+    ids = ref.input_ids[:3]
+    shift = np.zeros_like(ref.loss_mask)
+    shift[:, :-1] = ref.loss_mask[:, 1:]
+    return {
+        "input_ids": ids,
+        "positions": ref.positions[:3],
+        "segment_ids": ref.segment_ids[:3],
+        "target_ids": np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1),
+        "loss_mask": shift.astype(np.int32),
+    }
+
+
+def _torch_gradient(model, ref, folder) -> tuple[object, dict[str, np.ndarray]]:
+    """(transformers' loss output with the aux loss, its gradient under the Hub's tensor names): the
+    gradient written by `save_pretrained` in place of the weights, so fused experts come out per expert."""
+    model.config.output_router_logits = True
+    model.zero_grad()
+    ids, mask = (
+        np.zeros((3, ref.input_ids.shape[1]), np.int64),
+        np.zeros((3, ref.input_ids.shape[1]), np.int64),
+    )
+    for row, n in enumerate(PADDED_LENGTHS):
+        ids[row, :n], mask[row, :n] = ref.input_ids[row, :n], 1
+    labels = np.where(ref.loss_mask, ids, -100)
+    out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    model.config.output_router_logits = False
+    out.loss.backward()
+    saved = copy.deepcopy(model)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in saved.named_parameters():
+            p.copy_(torch.zeros_like(p) if grads[name] is None else grads[name])  # None: expert unused
+    saved.save_pretrained(folder, safe_serialization=True)
+    return out, dict(hf.iter_tensors(str(folder)))
+
+
+def test_train_step_loss_and_gradient_are_transformers_with_the_aux_loss(moe, tmp_path):
+    """`loss_reduction=mean`: jsft's step loss is transformers' (mean token loss + router_aux_loss_coef x
+    aux loss) on the same batch, its aux loss is logged apart, and its gradient is torch's."""
+    ref, model = moe
+    cfg, _ = models.config_from_folder(ref.folder)
+    mesh = sharding.single_device_mesh()
+    trainer = Trainer(
+        default_config(), models.Layout(cfg), mesh, total_steps=1, optimizer=gradient_recorder()
+    )
+    state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
+    state, metrics = trainer.train_step(state, _padded_batch(ref))
+    out, expected = _torch_gradient(model, ref, tmp_path)
+    assert float(out.aux_loss) > 1.0
+    assert abs(float(metrics["loss"]) - float(out.loss)) <= AUX_ATOL
+    assert abs(float(metrics["aux_loss"]) - float(out.aux_loss)) <= AUX_ATOL
+    grads = models.to_hf_tensors(jax.device_get(state.opt_state["grads"]), trainer.layout)
+    assert sorted(grads) == sorted(expected)
+    unused = {n for n, g in expected.items() if not g.any()}  # experts no token chose: no gradient
+    assert all(not grads[n].any() for n in unused)
+    assert_params_close(
+        {n: grads[n] for n in grads if n not in unused},
+        {n: expected[n] for n in grads if n not in unused},
+        rtol=1e-4,
+    )
