@@ -29,6 +29,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = False) -> 
         attention    2 * L * 2 * H * Dh * T_att                      q.k scores and probs @ v
 
     with L layers, hidden d, H query heads, K kv heads, head_dim Dh, MLP width F, vocabulary V. With
+    experts, 3 * d * F becomes 3 * d * k * F_e + d * E: the k experts of width F_e a token is sent to
+    and the router over E experts (active parameters; dispatch and combine are not counted). With
     T_att = seq_len (`causal=False`, the default) this is PaLM's 6N + 12 * L * H * Dh * T: every row
     pays for the whole T x T score matrix, as PaLM defines MFU (jsft's xla attention skips key blocks
     past each query block, so it executes less). With
@@ -42,7 +44,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = False) -> 
         for layer in range(cfg.num_layers)
     ]
     attended = sum(keys) / 2 if causal else sum(keys)
-    projections = cfg.num_layers * (d * dh * (2 * h + 2 * kv) + 3 * d * f)
+    mlp = 3 * d * f
+    if cfg.experts is not None:  # the k experts each token is sent to, and the router
+        mlp = 3 * d * cfg.experts.per_token * cfg.experts.intermediate_size + d * cfg.experts.count
+    projections = cfg.num_layers * (d * dh * (2 * h + 2 * kv) + mlp)
     attention = 2 * h * dh * attended
     forward = 2 * projections + 2 * d * cfg.vocab_size + 2 * attention
     return 3.0 * forward

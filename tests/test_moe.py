@@ -8,6 +8,7 @@ and an export that transformers loads with the same logits. Reuses test_families
 from __future__ import annotations
 
 import copy
+import math
 import pathlib
 import re
 
@@ -27,12 +28,13 @@ from test_families import (
     make_reference,
 )
 
-from jsft import export, hf, models, sharding
+from jsft import export, flops, hf, models, sharding
 from jsft.config import default_config
 from jsft.errors import UnsupportedModelError
 from jsft.lora.params import init_factors
 from jsft.lora.spec import LoraSpec
 from jsft.models.config import ModelConfig
+from jsft.models.shapes import KNOWN_CONFIGS
 from jsft.trainer import Trainer
 
 AUX_ATOL = 1e-5
@@ -267,3 +269,20 @@ def test_train_step_loss_and_gradient_are_transformers_with_the_aux_loss(moe, tm
         {n: expected[n] for n in grads if n not in unused},
         rtol=1e-4,
     )
+
+
+@pytest.mark.parametrize(
+    "hub_id, total, active",
+    [
+        ("Qwen/Qwen3-30B-A3B", 30_532_122_624, 3_353_032_704),  # model card: 30.5B, 3.3B activated
+        ("mistralai/Mixtral-8x7B-v0.1", 46_702_792_704, 12_879_925_248),  # 46.7B, 12.9B active
+    ],
+)
+def test_shape_table_gives_the_published_parameter_counts(hub_id, total, active):
+    cfg = ModelConfig.from_hf(KNOWN_CONFIGS[hub_id], scan_layers=True)
+    layout = models.Layout(cfg)  # abstract: no weights
+    assert cfg.num_params() == sum(math.prod(s.shape) for s in layout.shapes.values()) == total
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size + (cfg.qk_norm == "head") * cfg.num_layers * 2 * 128
+    # FLOPs count the matmul weights a token meets: the active parameters but embeddings and norms
+    matmuls = flops.flops_per_token(cfg, seq_len=0) / 6
+    assert matmuls + cfg.vocab_size * cfg.hidden_size + norms == active

@@ -64,6 +64,47 @@ LLAMA_32_3B = {
     "head_dim": 128,
 }
 
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "router_aux_loss_coef": 0.001,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+}
+
+MIXTRAL_8X7B = {
+    "model_type": "mixtral",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "router_aux_loss_coef": 0.02,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+}
+
 KNOWN_CONFIGS: dict[str, dict] = {
     "meta-llama/Llama-3.1-8B": LLAMA_31_8B,
     "meta-llama/Llama-3.1-8B-Instruct": LLAMA_31_8B,
@@ -73,6 +114,10 @@ KNOWN_CONFIGS: dict[str, dict] = {
     "meta-llama/Llama-3.2-1B-Instruct": LLAMA_32_1B,
     "meta-llama/Llama-3.2-3B": LLAMA_32_3B,
     "meta-llama/Llama-3.2-3B-Instruct": LLAMA_32_3B,
+    "Qwen/Qwen3-30B-A3B": QWEN3_30B_A3B,
+    "Qwen/Qwen3-30B-A3B-Base": QWEN3_30B_A3B,
+    "mistralai/Mixtral-8x7B-v0.1": MIXTRAL_8X7B,
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": MIXTRAL_8X7B,
 }
 
 
