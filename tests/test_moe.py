@@ -245,6 +245,7 @@ def _torch_gradient(model, ref, folder) -> tuple[object, dict[str, np.ndarray]]:
     return out, dict(hf.iter_tensors(str(folder)))
 
 
+@pytest.mark.parametrize("moe", ["mixtral", "olmoe"], indirect=True)  # qwen3_moe: the trajectory test
 def test_train_step_loss_and_gradient_are_transformers_with_the_aux_loss(moe, tmp_path):
     """`loss_reduction=mean`: jsft's step loss is transformers' (mean token loss + router_aux_loss_coef x
     aux loss) on the same batch, its aux loss is logged apart, and its gradient is torch's."""
@@ -257,7 +258,7 @@ def test_train_step_loss_and_gradient_are_transformers_with_the_aux_loss(moe, tm
     state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
     state, metrics = trainer.train_step(state, _padded_batch(ref))
     out, expected = _torch_gradient(model, ref, tmp_path)
-    assert float(out.aux_loss) > 1.0
+    assert float(out.aux_loss.detach()) > 1.0
     assert abs(float(metrics["loss"]) - float(out.loss)) <= AUX_ATOL
     assert abs(float(metrics["aux_loss"]) - float(out.aux_loss)) <= AUX_ATOL
     grads = models.to_hf_tensors(jax.device_get(state.opt_state["grads"]), trainer.layout)
@@ -286,3 +287,58 @@ def test_shape_table_gives_the_published_parameter_counts(hub_id, total, active)
     # FLOPs count the matmul weights a token meets: the active parameters but embeddings and norms
     matmuls = flops.flops_per_token(cfg, seq_len=0) / 6
     assert matmuls + cfg.vocab_size * cfg.hidden_size + norms == active
+
+
+TRAJECTORY_STEPS = 12
+
+
+def _torch_trajectory(folder: str, ref, lr: float) -> tuple[list[tuple[float, float]], dict[str, np.ndarray]]:
+    """transformers + torch AdamW on the padded rows, the aux loss on: each step's (loss, aux loss), and
+    the weights after the last step under the Hub's names (`save_pretrained` unfuses the experts)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    model.config.output_router_logits = True
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ids, mask = (
+        np.zeros((3, ref.input_ids.shape[1]), np.int64),
+        np.zeros((3, ref.input_ids.shape[1]), np.int64),
+    )
+    for row, n in enumerate(PADDED_LENGTHS):
+        ids[row, :n], mask[row, :n] = ref.input_ids[row, :n], 1
+    inputs = dict(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        labels=torch.tensor(np.where(ref.loss_mask, ids, -100)),
+    )
+    losses = []
+    for _ in range(TRAJECTORY_STEPS):
+        optimizer.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        optimizer.step()
+        losses.append((float(out.loss.detach()), float(out.aux_loss.detach())))
+    model.save_pretrained(f"{folder}/trained", safe_serialization=True)
+    return losses, dict(hf.iter_tensors(f"{folder}/trained"))
+
+
+@pytest.mark.parametrize("moe", ["qwen3_moe"], indirect=True)
+def test_trajectory_equals_transformers_and_torch_adamw(moe):
+    """12 AdamW steps (constant lr, no clipping, no decay) with the aux loss on: the same loss and aux
+    loss at every step and the same weights at the end, within 1e-3."""
+    ref, _ = moe
+    lr = 1e-3
+    cfg, _ = models.config_from_folder(ref.folder)
+    train_cfg = default_config()
+    train_cfg.optim.update(lr=lr, schedule="constant", warmup_ratio=0.0, clip_grad_norm=0.0)
+    mesh = sharding.single_device_mesh()
+    trainer = Trainer(train_cfg, models.Layout(cfg), mesh, total_steps=TRAJECTORY_STEPS)
+    state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
+    losses = []
+    for _ in range(TRAJECTORY_STEPS):
+        state, metrics = trainer.train_step(state, _padded_batch(ref))
+        losses.append((float(metrics["loss"]), float(metrics["aux_loss"])))
+    expected_losses, expected = _torch_trajectory(ref.folder, ref, lr)
+    np.testing.assert_allclose(losses, expected_losses, atol=1e-3, rtol=0)
+    assert losses[-1][0] < losses[0][0] - 0.1  # it learns
+    trained = models.to_hf_tensors(jax.device_get(state.params), trainer.layout)
+    assert_params_close(trained, expected, rtol=1e-3)
