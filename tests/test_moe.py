@@ -27,8 +27,9 @@ from test_families import (
     _jsft,
     make_reference,
 )
+from test_generate import prompts_for
 
-from jsft import export, flops, hf, models, sharding
+from jsft import export, flops, generate, hf, models, sharding
 from jsft.config import default_config
 from jsft.errors import UnsupportedModelError
 from jsft.lora.params import init_factors
@@ -342,3 +343,20 @@ def test_trajectory_equals_transformers_and_torch_adamw(moe):
     assert losses[-1][0] < losses[0][0] - 0.1  # it learns
     trained = models.to_hf_tensors(jax.device_get(state.params), trainer.layout)
     assert_params_close(trained, expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize("moe", ["mixtral"], indirect=True)  # its sliding window meets the KV cache
+def test_greedy_decoding_with_the_kv_cache_equals_transformers_generate(moe):
+    ref, model = moe
+    prompts = prompts_for(98)
+    ids, mask = generate.pad_prompts(prompts)  # left-padded with 0, transformers' pad_token_id
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8, do_sample=False
+        )[:, ids.shape[1] :].numpy()
+    layout, params, _ = _jsft(ref, "one_device_scanned")
+    sampling = generate.Sampling(8, stop_ids=(2,), pad_id=0)
+    got = generate.Generator(layout, sharding.single_device_mesh()).generate_padded(
+        params, ids, mask, sampling
+    )
+    np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
