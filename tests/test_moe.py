@@ -161,9 +161,10 @@ def test_exported_folder_loads_in_transformers_with_jsft_logits(moe, tmp_path):
 
 
 @pytest.mark.parametrize("moe", ["olmoe"], indirect=True)
-def test_lora_adapts_attention_of_an_moe_model(moe):
-    """LoRA factors on the attention projections give the logits of their merged kernels; targeting
-    the experts is a one-line error."""
+def test_lora_adapts_attention_of_an_moe_model(moe, tmp_path):
+    """LoRA factors on the attention projections give the logits of their merged kernels, and PEFT
+    loads them as an adapter of the transformers model with the same logits; targeting the experts is a
+    one-line error."""
     ref, _ = moe
     cfg, _ = models.config_from_folder(ref.folder)
     mesh = sharding.single_device_mesh()
@@ -176,6 +177,13 @@ def test_lora_adapts_attention_of_an_moe_model(moe):
     adapted = _forward(layout, {**base, **factors}, ref)
     merged = _forward(models.Layout(cfg), spec.merge(base, factors), ref)
     np.testing.assert_allclose(adapted, merged, atol=1e-5, rtol=0)
+    peft = pytest.importorskip("peft")
+    export.write_adapter(str(tmp_path / "adapter"), jax.device_get(factors), layout, ref.folder)
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(ref.folder, attn_implementation="eager")
+    peft_model = peft.PeftModel.from_pretrained(base_model, tmp_path / "adapter")
+    expected = _hf_padded(peft_model.eval(), _sequences(ref)[:3]).logits.numpy()
+    for row, n in enumerate(PADDED_LENGTHS):
+        np.testing.assert_allclose(adapted[row, :n], expected[row, :n], atol=ATOL, rtol=0)
     with pytest.raises(UnsupportedModelError, match="lora.targets names gate_proj, up_proj, down_proj"):
         models.Layout(cfg, lora=LoraSpec(rank=4, alpha=8.0))
 
