@@ -17,9 +17,11 @@ gradient by a near-constant count, which AdamW ignores).
 Sized for a TPU v5p-64 slice (32 chips of 95 GiB): FSDP over the 32 chips, one row per chip, full
 remat (each layer keeps only its 32k x 4096 bfloat16 input, 256 MiB; `minimal` would keep 43k values
 per token per layer, 90 GiB a row). The TPU compiler's plan (`python -m jsft.cli.plan
---config=configs/tulu_32k.py --topology=v5p-64`): peak 22.5 GiB a chip, roofline 5.1 s a step. The row
-count must be a multiple of the chips until rows can be split over devices: on another slice set
-`train.global_batch_size` to a multiple of its chips and plan it the same way.
+--config=configs/tulu_32k.py --topology=v5p-64`): peak 22.5 GiB a chip, roofline 5.1 s a step. With
+fewer rows than chips, split each row's tokens over `mesh.context` devices: 16 rows on the same slice
+with `--config.train.global_batch_size=16 --config.mesh.fsdp=16 --config.mesh.context=2` peak at 14.6
+GiB a chip and take 2.6 s (README, "Long context"). On another slice, plan it the same way: the search
+picks the context split when the rows do not divide over the chips.
 """
 
 from jsft.config import default_config

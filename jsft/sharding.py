@@ -30,7 +30,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "sequence": "context",
     "vocab": "tensor",
-    "embed": "fsdp",  # weights; activations already split their batch over fsdp
+    # weights; activations already split their batch over fsdp (and their tokens over context, whose
+    # devices would otherwise each hold the state that fsdp divides)
+    "embed": ("fsdp", "context"),
     "activation_embed": None,
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -92,6 +94,9 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     spec = []
     for axis, dim in zip(axes, shape, strict=True):
         mesh_axes = LOGICAL_RULES.get(axis) if axis else None
+        if isinstance(mesh_axes, tuple):  # a one-device axis splits nothing: leave it out of the spec
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1) or mesh_axes[0]
+            mesh_axes = mesh_axes[0] if isinstance(mesh_axes, tuple) and len(mesh_axes) == 1 else mesh_axes
         if mesh_axes is not None:
             size = math.prod(mesh.shape[a] for a in np.atleast_1d(mesh_axes))
             if dim % size:

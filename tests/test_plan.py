@@ -91,6 +91,19 @@ def test_the_search_splits_rows_over_the_context_axis_when_there_are_fewer_rows_
     assert pick.apply(cfg).mesh.context == 4
 
 
+def test_a_batch_that_does_not_split_over_the_devices_is_searched_into_context_splits():
+    """2 rows of 1024 tokens with fsdp over all 8 devices cannot split: the plan says so and searches,
+    and the pick splits each row's tokens over 4 devices (context)."""
+    lines: list[str] = []
+    overrides = [*FSDP, "--config.train.global_batch_size=2", "--config.data.max_seq_length=1024"]
+    args, config_argv = parse_args([f"--config={TINY}", *overrides, "--device_memory=64GiB"])
+    result = report.run(load(TINY, *overrides), config_argv, args, log=lines.append)
+    assert any(line.startswith("as given") and "must split evenly" in line for line in lines)
+    pick = result["pick"]
+    assert (pick.fsdp, pick.context, pick.tensor) == (2, 4, 1)
+    assert result["verified"].mesh.context == 4 and result["pick_memory"].peak <= parse_size("64GiB")
+
+
 def test_tulu_planned_from_the_shape_table_without_weights():
     cfg = load(str(ROOT / "configs" / "tulu.py"))
     hf_config, source = shapes.hf_config(cfg.model.path)

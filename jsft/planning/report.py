@@ -13,6 +13,7 @@ import jax
 
 from jsft import config, flops, hardware, step
 from jsft.data.batching import Batching
+from jsft.errors import JsftError
 from jsft.models import shapes
 from jsft.planning.compiled import Memory, build_trainer, compile_step, topology_devices
 from jsft.planning.search import search
@@ -140,14 +141,22 @@ def run(cfg, config_argv: list[str], args: argparse.Namespace, log=print) -> dic
     devices, budget, what = plan_devices(args)
     log(f"model       {cfg.model.path}: config.json from {source}")
     log(f"devices     {what}")
-    trainer = build_trainer(cfg, hf_config, devices)
     steps = data_plan(cfg, args.examples, args.mean_tokens)
-    _, memory, _ = compile_step(trainer, step_rows(trainer, steps)[0])
-    for line in describe(trainer, memory, budget) + schedule_lines(trainer, steps, devices, args):
-        log(line)
-    result = {"memory": memory, "pick": None, "pick_memory": None, "searched": {}}
-    if memory.peak <= budget or args.no_search:
-        return result
+    result = {"memory": None, "pick": None, "pick_memory": None, "searched": {}}
+    try:
+        trainer = build_trainer(cfg, hf_config, devices)
+    except JsftError as e:  # the mesh or the batch split does not suit these devices: the search may
+        if args.no_search:
+            raise
+        log(f"as given    {e}: searching for a setting that does")
+    else:
+        _, result["memory"], _ = compile_step(trainer, step_rows(trainer, steps)[0])
+        for line in describe(trainer, result["memory"], budget) + schedule_lines(
+            trainer, steps, devices, args
+        ):
+            log(line)
+        if result["memory"].peak <= budget or args.no_search:
+            return result
     log("search      remat x accumulation x fsdp/context/tensor, cheapest first:")
     pick, result["searched"] = search(cfg, hf_config, devices, budget, steps, log=log)
     if pick is None:
