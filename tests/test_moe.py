@@ -20,6 +20,7 @@ import transformers
 from conftest import assert_params_close, gradient_recorder
 from test_families import (
     ATOL,
+    FSDP4_TENSOR2,
     PACKED_LENGTHS,
     PADDED_LENGTHS,
     _assert_logits_match,
@@ -98,6 +99,18 @@ def moe(request, tmp_path_factory):
 def test_logits_match_transformers(moe, setting):
     ref, _ = moe
     _, _, logits = _jsft(ref, setting)
+    _assert_logits_match(ref, logits, ATOL)
+
+
+def test_logits_traced_under_the_mesh_match_transformers(moe):
+    """Under the mesh each device routes its own rows (`MoE`'s shard_map), experts' width over tensor."""
+    ref, _ = moe
+    layout, params, _ = _jsft(ref, "fsdp4_tensor2_scanned")
+    with jax.set_mesh(sharding.make_mesh(FSDP4_TENSOR2)):
+        forward = jax.jit(lambda p, ids, pos, seg: layout.merge(p)(ids, pos, seg))
+        args = (params, ref.input_ids, ref.positions, ref.segment_ids)
+        assert "sdy.manual_computation" in forward.lower(*args).as_text()  # the shard_map
+        logits = np.asarray(forward(*args))
     _assert_logits_match(ref, logits, ATOL)
 
 
@@ -215,6 +228,16 @@ def test_norm_topk_prob_as_each_family_reads_it():
     assert read["MixtralConfig"].count == 8 and read["MixtralConfig"].intermediate_size == 14336
 
 
+def _assert_gradients_close(got: dict, expected: dict, rtol: float) -> None:
+    """Each tensor within `rtol` of its norm; one of an expert no token chose is zero in both."""
+    assert sorted(got) == sorted(expected)
+    unused = {n for n, g in expected.items() if not np.any(g)}
+    assert all(not np.any(got[n]) for n in unused), unused
+    assert_params_close(
+        {n: got[n] for n in got if n not in unused}, {n: expected[n] for n in got if n not in unused}, rtol
+    )
+
+
 def _padded_batch(ref) -> dict[str, np.ndarray]:
     """Rows 0-2 of the test batch as a training batch: next-token targets, the loss on positions past
     the prompt (`ref.loss_mask`, shifted onto the position that predicts them)."""
@@ -268,18 +291,11 @@ def test_train_step_loss_and_gradient_are_transformers_with_the_aux_loss(moe, tm
     state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
     state, metrics = trainer.train_step(state, _padded_batch(ref))
     out, expected = _torch_gradient(model, ref, tmp_path)
-    assert float(out.aux_loss.detach()) > 1.0
-    assert abs(float(metrics["loss"]) - float(out.loss)) <= AUX_ATOL
-    assert abs(float(metrics["aux_loss"]) - float(out.aux_loss)) <= AUX_ATOL
+    assert out.aux_loss.item() > 1.0
+    assert abs(float(metrics["loss"]) - out.loss.item()) <= AUX_ATOL
+    assert abs(float(metrics["aux_loss"]) - out.aux_loss.item()) <= AUX_ATOL
     grads = models.to_hf_tensors(jax.device_get(state.opt_state["grads"]), trainer.layout)
-    assert sorted(grads) == sorted(expected)
-    unused = {n for n, g in expected.items() if not g.any()}  # experts no token chose: no gradient
-    assert all(not grads[n].any() for n in unused)
-    assert_params_close(
-        {n: grads[n] for n in grads if n not in unused},
-        {n: expected[n] for n in grads if n not in unused},
-        rtol=1e-4,
-    )
+    _assert_gradients_close(grads, expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -326,7 +342,7 @@ def _torch_trajectory(folder: str, ref, lr: float) -> tuple[list[tuple[float, fl
         out = model(**inputs)
         out.loss.backward()
         optimizer.step()
-        losses.append((float(out.loss.detach()), float(out.aux_loss.detach())))
+        losses.append((out.loss.item(), out.aux_loss.item()))
     model.save_pretrained(f"{folder}/trained", safe_serialization=True)
     return losses, dict(hf.iter_tensors(f"{folder}/trained"))
 
@@ -369,3 +385,45 @@ def test_greedy_decoding_with_the_kv_cache_equals_transformers_generate(moe):
         params, ids, mask, sampling
     )
     np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
+
+
+def _gradient_step(ref, mesh_shape: dict | None, scan_layers: bool) -> tuple[dict, dict]:
+    """(step metrics, gradient) of one training step on the whole test batch (padded and packed rows)."""
+    cfg, _ = models.config_from_folder(ref.folder, scan_layers=scan_layers)
+    mesh = sharding.make_mesh(mesh_shape) if mesh_shape else sharding.single_device_mesh()
+    trainer = Trainer(
+        default_config(), models.Layout(cfg), mesh, total_steps=1, optimizer=gradient_recorder()
+    )
+    state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
+    ids, seg = ref.input_ids, ref.segment_ids
+    same_segment = np.zeros_like(seg)
+    same_segment[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+    batch = {
+        "input_ids": ids,
+        "positions": ref.positions,
+        "segment_ids": seg,
+        "target_ids": np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1),
+        "loss_mask": same_segment.astype(np.int32),
+    }
+    state, metrics = trainer.train_step(state, trainer.device_batch(batch))
+    grads = jax.device_get(state.opt_state["grads"])
+    if scan_layers:  # unstacked, to compare with the unrolled layers
+        grads = {n: v for n, v in grads.items() if not n.startswith("layers.")} | {
+            n.replace("layers.", f"layers.{i}.", 1): v[i]
+            for n, v in grads.items()
+            if n.startswith("layers.")
+            for i in range(cfg.num_layers)
+        }
+    return jax.device_get(metrics), grads
+
+
+@pytest.mark.parametrize("moe", ["qwen3_moe"], indirect=True)
+def test_step_on_a_data_fsdp_tensor_mesh_equals_one_device(moe):
+    """Loss, aux loss and the whole gradient tree on {data 2, fsdp 2, tensor 2} of the 8 simulated
+    devices (scanned layers; each device routing its own rows) equal one device's unrolled step."""
+    ref, _ = moe
+    one, one_grads = _gradient_step(ref, None, scan_layers=False)
+    mesh, mesh_grads = _gradient_step(ref, {"data": 2, "fsdp": 2, "tensor": 2}, scan_layers=True)
+    for key in ("loss", "aux_loss"):
+        assert abs(float(mesh[key]) - float(one[key])) <= 1e-6, key
+    _assert_gradients_close(mesh_grads, one_grads, rtol=1e-5)

@@ -18,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jsft import sharding
 from jsft.errors import UnsupportedModelError
@@ -80,35 +81,78 @@ class MoE(nnx.Module):
     def __call__(
         self, x: jax.Array, real: jax.Array, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """`dropout_key` is unused: the experts have no LoRA factors."""
-        cfg, dt = self.cfg, self.cfg.dtype
-        k, count = cfg.experts.per_token, cfg.experts.count
-        tokens = x.reshape(-1, x.shape[-1])
-        logits = tokens @ self.router[...].astype(dt)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights, chosen = jax.lax.top_k(probs, k)  # [tokens, k]
-        if cfg.experts.norm_topk_prob:
-            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        # Sorted by expert (stable: a token's assignments keep their order), each expert's rows contiguous.
-        flat = chosen.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        group_sizes = jnp.bincount(flat, length=count).astype(jnp.int32)
-        rows = tokens[order // k]
+        """`dropout_key` is unused: the experts have no LoRA factors.
 
-        def grouped(inputs: jax.Array, kernel: nnx.Param) -> jax.Array:
-            return jax.lax.ragged_dot(inputs, kernel[...].astype(dt), group_sizes)
+        Under a mesh every device routes and dispatches only its own tokens (`jax.shard_map` over the
+        rows' axes): sorting the whole batch instead would gather every token onto every device and
+        repeat all experts' work there. The experts' kernels come whole but for their width, which stays
+        split over the tensor axis (partial outputs summed over it)."""
+        kernels = (self.router[...], self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return _routed(self.cfg, x, real, *kernels)
+        rows = tuple(sharding.logical_to_spec(("batch", "sequence"), x.shape[:2], mesh))
+        width = sharding.logical_to_spec(("mlp",), (self.cfg.experts.intermediate_size,), mesh)[0]
+        split = tuple(a for axes in rows if axes for a in ((axes,) if isinstance(axes, str) else axes))
+        local = functools.partial(_routed, self.cfg, row_axes=split, width_axes=width)
+        return jax.shard_map(
+            local,
+            in_specs=(
+                P(*rows, None),
+                P(*rows),
+                P(),
+                P(None, None, width),
+                P(None, None, width),
+                P(None, width),
+            ),
+            out_specs=(P(*rows, None), P()),
+            check_vma=False,
+        )(x, real, *kernels)
 
-        hidden = ACTIVATIONS[cfg.hidden_act](grouped(rows, self.gate_proj)) * grouped(rows, self.up_proj)
-        out = grouped(hidden, self.down_proj)[jnp.argsort(order)].reshape(*chosen.shape, -1)
-        combined = jnp.einsum("tkd,tk->td", out, weights.astype(dt))
-        mask = real.reshape(-1).astype(jnp.float32)
-        stats = jnp.stack(
-            [
-                jnp.zeros(count, jnp.float32).at[flat].add(jnp.repeat(mask, k)),
-                jnp.sum(probs * mask[:, None], axis=0),
-            ]
-        )
-        return combined.reshape(x.shape), stats
+
+def _routed(
+    cfg: ModelConfig,
+    x: jax.Array,
+    real: jax.Array,
+    router: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    row_axes: tuple[str, ...] = (),
+    width_axes: str | tuple[str, ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`MoE` on these tokens: router, top k, the experts by grouped matmuls, statistics; `row_axes` and
+    `width_axes` are the mesh axes the tokens and the experts' width are split over (to sum over)."""
+    dt, k, count = cfg.dtype, cfg.experts.per_token, cfg.experts.count
+    tokens = x.reshape(-1, x.shape[-1])
+    probs = jax.nn.softmax((tokens @ router.astype(dt)).astype(jnp.float32), axis=-1)
+    weights, chosen = jax.lax.top_k(probs, k)  # [tokens, k]
+    if cfg.experts.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    # Sorted by expert (stable: a token's assignments keep their order), each expert's rows contiguous.
+    flat = chosen.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=count).astype(jnp.int32)
+    rows = tokens[order // k]
+
+    def grouped(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jax.lax.ragged_dot(inputs, kernel.astype(dt), group_sizes)
+
+    hidden = ACTIVATIONS[cfg.hidden_act](grouped(rows, gate)) * grouped(rows, up)
+    out = grouped(hidden, down)[jnp.argsort(order)].reshape(*chosen.shape, -1)
+    combined = jnp.einsum("tkd,tk->td", out, weights.astype(dt))
+    if width_axes:
+        combined = jax.lax.psum(combined, width_axes)
+    mask = real.reshape(-1).astype(jnp.float32)
+    stats = jnp.stack(
+        [
+            jnp.zeros(count, jnp.float32).at[flat].add(jnp.repeat(mask, k)),
+            jnp.sum(probs * mask[:, None], axis=0),
+        ]
+    )
+    if row_axes:
+        stats = jax.lax.psum(stats, row_axes)
+    return combined.reshape(x.shape), stats
 
 
 def load_balancing_loss(stats: jax.Array, segment_ids: jax.Array, num_layers: int) -> jax.Array:
