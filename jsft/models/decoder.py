@@ -1,10 +1,12 @@
-"""One Flax NNX decoder-only transformer for every supported family (Llama, Mistral, Qwen, OLMo 2, Gemma).
+"""One Flax NNX decoder-only transformer for every supported family (Llama, Mistral, Qwen, OLMo 2, Gemma,
+and the mixtures of experts Qwen3-MoE, Mixtral, OLMoE).
 
 Families differ only through `ModelConfig` fields (norm placement and rounding, q/k norms, biases,
-soft-capping, sliding windows), never through copies of this code. Parameters carry logical axis names
-(`out_sharding`), which `jsft.sharding` maps onto mesh axes. Projection kernels keep heads as their own
-axis ([embed, heads, head_dim]) so tensor parallelism can split heads without reshapes. Activations are
-pinned to their logical axes too (`sharding.constrain`), when traced under a mesh.
+soft-capping, sliding windows, experts: `moe.py`), never through copies of this code. Parameters carry
+logical axis names (`out_sharding`), which `jsft.sharding` maps onto mesh axes. Projection kernels keep
+heads as their own axis ([embed, heads, head_dim]) so tensor parallelism can split heads without
+reshapes. Activations are pinned to their logical axes too (`sharding.constrain`), when traced under a
+mesh.
 """
 
 from __future__ import annotations
