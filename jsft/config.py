@@ -133,6 +133,7 @@ RANGES: dict[str, Range] = {
     "optim.clip_grad_norm": AT_LEAST_0,
     "mesh.data": MESH_AXIS,
     "mesh.fsdp": MESH_AXIS,
+    "mesh.expert": MESH_AXIS,
     "mesh.context": MESH_AXIS,
     "mesh.tensor": MESH_AXIS,
     "mesh.num_processes": AT_LEAST_1,
@@ -310,6 +311,9 @@ def default_config() -> ml_collections.ConfigDict:
         {
             "data": -1,  # -1 fills the rest
             "fsdp": 1,
+            # Splits a mixture of experts' experts over this many devices (tokens travel to them and
+            # back); outside the experts these devices split the batch's rows like fsdp.
+            "expert": 1,
             # Splits each row's tokens over this many devices (long rows); rows must divide into
             # 2 x context chunks (zigzag load balance, see jsft.sharding.context_order).
             "context": 1,

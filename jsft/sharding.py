@@ -24,15 +24,18 @@ from jax.sharding import PartitionSpec as P
 
 from jsft.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+# The mesh axes that split a batch's rows; `batch_shards` is their product.
+ROW_AXES = ("data", "fsdp", "expert")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ROW_AXES,  # expert parallelism is data parallelism outside the experts
     "sequence": "context",
     "vocab": "tensor",
-    # weights; activations already split their batch over fsdp (and their tokens over context, whose
-    # devices would otherwise each hold the state that fsdp divides)
-    "embed": ("fsdp", "context"),
+    # weights; activations already split their batch over fsdp (and their tokens over context, their
+    # rows over expert: those devices would otherwise each hold the state that fsdp divides)
+    "embed": ("fsdp", "context", "expert"),
+    "expert": "expert",  # the stacked experts of a mixture-of-experts layer
     "activation_embed": None,
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -40,7 +43,6 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,  # the stacked axis of scanned layers
-    "expert": None,  # the stacked axis of a mixture's experts
 }
 
 
@@ -67,41 +69,52 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def batch_shards(mesh: Mesh | AbstractMesh) -> int:
+    """Over how many devices a batch's rows split (data x fsdp x expert)."""
+    return math.prod(mesh.shape[a] for a in ROW_AXES)
+
+
 def row_groups(mesh: Mesh) -> tuple[int, int]:
     """(this process's group, the number of groups): processes whose devices hold the same rows of a
     batch (a context or tensor axis reaching across hosts) form a group, and load the same rows.
 
-    Rows are split over data x fsdp; each process must hold one contiguous run of those shards, as
+    Rows are split over data x fsdp x expert; each process must hold one contiguous run of those shards, as
     `make_mesh` lays devices out (process by process), else a one-line ConfigError.
     """
     held: dict[int, set[int]] = {}
     for index, device in np.ndenumerate(mesh.devices):
         coords = dict(zip(mesh.axis_names, index, strict=True))
-        shard = coords["data"] * mesh.shape["fsdp"] + coords["fsdp"]
+        shard = int(np.ravel_multi_index([coords[a] for a in ROW_AXES], [mesh.shape[a] for a in ROW_AXES]))
         held.setdefault(device.process_index, set()).add(shard)
     mine = sorted(held[jax.process_index()])
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     if mine != list(range(mine[0], mine[0] + len(mine))) or shards % len(mine) or mine[0] % len(mine):
         raise ConfigError(
             f"process {jax.process_index()} holds batch shards {mine} of {shards}: a process's devices must "
-            "hold one aligned run of data x fsdp shards (order the mesh as make_mesh does)"
+            "hold one aligned run of data x fsdp x expert shards (order the mesh as make_mesh does)"
         )
     return mine[0] // len(mine), shards // len(mine)
 
 
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh | AbstractMesh) -> P:
     """Partition spec for one array; a dimension the mesh axis does not divide stays replicated."""
-    spec = []
+    spec, used = [], set()
     for axis, dim in zip(axes, shape, strict=True):
         mesh_axes = LOGICAL_RULES.get(axis) if axis else None
-        if isinstance(mesh_axes, tuple):  # a one-device axis splits nothing: leave it out of the spec
-            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1) or mesh_axes[0]
-            mesh_axes = mesh_axes[0] if isinstance(mesh_axes, tuple) and len(mesh_axes) == 1 else mesh_axes
+        if isinstance(mesh_axes, tuple):  # a one-device axis splits nothing: leave it out of the spec,
+            # as an axis an earlier dimension already uses (experts' embed after their expert axis)
+            kept = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
+            mesh_axes = (
+                kept[0] if len(kept) == 1 else kept or (None if mesh_axes[0] in used else mesh_axes[0])
+            )
+        if mesh_axes is not None and any(a in used for a in np.atleast_1d(mesh_axes)):
+            mesh_axes = None
         if mesh_axes is not None:
             size = math.prod(mesh.shape[a] for a in np.atleast_1d(mesh_axes))
             if dim % size:
                 mesh_axes = None
         spec.append(mesh_axes)
+        used.update(np.atleast_1d(mesh_axes) if mesh_axes is not None else ())
     return P(*spec)
 
 

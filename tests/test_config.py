@@ -157,7 +157,7 @@ def test_batch_that_does_not_split_over_the_mesh_is_one_line(tmp_path):
         cwd=ROOT,
     )  # tests run on 8 simulated devices: 12 rows do not split over them
     assert out.returncode != 0
-    assert "must split evenly over data x fsdp = 8 devices" in out.stderr.strip().splitlines()[-1]
+    assert "must split evenly over data x fsdp x expert = 8 devices" in out.stderr.strip().splitlines()[-1]
 
 
 def test_choice_table_declares_every_choice_valued_key():
@@ -232,9 +232,13 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
     assert len(jax.devices()) == 8
     with pytest.raises(config.ConfigError) as err:
         sharding.make_mesh({"data": 3, "fsdp": 1, "tensor": 1})
-    assert str(err.value) == "mesh data=3 x fsdp=1 x context=1 x tensor=1 needs 3 devices, but there are 8"
+    assert (
+        str(err.value)
+        == "mesh data=3 x fsdp=1 x expert=1 x context=1 x tensor=1 needs 3 devices, but there are 8"
+    )
     with pytest.raises(
-        config.ConfigError, match="^mesh data=-1 x fsdp=3 x context=1 x tensor=1 does not fit 8 devices$"
+        config.ConfigError,
+        match="^mesh data=-1 x fsdp=3 x expert=1 x context=1 x tensor=1 does not fit 8 devices$",
     ):
         sharding.make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
 
@@ -248,7 +252,8 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error():
         ),
         (
             "--config.mesh.data=3",
-            "jsft: error: mesh data=3 x fsdp=1 x context=1 x tensor=1 needs 3 devices, but there are 8",
+            "jsft: error: mesh data=3 x fsdp=1 x expert=1 x context=1 x tensor=1 needs 3 devices, but there "
+            "are 8",
         ),
     ],
 )

@@ -91,6 +91,17 @@ def test_the_search_splits_rows_over_the_context_axis_when_there_are_fewer_rows_
     assert pick.apply(cfg).mesh.context == 4
 
 
+def test_the_search_splits_experts_only_for_a_mixture_of_experts():
+    cfg = load(TINY, "--config.train.global_batch_size=16")
+    dense = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    assert {s.expert for s in candidates(cfg, dense, devices=8)} == {1}
+    settings = candidates(cfg, {**dense, "num_experts": 4}, devices=8)
+    assert {s.expert for s in settings} == {1, 2, 4}  # 8 would leave a device without an expert
+    assert all(s.fsdp * s.expert * s.context * s.tensor == 8 for s in settings)
+    pick = next(s for s in settings if s.expert == 4)
+    assert "--config.mesh.expert=4" in pick.overrides() and pick.apply(cfg).mesh.expert == 4
+
+
 def test_a_batch_that_does_not_split_over_the_devices_is_searched_into_context_splits():
     """2 rows of 1024 tokens with fsdp over all 8 devices cannot split: the plan says so and searches,
     and the pick splits each row's tokens over 4 devices (context)."""

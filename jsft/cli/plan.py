@@ -71,7 +71,7 @@ def prepare_environment(args: argparse.Namespace, mesh: ml_collections.ConfigDic
     if args.topology:
         runtime.prepare_tpu_compile()
         return
-    sizes = (mesh.data, mesh.fsdp, mesh.context, mesh.tensor)
+    sizes = (mesh.data, mesh.fsdp, mesh.expert, mesh.context, mesh.tensor)
     mesh_size = math.prod(s for s in sizes if s > 0) if -1 not in sizes else 0
     runtime.prepare_cpu_devices(args.devices or mesh_size or 8)
 

@@ -26,7 +26,7 @@ from jsft.errors import JsftError
 
 @dataclasses.dataclass(frozen=True)
 class Batching:
-    """The batching rules of one run on one mesh (`batch_shards` = its data x fsdp devices)."""
+    """The batching rules of one run on one mesh (`batch_shards` = its data x fsdp x expert devices)."""
 
     global_batch_size: int
     grad_accum_steps: int
@@ -46,7 +46,7 @@ class Batching:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh=None) -> Batching:
         """The run's batching over `mesh` (None: no mesh yet, for step counts only) and this process."""
-        shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        shards = sharding.batch_shards(mesh) if mesh is not None else 1
         no_mesh = (jax.process_index(), jax.process_count())
         group, groups = sharding.row_groups(mesh) if mesh is not None else no_mesh
         return cls(
@@ -78,7 +78,7 @@ class Batching:
 
     @property
     def row_multiple(self) -> int:
-        """Rows per process that keep every micro-batch split evenly over the data x fsdp devices."""
+        """Rows per process that keep every micro-batch split evenly over the data x fsdp x expert devices."""
         shards = self.batch_shards * self.grad_accum_steps
         return math.lcm(shards, self.process_count) // self.process_count
 
@@ -92,8 +92,8 @@ class Batching:
         if not rows_split or self.global_batch_size % self.process_count:
             raise JsftError(
                 f"train.global_batch_size={self.global_batch_size} / grad_accum_steps="
-                f"{self.grad_accum_steps} must split evenly over data x fsdp = {self.batch_shards} devices "
-                f"and {self.process_count} processes"
+                f"{self.grad_accum_steps} must split evenly over data x fsdp x expert = {self.batch_shards} "
+                f"devices and {self.process_count} processes"
             )
 
     def describe(self, rows: int) -> str:

@@ -86,7 +86,9 @@ class MoE(nnx.Module):
         Under a mesh every device routes and dispatches only its own tokens (`jax.shard_map` over the
         rows' axes): sorting the whole batch instead would gather every token onto every device and
         repeat all experts' work there. The experts' kernels come whole but for their width, which stays
-        split over the tensor axis (partial outputs summed over it)."""
+        split over the tensor axis (partial outputs summed over it). With an expert axis that divides
+        the experts and splits the rows (expert parallelism), each device holds its share of the
+        experts and runs every assignment to them (`_routed`'s `expert_axis`)."""
         kernels = (self.router[...], self.gate_proj[...], self.up_proj[...], self.down_proj[...])
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
@@ -94,16 +96,18 @@ class MoE(nnx.Module):
         rows = tuple(sharding.logical_to_spec(("batch", "sequence"), x.shape[:2], mesh))
         width = sharding.logical_to_spec(("mlp",), (self.cfg.experts.intermediate_size,), mesh)[0]
         split = tuple(a for axes in rows if axes for a in ((axes,) if isinstance(axes, str) else axes))
-        local = functools.partial(_routed, self.cfg, row_axes=split, width_axes=width)
+        parallel = "expert" in split and self.cfg.experts.count % mesh.shape["expert"] == 0
+        experts = "expert" if parallel else None
+        local = functools.partial(_routed, self.cfg, row_axes=split, width_axes=width, expert_axis=parallel)
         return jax.shard_map(
             local,
             in_specs=(
                 P(*rows, None),
                 P(*rows),
                 P(),
-                P(None, None, width),
-                P(None, None, width),
-                P(None, width),
+                P(experts, None, width),
+                P(experts, None, width),
+                P(experts, width),
             ),
             out_specs=(P(*rows, None), P()),
             check_vma=False,
@@ -120,19 +124,35 @@ def _routed(
     down: jax.Array,
     row_axes: tuple[str, ...] = (),
     width_axes: str | tuple[str, ...] | None = None,
+    expert_axis: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """`MoE` on these tokens: router, top k, the experts by grouped matmuls, statistics; `row_axes` and
-    `width_axes` are the mesh axes the tokens and the experts' width are split over (to sum over)."""
+    `width_axes` are the mesh axes the tokens and the experts' width are split over (to sum over).
+
+    With `expert_axis`, `gate`, `up` and `down` are this device's experts along the mesh's expert axis:
+    the tokens of every device of that axis are gathered, this device runs its experts' share of their
+    assignments, and each device gets back the sum over the axis for its own tokens (a gather and a
+    reduce-scatter: dropless without a ragged all-to-all, for moving every token over the axis)."""
     dt, k, count = cfg.dtype, cfg.experts.per_token, cfg.experts.count
     tokens = x.reshape(-1, x.shape[-1])
     probs = jax.nn.softmax((tokens @ router.astype(dt)).astype(jnp.float32), axis=-1)
     weights, chosen = jax.lax.top_k(probs, k)  # [tokens, k]
     if cfg.experts.norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    # Sorted by expert (stable: a token's assignments keep their order), each expert's rows contiguous.
     flat = chosen.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=count).astype(jnp.int32)
+    held, first = count, 0  # the experts this device runs: [first, first + held)
+    if expert_axis:
+        tokens, chosen, weights = (
+            jax.lax.all_gather(a, "expert", tiled=True) for a in (tokens, chosen, weights)
+        )
+        held = gate.shape[0]
+        first = jax.lax.axis_index("expert") * held
+    mine = (chosen >= first) & (chosen < first + held)
+    # Sorted by expert (stable: a token's assignments keep their order), each expert's rows contiguous;
+    # other devices' assignments sort last, outside every group, where ragged_dot gives zeros.
+    expert_of = jnp.where(mine, chosen - first, held).reshape(-1)
+    order = jnp.argsort(expert_of, stable=True)
+    group_sizes = jnp.bincount(expert_of, length=held + 1)[:held].astype(jnp.int32)
     rows = tokens[order // k]
 
     def grouped(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -140,19 +160,23 @@ def _routed(
 
     hidden = ACTIVATIONS[cfg.hidden_act](grouped(rows, gate)) * grouped(rows, up)
     out = grouped(hidden, down)[jnp.argsort(order)].reshape(*chosen.shape, -1)
-    combined = jnp.einsum("tkd,tk->td", out, weights.astype(dt))
+    combined = jnp.einsum("tkd,tk->td", out, jnp.where(mine, weights, 0).astype(dt))
     if width_axes:
         combined = jax.lax.psum(combined, width_axes)
-    mask = real.reshape(-1).astype(jnp.float32)
-    stats = jnp.stack(
-        [
-            jnp.zeros(count, jnp.float32).at[flat].add(jnp.repeat(mask, k)),
-            jnp.sum(probs * mask[:, None], axis=0),
-        ]
-    )
-    if row_axes:
-        stats = jax.lax.psum(stats, row_axes)
-    return combined.reshape(x.shape), stats
+    if expert_axis:
+        combined = jax.lax.psum_scatter(combined, "expert", scatter_dimension=0, tiled=True)
+    return combined.reshape(x.shape), _router_statistics(flat, probs, real.reshape(-1), k, row_axes)
+
+
+def _router_statistics(
+    chosen: jax.Array, probs: jax.Array, real: jax.Array, k: int, row_axes: tuple[str, ...]
+) -> jax.Array:
+    """[2, experts]: assignments per expert and summed router probability per expert, over the `real`
+    tokens of every device that splits the rows (`row_axes`)."""
+    mask = real.astype(jnp.float32)
+    counts = jnp.zeros(probs.shape[-1], jnp.float32).at[chosen].add(jnp.repeat(mask, k))
+    stats = jnp.stack([counts, jnp.sum(probs * mask[:, None], axis=0)])
+    return jax.lax.psum(stats, row_axes) if row_axes else stats
 
 
 def load_balancing_loss(stats: jax.Array, segment_ids: jax.Array, num_layers: int) -> jax.Array:

@@ -110,10 +110,8 @@ def compile_step(trainer, rows: int | None = None, with_text: bool = False):
     compiler refuses, gives (None, Memory with `refused` set, None)."""
     rows = rows or step_rows(trainer)[0]
     seq = trainer.cfg.data.max_seq_length
-    shards = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"] * trainer.mesh.shape["context"]
-    batch_bytes = (
-        5 * 4 * rows * seq / shards
-    )  # five int32 [rows, seq] arrays split over data x fsdp x context
+    shards = sharding.batch_shards(trainer.mesh) * trainer.mesh.shape["context"]
+    batch_bytes = 5 * 4 * rows * seq / shards  # five int32 [rows, seq] arrays split over rows and tokens
     try:
         if with_text:
             lowered = trainer.train_step.lower(trainer.abstract_state(), trainer.abstract_batch(rows, seq))

@@ -157,7 +157,7 @@ def run(cfg, config_argv: list[str], args: argparse.Namespace, log=print) -> dic
             log(line)
         if result["memory"].peak <= budget or args.no_search:
             return result
-    log("search      remat x accumulation x fsdp/context/tensor, cheapest first:")
+    log("search      remat x accumulation x fsdp/expert/context/tensor, cheapest first:")
     pick, result["searched"] = search(cfg, hf_config, devices, budget, steps, log=log)
     if pick is None:
         log(f"search      nothing fits {budget / GIB:.1f} GiB per device: use more devices, or LoRA")
