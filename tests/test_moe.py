@@ -30,7 +30,7 @@ from test_families import (
 )
 from test_generate import prompts_for
 
-from jsft import export, flops, generate, hf, models, sharding
+from jsft import export, flops, generate, hf, models, sharding, step
 from jsft.config import default_config
 from jsft.errors import UnsupportedModelError
 from jsft.lora.params import init_factors
@@ -387,25 +387,29 @@ def test_greedy_decoding_with_the_kv_cache_equals_transformers_generate(moe):
     np.testing.assert_array_equal(got[:, : expected.shape[1]], expected)
 
 
-def _gradient_step(ref, mesh_shape: dict | None, scan_layers: bool) -> tuple[dict, dict]:
-    """(step metrics, gradient) of one training step on the whole test batch (padded and packed rows)."""
-    cfg, _ = models.config_from_folder(ref.folder, scan_layers=scan_layers)
-    mesh = sharding.make_mesh(mesh_shape) if mesh_shape else sharding.single_device_mesh()
-    trainer = Trainer(
-        default_config(), models.Layout(cfg), mesh, total_steps=1, optimizer=gradient_recorder()
-    )
-    state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
+def _whole_batch(ref) -> dict[str, np.ndarray]:
+    """The whole test batch (padded and packed rows) as a training batch, every next token trained."""
     ids, seg = ref.input_ids, ref.segment_ids
     same_segment = np.zeros_like(seg)
     same_segment[:, :-1] = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-    batch = {
+    return {
         "input_ids": ids,
         "positions": ref.positions,
         "segment_ids": seg,
         "target_ids": np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1),
         "loss_mask": same_segment.astype(np.int32),
     }
-    state, metrics = trainer.train_step(state, trainer.device_batch(batch))
+
+
+def _gradient_step(ref, mesh_shape: dict | None, scan_layers: bool, grad_accum_steps: int = 1):
+    """(step metrics, gradient) of one training step on `_whole_batch`."""
+    cfg, _ = models.config_from_folder(ref.folder, scan_layers=scan_layers)
+    mesh = sharding.make_mesh(mesh_shape) if mesh_shape else sharding.single_device_mesh()
+    train_cfg = default_config()
+    train_cfg.train.grad_accum_steps = grad_accum_steps
+    trainer = Trainer(train_cfg, models.Layout(cfg), mesh, total_steps=1, optimizer=gradient_recorder())
+    state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
+    state, metrics = trainer.train_step(state, trainer.device_batch(_whole_batch(ref)))
     grads = jax.device_get(state.opt_state["grads"])
     if scan_layers:  # unstacked, to compare with the unrolled layers
         grads = {n: v for n, v in grads.items() if not n.startswith("layers.")} | {
@@ -427,3 +431,24 @@ def test_step_on_a_data_fsdp_tensor_mesh_equals_one_device(moe):
     for key in ("loss", "aux_loss"):
         assert abs(float(mesh[key]) - float(one[key])) <= 1e-6, key
     _assert_gradients_close(mesh_grads, one_grads, rtol=1e-5)
+
+
+@pytest.mark.parametrize("moe", ["qwen3_moe"], indirect=True)
+def test_accumulated_steps_weigh_each_aux_loss_by_its_trained_tokens(moe):
+    """With 2 micro-batches (rows r % 2), `mean` is (sum of token losses + coef x aux_m x tokens_m over
+    the micro-batches) / all trained tokens, and the logged aux loss the micro-batches' mean."""
+    ref, _ = moe
+    metrics, _ = _gradient_step(ref, None, scan_layers=True, grad_accum_steps=2)
+    cfg, _ = models.config_from_folder(ref.folder, scan_layers=True)
+    layout = models.Layout(cfg)
+    params = models.load_params(ref.folder, layout, sharding.single_device_mesh())
+    terms = jax.jit(lambda p, b: step._loss_terms(layout, p, b))
+    batch, total, auxes = _whole_batch(ref), 0.0, []
+    for rows in ([0, 2], [1, 3]):
+        token_sum, aux = terms(params, {k: v[rows] for k, v in batch.items()})
+        tokens = batch["loss_mask"][rows].sum()
+        total += float(token_sum) + cfg.experts.router_aux_loss_coef * float(aux) * tokens
+        auxes.append(float(aux))
+    assert abs(auxes[0] - auxes[1]) > 1e-3  # the micro-batches route differently
+    assert float(metrics["aux_loss"]) == pytest.approx(np.mean(auxes), abs=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(total / batch["loss_mask"].sum(), abs=1e-6)
