@@ -422,24 +422,20 @@ def _gradient_step(ref, mesh_shape: dict | None, scan_layers: bool, grad_accum_s
 
 
 @pytest.mark.parametrize("moe", ["qwen3_moe"], indirect=True)
-def test_step_on_a_data_fsdp_tensor_mesh_equals_one_device(moe):
-    """Loss, aux loss and the whole gradient tree on {data 2, fsdp 2, tensor 2} of the 8 simulated
-    devices (scanned layers; each device routing its own rows) equal one device's unrolled step."""
+def test_accumulated_step_on_a_mesh_equals_one_device_and_weighs_each_aux_loss_by_its_tokens(moe):
+    """Two micro-batches (rows r % 2). On {fsdp 2, context 2, tensor 2} of the 8 simulated devices
+    (scanned layers, each device routing its own tokens) loss, aux loss and the whole gradient tree equal
+    one device's unrolled step. `mean` is (token losses + coef x aux_m x tokens_m, summed over the
+    micro-batches) / all trained tokens, and the logged aux loss the micro-batches' mean."""
     ref, _ = moe
-    one, one_grads = _gradient_step(ref, None, scan_layers=False)
-    mesh, mesh_grads = _gradient_step(ref, {"data": 2, "fsdp": 2, "tensor": 2}, scan_layers=True)
+    one, one_grads = _gradient_step(ref, None, scan_layers=False, grad_accum_steps=2)
+    mesh_shape = {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}
+    mesh, mesh_grads = _gradient_step(ref, mesh_shape, scan_layers=True, grad_accum_steps=2)
     for key in ("loss", "aux_loss"):
         assert abs(float(mesh[key]) - float(one[key])) <= 1e-6, key
     _assert_gradients_close(mesh_grads, one_grads, rtol=1e-5)
 
-
-@pytest.mark.parametrize("moe", ["qwen3_moe"], indirect=True)
-def test_accumulated_steps_weigh_each_aux_loss_by_its_trained_tokens(moe):
-    """With 2 micro-batches (rows r % 2), `mean` is (sum of token losses + coef x aux_m x tokens_m over
-    the micro-batches) / all trained tokens, and the logged aux loss the micro-batches' mean."""
-    ref, _ = moe
-    metrics, _ = _gradient_step(ref, None, scan_layers=True, grad_accum_steps=2)
-    cfg, _ = models.config_from_folder(ref.folder, scan_layers=True)
+    cfg, _ = models.config_from_folder(ref.folder)
     layout = models.Layout(cfg)
     params = models.load_params(ref.folder, layout, sharding.single_device_mesh())
     terms = jax.jit(lambda p, b: step._loss_terms(layout, p, b))
@@ -450,5 +446,5 @@ def test_accumulated_steps_weigh_each_aux_loss_by_its_trained_tokens(moe):
         total += float(token_sum) + cfg.experts.router_aux_loss_coef * float(aux) * tokens
         auxes.append(float(aux))
     assert abs(auxes[0] - auxes[1]) > 1e-3  # the micro-batches route differently
-    assert float(metrics["aux_loss"]) == pytest.approx(np.mean(auxes), abs=1e-6)
-    assert float(metrics["loss"]) == pytest.approx(total / batch["loss_mask"].sum(), abs=1e-6)
+    assert float(one["aux_loss"]) == pytest.approx(np.mean(auxes), abs=1e-6)
+    assert float(one["loss"]) == pytest.approx(total / batch["loss_mask"].sum(), abs=1e-6)
