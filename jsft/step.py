@@ -90,12 +90,13 @@ def init_state(
     params: Params, optimizer: optax.GradientTransformation, shardings: TrainState, base: Params | None = None
 ) -> TrainState:
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    # two distinct arrays: the step donates its state, and one buffer may not be donated twice
+    # two distinct arrays (the step donates its state, and one buffer may not be donated twice), placed
+    # as the step returns them: unplaced, the first step compiled once for them and again for its output
     return TrainState(
         params=params,
         opt_state=opt_state,
-        step=jnp.zeros((), jnp.int32),
-        nonfinite_streak=jnp.zeros((), jnp.int32),
+        step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+        nonfinite_streak=jax.device_put(jnp.zeros((), jnp.int32), shardings.nonfinite_streak),
         base=base,
     )
 
