@@ -142,6 +142,17 @@ def test_tulu_70b_planned_from_the_shape_table_without_weights():
     assert report._count(70_553_706_496) == "70.55B"
 
 
+def test_qwen3_moe_planned_from_the_shape_table_with_its_experts_split():
+    """The config's mesh is for 32 chips; on the 8 test devices the experts split 8 ways alone."""
+    cfg = load(str(ROOT / "configs" / "qwen3_moe.py"), "--config.mesh.fsdp=1")
+    hf_config, source = shapes.hf_config(cfg.model.path)
+    assert "shape table" in source
+    trainer = build_trainer(cfg, hf_config, jax.devices())  # builds, compiles nothing
+    assert report.parameter_counts(trainer) == (30_532_122_624, 30_532_122_624)  # Qwen's published count
+    experts = trainer.layout.shardings(trainer.mesh)["layers.mlp.gate_proj"]  # [layers, 128, 2048, 768]
+    assert experts.shard_shape((48, 128, 2048, 768))[1] == 16
+
+
 def test_offload_falls_back_to_full_remat_on_cpu(caplog):
     cfg = load(TINY, "--config.model.remat=offload")
     with caplog.at_level(logging.WARNING):
