@@ -58,7 +58,7 @@ RUNS = {
     ),
     "tools/bench/step.py": (
         ["--hidden=32", "--layers=1", "--heads=2", "--kv_heads=1", "--intermediate=64", "--vocab=384"]
-        + ["--seq=32", "--batch=1", "--steps=1", "--warmup=0", "--threads=1"],
+        + ["--seq=32", "--batch=1", "--steps=1", "--warmup=0", "--threads=1", "--experts=4"],
         r"jsft: median step .* tokens/s.*\ntorch \(1 threads\): median step .*\njsft/torch tokens/s ratio",
     ),
     # libtpu compiles the tiny config's step for a v5p-8 slice on this CPU (no TPU is used)

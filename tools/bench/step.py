@@ -2,6 +2,10 @@
 
     python tools/bench/step.py [--hidden=512 --layers=8 --heads=8 --seq=1024 --batch=4 ...]
         [--peak_flops=1.2e11] [--skip_torch] [--no-scan_layers]
+        [--experts=8 --experts_per_token=2 --expert_intermediate=512]   # a Qwen3-MoE instead
+
+With `--experts`, both sides train a Qwen3-MoE of the same sizes (softmax router, top k, renormalised),
+each with its routers' load-balancing loss (transformers': `output_router_logits=True`).
 
 Both sides train the same architecture on the same unpacked batch (loss on every token) with AdamW of
 the same lr/betas/eps and no clipping or weight decay. Reported per side: the median step time after
@@ -45,14 +49,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peak_flops", type=float, default=None, help="peak FLOP/s per device (CPU)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--experts", type=int, default=0, help="above 0: a Qwen3-MoE with this many experts")
+    parser.add_argument("--experts_per_token", type=int, default=2)
+    parser.add_argument("--expert_intermediate", type=int, default=512)
     parser.add_argument(
         "--scan_layers", action=argparse.BooleanOptionalAction, default=True, help="model.scan_layers"
     )
     return parser.parse_args()
 
 
-def hf_config(args: argparse.Namespace) -> transformers.LlamaConfig:
+def hf_config(args: argparse.Namespace) -> transformers.PretrainedConfig:
     """The one architecture both sides build; jsft reads it the way it reads a model folder."""
+    if args.experts:
+        return transformers.Qwen3MoeConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            moe_intermediate_size=args.expert_intermediate,
+            num_experts=args.experts,
+            num_experts_per_tok=args.experts_per_token,
+            norm_topk_prob=True,
+            output_router_logits=True,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.kv_heads,
+            head_dim=args.hidden // args.heads,
+            max_position_embeddings=args.seq,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
     return transformers.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -87,7 +113,7 @@ def time_steps(run_step, warmup: int, steps: int) -> list[float]:
 
 
 def bench_jsft(
-    args: argparse.Namespace, config: transformers.LlamaConfig
+    args: argparse.Namespace, config: transformers.PretrainedConfig
 ) -> tuple[list[float], float, float]:
     """(step seconds, compile seconds, FLOPs per step as XLA counts them)."""
     model_cfg = models.ModelConfig.from_hf(
@@ -126,12 +152,12 @@ def bench_jsft(
     return time_steps(run_step, args.warmup, args.steps), compile_seconds, xla_flops
 
 
-def bench_torch(args: argparse.Namespace, config: transformers.LlamaConfig) -> list[float]:
+def bench_torch(args: argparse.Namespace, config: transformers.PretrainedConfig) -> list[float]:
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).train()
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=LEARNING_RATE, betas=BETAS, eps=EPS, weight_decay=0.0
     )
@@ -140,8 +166,11 @@ def bench_torch(args: argparse.Namespace, config: transformers.LlamaConfig) -> l
 
     def run_step():
         with autocast:
-            logits = model(input_ids=input_ids).logits
+            outputs = model(input_ids=input_ids)
+        logits = outputs.logits
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, args.vocab), target_ids.view(-1))
+        if args.experts:
+            loss = loss + config.router_aux_loss_coef * outputs.aux_loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -170,8 +199,11 @@ def main() -> None:
     tokens = args.batch * args.seq
     model_flops = flops.mfu_flops_per_token(cfg, args.seq) * tokens
     peak = flops.device_peak_flops(override=args.peak_flops)
+    kind = (
+        f"Qwen3-MoE ({args.experts} experts, {args.experts_per_token} a token)" if args.experts else "Llama"
+    )
     print(
-        f"Llama: {cfg.num_params() / 1e6:.1f}M parameters, hidden {args.hidden}, {args.layers} layers, "
+        f"{kind}: {cfg.num_params() / 1e6:.1f}M parameters, hidden {args.hidden}, {args.layers} layers, "
         f"{args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}; "
         f"batch {args.batch} x seq {args.seq}, {args.dtype}, "
         f"{'scanned' if args.scan_layers else 'unrolled'} layers; device {jax.devices()[0].device_kind}, "
