@@ -65,6 +65,7 @@ class Trainer:
         if self.lora is not None and layout.lora is None:
             layout = models.Layout(layout.cfg, self.lora, layout.device)
         self.cfg, self.layout, self.mesh = cfg, layout, mesh
+        self._row_groups = sharding.row_groups(mesh)[1]  # processes loading distinct rows
         self.total_steps = total_steps
         self.checkpointer = checkpointer
         self.schedule = optim.make_schedule(cfg.optim, total_steps)
@@ -137,9 +138,8 @@ class Trainer:
         """This process's rows of the global batch, assembled into global arrays. The rows are whole:
         where a context axis splits them over devices of several processes, each takes its tokens."""
         spec = sharding.batch_sharding(self.mesh)
-        groups = sharding.row_groups(self.mesh)[1]
         return {
-            k: jax.make_array_from_process_local_data(spec, v, (v.shape[0] * groups, *v.shape[1:]))
+            k: jax.make_array_from_process_local_data(spec, v, (v.shape[0] * self._row_groups, *v.shape[1:]))
             for k, v in batch.items()
         }
 

@@ -60,26 +60,7 @@ def parse_args() -> argparse.Namespace:
 
 def hf_config(args: argparse.Namespace) -> transformers.PretrainedConfig:
     """The one architecture both sides build; jsft reads it the way it reads a model folder."""
-    if args.experts:
-        return transformers.Qwen3MoeConfig(
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            intermediate_size=args.intermediate,
-            moe_intermediate_size=args.expert_intermediate,
-            num_experts=args.experts,
-            num_experts_per_tok=args.experts_per_token,
-            norm_topk_prob=True,
-            output_router_logits=True,
-            num_hidden_layers=args.layers,
-            num_attention_heads=args.heads,
-            num_key_value_heads=args.kv_heads,
-            head_dim=args.hidden // args.heads,
-            max_position_embeddings=args.seq,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            attn_implementation="sdpa",
-        )
-    return transformers.LlamaConfig(
+    sizes = dict(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -91,6 +72,16 @@ def hf_config(args: argparse.Namespace) -> transformers.PretrainedConfig:
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         attn_implementation="sdpa",
+    )
+    if not args.experts:
+        return transformers.LlamaConfig(**sizes)
+    return transformers.Qwen3MoeConfig(
+        **sizes,
+        moe_intermediate_size=args.expert_intermediate,
+        num_experts=args.experts,
+        num_experts_per_tok=args.experts_per_token,
+        norm_topk_prob=True,
+        output_router_logits=True,
     )
 
 
