@@ -122,6 +122,8 @@ RANGES: dict[str, Range] = {
     "train.max_steps": AT_LEAST_0,
     "train.seed": Range(0, 2**31 - 1),
     "train.z_loss": AT_LEAST_0,
+    "train.router_aux_loss_coef": Range(-1),  # below 0: config.json's
+    "train.router_z_loss": AT_LEAST_0,
     "train.max_nonfinite_steps": AT_LEAST_1,
     "optim.lr": POSITIVE,
     "optim.warmup_ratio": BELOW_1,
@@ -289,6 +291,10 @@ def default_config() -> ml_collections.ConfigDict:
             "seed": 0,
             "loss_reduction": "mean",  # "mean" over trained tokens of the global batch, or "sum"
             "z_loss": 0.0,  # weight of log(Z)^2 per trained token (0 = off)
+            # A mixture of experts' router losses, per trained token: the load-balancing loss's weight
+            # (-1 = config.json's router_aux_loss_coef) and the router z-loss's (0 = off)
+            "router_aux_loss_coef": -1.0,
+            "router_z_loss": 0.0,
             "max_nonfinite_steps": 5,  # consecutive skipped non-finite steps before the run stops
         }
     )

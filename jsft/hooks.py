@@ -19,7 +19,7 @@ from jsft.data.batching import Batching
 from jsft.evaluate import Evaluator, Task, without_records
 from jsft.generate import Generator, Sampling
 from jsft.metrics import MetricsLog, batch_fingerprint
-from jsft.step import TrainState
+from jsft.step import ROUTER_METRICS, TrainState
 from jsft.trainer import StepInfo, Trainer
 
 log = logging.getLogger("jsft")
@@ -100,8 +100,8 @@ class StepLogger:
             "tokens_per_sec": tokens_per_sec,
             "batch_fingerprint": batch_fingerprint(info.batch),
         }
-        if "aux_loss" in values:  # a mixture of experts: the routers' load-balancing loss
-            record["aux_loss"] = float(values["aux_loss"])
+        # a mixture of experts: the router losses and the experts' loads (1 = balanced)
+        record |= {k: float(values[k]) for k in ROUTER_METRICS.values() if k in values}
         if self.peak_flops:
             per_device = positions_per_sec / jax.device_count()
             record["mfu"] = flops.mfu(per_device, self.flops_per_token, self.peak_flops)

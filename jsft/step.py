@@ -10,6 +10,7 @@ gradient is not finite leaves parameters and optimizer state untouched and lengt
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +19,21 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from jsft import loss, sharding
+from jsft.errors import ConfigError
 from jsft.lora import params as lora_params
 from jsft.lora.spec import LoraSpec
 from jsft.models import Layout, Params
+from jsft.models.moe import RouterLosses
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("input_ids", "target_ids", "loss_mask", "segment_ids", "positions")
+# A mixture of experts' step metrics: `RouterLosses` field -> metrics key
+ROUTER_METRICS = {
+    "aux": "aux_loss",
+    "z": "router_z_loss",
+    "load_max": "expert_load_max",
+    "load_min": "expert_load_min",
+}
 
 
 @struct.dataclass
@@ -118,16 +128,16 @@ def _loss_sum(
 
 def _loss_terms(
     layout: Layout, params: Params, batch: Batch, z_loss: float = 0.0, dropout_key: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """(summed token losses, the routers' load-balancing loss: 0 without experts; see `_with_aux_loss`)."""
+) -> tuple[jax.Array, RouterLosses]:
+    """(summed token losses, the routers' losses and loads: zeros without experts; `_with_router_losses`)."""
     model = layout.merge(params)
-    hidden, aux_loss = model.hidden_states(
+    hidden, router = model.hidden_states(
         batch["input_ids"],
         batch["positions"],
         batch["segment_ids"],
         dropout_key=dropout_key,
         in_context_order=True,
-        aux_loss=True,
+        router=True,
     )
     kernel = model.output_kernel()
     token_sum = loss.chunked_loss_sum(
@@ -138,19 +148,39 @@ def _loss_terms(
         z_loss=z_loss,
         softcap=model.cfg.final_logit_softcap,
     )
-    return token_sum, aux_loss
+    return token_sum, router
 
 
-def _with_aux_loss(
-    layout: Layout, token_sum: jax.Array, aux_loss: jax.Array, loss_mask: jax.Array
+class RouterWeights(NamedTuple):
+    """The weights of a mixture of experts' router losses in the training loss."""
+
+    aux: float = 0.0  # the load-balancing loss's (transformers' router_aux_loss_coef)
+    z: float = 0.0  # the router z-loss's (ST-MoE; OLMoE trained with 0.001)
+
+    @classmethod
+    def of(cls, layout: Layout, aux: float = -1.0, z: float = 0.0) -> RouterWeights:
+        """`aux` below 0: config.json's `router_aux_loss_coef`. A dense model has no router to weigh:
+        asking to weigh one is a config error (the train.* keys named), not silently nothing."""
+        if layout.cfg.experts is None:
+            if aux >= 0 or z > 0:
+                raise ConfigError(
+                    f"train.router_aux_loss_coef={aux:g} / train.router_z_loss={z:g}: the model "
+                    f"({layout.cfg.model_type}) has no experts; leave them at -1 and 0"
+                )
+            return cls()
+        return cls(layout.cfg.experts.router_aux_loss_coef if aux < 0 else aux, z)
+
+
+def _with_router_losses(
+    token_sum: jax.Array, router: RouterLosses, weights: RouterWeights, loss_mask: jax.Array
 ) -> jax.Array:
     """The training loss of a micro-batch: transformers adds `router_aux_loss_coef` x the aux loss to the
     mean token loss; jsft sums token losses and divides by the global batch's trained tokens once, so the
-    aux loss enters the sum times the micro-batch's trained tokens. With `loss_reduction=mean` and one
-    micro-batch that is transformers' total exactly (with several, the aux losses' token-weighted mean);
-    with `sum` it keeps the same weight against the token losses."""
-    coef = layout.cfg.experts.router_aux_loss_coef if layout.cfg.experts else 0.0
-    return token_sum + coef * aux_loss * jnp.sum(loss_mask)
+    router losses enter the sum times the micro-batch's trained tokens. With `loss_reduction=mean` and one
+    micro-batch that is transformers' total exactly (with several, the router losses' token-weighted
+    mean); with `sum` they keep the same weight against the token losses."""
+    router_loss = weights.aux * router.aux + weights.z * router.z
+    return token_sum + router_loss * jnp.sum(loss_mask)
 
 
 def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
@@ -164,11 +194,11 @@ def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
 
 
 def _summed_gradients(
-    layout: Layout, mesh: Mesh, grad_accum_steps: int, z_loss: float, seed: int
-) -> Callable[[TrainState, Batch], tuple[Params, jax.Array, jax.Array]]:
+    layout: Layout, mesh: Mesh, grad_accum_steps: int, z_loss: float, router_weights: RouterWeights, seed: int
+) -> Callable[[TrainState, Batch], tuple[Params, jax.Array, RouterLosses]]:
     """`summed(state, batch)` -> (gradient, loss) summed over the batch's tokens, one micro-batch at a
-    time in a scan, and the micro-batches' mean aux loss (`_with_aux_loss`). With `lora.dropout`, each
-    micro-batch draws its masks from (seed, step, micro-batch)."""
+    time in a scan, and the micro-batches' mean `RouterLosses` (`_with_router_losses`). With
+    `lora.dropout`, each micro-batch draws its masks from (seed, step, micro-batch)."""
     batch_sharding = sharding.batch_sharding(mesh)
     micro_sharding = NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
     dropout = layout.lora is not None and layout.lora.dropout > 0
@@ -182,22 +212,24 @@ def _summed_gradients(
         params, base = state.params, state.base
         step_key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
 
-        def micro_loss(p: Params, micro: Batch, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-            token_sum, aux_loss = _loss_terms(layout, model_params(p, base), micro, z_loss, key)
-            return _with_aux_loss(layout, token_sum, aux_loss, micro["loss_mask"]), aux_loss
+        def micro_loss(p: Params, micro: Batch, key: jax.Array | None) -> tuple[jax.Array, RouterLosses]:
+            token_sum, router = _loss_terms(layout, model_params(p, base), micro, z_loss, key)
+            return _with_router_losses(token_sum, router, router_weights, micro["loss_mask"]), router
 
         def accumulate(carry, xs):
-            grads_sum, loss_sum, aux_sum = carry
+            grads_sum, loss_sum, router_sum = carry
             micro, index = xs
             key = None if step_key is None else jax.random.fold_in(step_key, index)
-            (value, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, micro, key)
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value, aux_sum + aux), None
+            (value, router), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, micro, key)
+            router_sum = jax.tree.map(jnp.add, router_sum, router)
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + value, router_sum), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        no_router = RouterLosses(*[jnp.zeros((), jnp.float32)] * len(RouterLosses._fields))
+        carry = (zeros, jnp.zeros((), jnp.float32), no_router)
         micro = (jax.tree.map(micro_batches, batch), jnp.arange(grad_accum_steps))
-        (grads_sum, loss_sum, aux_sum), _ = jax.lax.scan(accumulate, carry, micro)
-        return grads_sum, loss_sum, aux_sum / grad_accum_steps
+        (grads_sum, loss_sum, router_sum), _ = jax.lax.scan(accumulate, carry, micro)
+        return grads_sum, loss_sum, jax.tree.map(lambda x: x / grad_accum_steps, router_sum)
 
     return summed
 
@@ -211,17 +243,20 @@ def make_train_step(
     grad_accum_steps: int,
     loss_reduction: str,
     z_loss: float = 0.0,
+    router_weights: RouterWeights | None = None,
     seed: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The optimizer's update from the batch's gradient (see `_summed_gradients`), kept only when the
     loss, the gradient and the updated parameters are all finite (an update can overflow, or a NaN learning
-    rate poison, parameters whose gradient was fine: the last good checkpoint must never hold them)."""
-    summed_gradients = _summed_gradients(layout, mesh, grad_accum_steps, z_loss, seed)
+    rate poison, parameters whose gradient was fine: the last good checkpoint must never hold them).
+    `router_weights` None: `RouterWeights.of(layout)`, config.json's."""
+    router_weights = router_weights or RouterWeights.of(layout)
+    summed_gradients = _summed_gradients(layout, mesh, grad_accum_steps, z_loss, router_weights, seed)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params = state.params
         trained_tokens = jnp.sum(batch["loss_mask"])
-        grads_sum, loss_sum, aux_loss = summed_gradients(state, batch)
+        grads_sum, loss_sum, router = summed_gradients(state, batch)
         tokens = jnp.maximum(trained_tokens, 1).astype(jnp.float32)
         scale = 1.0 / tokens if loss_reduction == "mean" else 1.0
         grads = jax.tree.map(lambda g, p: (g * scale).astype(p.dtype), grads_sum, params)
@@ -242,15 +277,15 @@ def make_train_step(
             nonfinite_streak=streak,
         )
         metrics = {
-            # mean token loss (plus z-loss and the weighted aux loss), whatever the reduction optimised
+            # mean token loss (plus z-loss and the weighted router losses), whatever the reduction optimised
             "loss": loss_sum / tokens,
             "grad_norm": grad_norm,
             "trained_tokens": trained_tokens,
             "skipped": jnp.logical_not(finite),
             "nonfinite_streak": streak,
         }
-        if layout.cfg.experts:
-            metrics["aux_loss"] = aux_loss  # the micro-batches' mean, before router_aux_loss_coef
+        if layout.cfg.experts:  # the micro-batches' means, before the router weights
+            metrics |= {ROUTER_METRICS[k]: v for k, v in router._asdict().items()}
         return new_state, metrics
 
     return jax.jit(

@@ -79,6 +79,9 @@ class Trainer:
             grad_accum_steps=cfg.train.grad_accum_steps,
             loss_reduction=cfg.train.loss_reduction,
             z_loss=cfg.train.z_loss,
+            router_weights=step.RouterWeights.of(
+                layout, cfg.train.router_aux_loss_coef, cfg.train.router_z_loss
+            ),
             seed=cfg.train.seed,
         )
         self.eval_step = step.make_eval_step(layout, self.shardings, mesh)

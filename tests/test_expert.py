@@ -44,8 +44,9 @@ def _loss_and_grads(folder, batch, mesh_shape: dict) -> tuple[float, dict, dict]
 
     def total(p, b):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            token_sum, aux = step._loss_terms(layout, p, b)
-            return token_sum + 50.0 * aux  # the aux loss weighs like the tokens, so its gradient shows
+            token_sum, router = step._loss_terms(layout, p, b)
+            # the router losses weigh like the tokens, so their gradients show
+            return token_sum + 50.0 * router.aux + 5.0 * router.z
 
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     run = jax.jit(jax.value_and_grad(total))

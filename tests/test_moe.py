@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_params_close, gradient_recorder
+from conftest import assert_params_close, gradient_recorder, small_model_config
 from test_families import (
     ATOL,
     FSDP4_TENSOR2,
@@ -29,10 +29,11 @@ from test_families import (
     make_reference,
 )
 from test_generate import prompts_for
+from transformers.models.switch_transformers import modeling_switch_transformers as switch_transformers
 
 from jsft import export, flops, generate, hf, models, sharding, step
 from jsft.config import default_config
-from jsft.errors import UnsupportedModelError
+from jsft.errors import ConfigError, UnsupportedModelError
 from jsft.lora.params import init_factors
 from jsft.lora.spec import LoraSpec
 from jsft.models.config import ModelConfig
@@ -144,7 +145,7 @@ def test_aux_loss_matches_transformers(moe):
     jsft's over the same tokens, three of them packed in one row."""
     ref, model = moe
     layout, params, _ = _jsft(ref, "one_device")
-    aux = jax.jit(lambda p, ids, pos, seg: layout.merge(p).hidden_states(ids, pos, seg, aux_loss=True)[1])(
+    aux = jax.jit(lambda p, ids, pos, seg: layout.merge(p).hidden_states(ids, pos, seg, router=True)[1].aux)(
         params, ref.input_ids, ref.positions, ref.segment_ids
     )
     model.config.output_router_logits = True
@@ -253,9 +254,31 @@ def _padded_batch(ref) -> dict[str, np.ndarray]:
     }
 
 
-def _torch_gradient(model, ref, folder) -> tuple[object, dict[str, np.ndarray]]:
-    """(transformers' loss output with the aux loss, its gradient under the Hub's tensor names): the
-    gradient written by `save_pretrained` in place of the weights, so fused experts come out per expert."""
+def _router_reference(out, mask: np.ndarray, per_token: int) -> dict[str, float]:
+    """The router z-loss (transformers' Switch Transformers `router_z_loss_func`) and the experts' loads
+    (each expert's share of a layer's top-k assignments x experts, largest and smallest over layers) from
+    transformers' router logits, over the real tokens (`mask`) only."""
+    real = torch.tensor(mask.reshape(-1).astype(bool))
+    layers = torch.stack([logits[real] for logits in out.router_logits])  # [layers, real tokens, experts]
+    chosen = torch.topk(layers, per_token, dim=-1).indices
+    counts = torch.nn.functional.one_hot(chosen, layers.shape[-1]).sum(dim=(1, 2)).double()
+    load = layers.shape[-1] * counts / counts.sum(dim=-1, keepdim=True)
+    z_loss = switch_transformers.router_z_loss_func(layers)
+    return {
+        "router_z_loss": z_loss,
+        "expert_load_max": load.max().item(),
+        "expert_load_min": load.min().item(),
+    }
+
+
+def _torch_gradient(
+    model, ref, folder, aux_coef: float | None = None, z_weight: float = 0.0
+) -> tuple[object, dict[str, float], dict[str, np.ndarray]]:
+    """(transformers' loss output with the aux loss, the total loss backpropagated and the router
+    figures (`_router_reference`), its gradient under the Hub's tensor names). The total is transformers'
+    loss with `aux_coef` in place of config.json's coefficient (None: that one) plus `z_weight` x the
+    router z-loss. The gradient is written by `save_pretrained` in place of the weights, so fused experts
+    come out per expert."""
     model.config.output_router_logits = True
     model.zero_grad()
     ids, mask = (
@@ -267,33 +290,51 @@ def _torch_gradient(model, ref, folder) -> tuple[object, dict[str, np.ndarray]]:
     labels = np.where(ref.loss_mask, ids, -100)
     out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
     model.config.output_router_logits = False
-    out.loss.backward()
+    figures = _router_reference(out, mask, model.config.num_experts_per_tok)
+    total = out.loss + z_weight * figures["router_z_loss"]
+    if aux_coef is not None:
+        total = total + (aux_coef - model.router_aux_loss_coef) * out.aux_loss
+    total.backward()
+    figures = {k: float(v.detach()) if torch.is_tensor(v) else v for k, v in figures.items()} | {
+        "loss": total.item(),
+        "aux_loss": out.aux_loss.item(),
+    }
     saved = copy.deepcopy(model)
     grads = {name: p.grad for name, p in model.named_parameters()}
     with torch.no_grad():
         for name, p in saved.named_parameters():
             p.copy_(torch.zeros_like(p) if grads[name] is None else grads[name])  # None: expert unused
     saved.save_pretrained(folder, safe_serialization=True)
-    return out, dict(hf.iter_tensors(str(folder)))
+    return out, figures, dict(hf.iter_tensors(str(folder)))
 
 
 # OLMoE: top-k weights as the softmax gives them; the trajectory test runs Qwen3-MoE, renormalised
 @pytest.mark.parametrize("moe", ["olmoe"], indirect=True)
-def test_train_step_loss_and_gradient_are_transformers_with_the_aux_loss(moe, tmp_path):
+@pytest.mark.parametrize(
+    "aux_coef, z_weight", [(-1.0, 0.0), (0.3, 0.05)], ids=["config_json", "overridden_z"]
+)
+def test_train_step_loss_and_gradient_are_transformers_with_the_router_losses(
+    moe, tmp_path, aux_coef, z_weight
+):
     """`loss_reduction=mean`: jsft's step loss is transformers' (mean token loss + router_aux_loss_coef x
-    aux loss) on the same batch, its aux loss is logged apart, and its gradient is torch's."""
+    aux loss; `train.router_aux_loss_coef` replacing config.json's 0.02, and `train.router_z_loss` x
+    the router z-loss of the real tokens) on the same batch, the router losses and expert loads are
+    logged apart, and its gradient is torch's."""
     ref, model = moe
     cfg, _ = models.config_from_folder(ref.folder)
     mesh = sharding.single_device_mesh()
-    trainer = Trainer(
-        default_config(), models.Layout(cfg), mesh, total_steps=1, optimizer=gradient_recorder()
-    )
+    config = default_config()
+    config.train.router_aux_loss_coef, config.train.router_z_loss = aux_coef, z_weight
+    trainer = Trainer(config, models.Layout(cfg), mesh, total_steps=1, optimizer=gradient_recorder())
     state = trainer.fresh_state(models.load_params(ref.folder, trainer.layout, mesh))
     state, metrics = trainer.train_step(state, _padded_batch(ref))
-    out, expected = _torch_gradient(model, ref, tmp_path)
+    out, figures, expected = _torch_gradient(
+        model, ref, tmp_path, aux_coef if aux_coef >= 0 else None, z_weight
+    )
     assert out.aux_loss.item() > 1.0
-    assert abs(float(metrics["loss"]) - out.loss.item()) <= AUX_ATOL
-    assert abs(float(metrics["aux_loss"]) - out.aux_loss.item()) <= AUX_ATOL
+    assert figures["router_z_loss"] > 0.1 and figures["expert_load_max"] > 1.2
+    for key in ("loss", "aux_loss", "router_z_loss", "expert_load_max", "expert_load_min"):
+        assert abs(float(metrics[key]) - figures[key]) <= AUX_ATOL, (key, float(metrics[key]), figures[key])
     grads = models.to_hf_tensors(jax.device_get(state.opt_state["grads"]), trainer.layout)
     _assert_gradients_close(grads, expected, rtol=1e-4)
 
@@ -441,10 +482,25 @@ def test_accumulated_step_on_a_mesh_equals_one_device_and_weighs_each_aux_loss_b
     terms = jax.jit(lambda p, b: step._loss_terms(layout, p, b))
     batch, total, auxes = _whole_batch(ref), 0.0, []
     for rows in ([0, 2], [1, 3]):
-        token_sum, aux = terms(params, {k: v[rows] for k, v in batch.items()})
+        token_sum, router = terms(params, {k: v[rows] for k, v in batch.items()})
+        aux = router.aux
         tokens = batch["loss_mask"][rows].sum()
         total += float(token_sum) + cfg.experts.router_aux_loss_coef * float(aux) * tokens
         auxes.append(float(aux))
     assert abs(auxes[0] - auxes[1]) > 1e-3  # the micro-batches route differently
     assert float(one["aux_loss"]) == pytest.approx(np.mean(auxes), abs=1e-6)
     assert float(one["loss"]) == pytest.approx(total / batch["loss_mask"].sum(), abs=1e-6)
+
+
+def test_router_weights_resolve_from_config_json_and_are_refused_for_a_dense_model(moe):
+    ref, _ = moe
+    cfg, _ = models.config_from_folder(ref.folder)
+    layout = models.Layout(cfg)
+    assert step.RouterWeights.of(layout) == (0.02, 0.0)  # config.json's coefficient, no z-loss
+    assert step.RouterWeights.of(layout, 0.0, 1e-3) == (0.0, 1e-3)
+    dense = models.Layout(small_model_config())
+    assert step.RouterWeights.of(dense) == (0.0, 0.0)
+    with pytest.raises(
+        ConfigError, match="train.router_aux_loss_coef=-1 / train.router_z_loss=0.001.*no experts"
+    ):
+        step.RouterWeights.of(dense, -1.0, 1e-3)

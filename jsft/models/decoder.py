@@ -31,7 +31,7 @@ from jsft.models.attention import (
 )
 from jsft.models.config import AttentionKind, ModelConfig
 from jsft.models.context import context_attention
-from jsft.models.moe import MLP, MoE, load_balancing_loss
+from jsft.models.moe import MLP, MoE, RouterLosses, RouterStats, router_losses
 from jsft.models.projection import Projection, kernel_init
 from jsft.models.remat import ATTENTION_OUT, LAYER_INPUT, remat_policy
 from jsft.models.rope import apply_rope, rope_frequencies, rope_tables
@@ -184,8 +184,8 @@ class Block(nnx.Module):
         kind: AttentionKind,
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array | KeysValues]:
-        """(output, the router statistics [2, experts] or with a `cache` this layer's keys and values)."""
+    ) -> tuple[jax.Array, RouterStats | KeysValues]:
+        """(output, the `RouterStats` or with a `cache` this layer's keys and values)."""
         x = checkpoint_name(x, LAYER_INPUT)  # what remat=offload keeps, in host memory
         attn_out = self.attn(_maybe(self.pre_attn_norm, x), rope, segment_ids, kind, cache, dropout_key)
         if cache is not None:
@@ -290,15 +290,15 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         dropout_key: jax.Array | None = None,
         in_context_order: bool = False,
-        aux_loss: bool = False,
-    ) -> jax.Array | tuple[jax.Array, KVCache] | tuple[jax.Array, jax.Array]:
+        router: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache] | tuple[jax.Array, RouterLosses]:
         """The final normalised hidden states [batch, seq, hidden]; `logits_from_hidden` maps them on.
 
         With a `cache` (decoding: `jsft.generate`), the tokens take slots `cache.index + [0, seq)` and
         also attend to the cached ones; the cache with them written in comes back with the states.
         With a `dropout_key` (training), LoRA factors see dropout on their inputs (rate `lora.dropout`),
         masks drawn from the key folded with the layer index and the projection's name.
-        With `aux_loss` (no cache), also the routers' load-balancing loss (`moe.load_balancing_loss`).
+        With `router` (no cache), also the routers' `RouterLosses` (zeros for a dense model).
         Under context parallelism the tokens run in `sharding.context_order` and the states come back
         in row order, unless `in_context_order` (the training loss, a sum over tokens, puts its targets
         in that order instead: no exchange of the states between devices).
@@ -339,8 +339,8 @@ class Decoder(nnx.Module):
         if cache is None:
             hidden = self.final_norm(x)
             hidden = hidden if in_context_order else sharding.from_context_order(hidden)
-            aux = load_balancing_loss(router_stats, segment_ids, self.cfg.num_layers)
-            return (hidden, aux) if aux_loss else hidden
+            losses = router_losses(router_stats, jnp.sum(segment_ids > 0))
+            return (hidden, losses) if router else hidden
         return self.final_norm(x), dataclasses.replace(cache, index=cache.index + input_ids.shape[1])
 
     def _unrolled_layers(
@@ -350,18 +350,23 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array,
         cache: KVCache | None,
         dropout_key: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None, jax.Array]:
-        """The layers one after the other, each its own piece of the program; the router statistics summed."""
-        kinds, router_stats = self.cfg.attention_kinds, 0.0
+    ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+        """The layers one after the other, each its own piece of the program; the router statistics
+        stacked over layers (without a cache)."""
+        kinds, router_stats = self.cfg.attention_kinds, []
         for i, (block, kind_id) in enumerate(zip(self.layers, self.cfg.layer_kind_ids, strict=True)):
             run = _block_runner(kinds[kind_id], self.cfg.remat)
             layer_cache = None if cache is None else _layer_cache(cache, i)
             x, out = run(block, x, ropes[kind_id], segment_ids, layer_cache, _layer_key(dropout_key, i))
             if cache is None:
-                router_stats = router_stats + out
+                router_stats.append(out)
             else:
                 cache = _write_layer(cache, i, out)
-        return x, cache, router_stats
+        return (
+            x,
+            cache,
+            jax.tree.map(lambda *layers: jnp.stack(layers), *router_stats) if router_stats else None,
+        )
 
     def _scan_layers(
         self,
@@ -370,7 +375,7 @@ class Decoder(nnx.Module):
         segment_ids: jax.Array,
         cache: KVCache | None,
         dropout_key: jax.Array | None,
-    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+    ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
         """All layers as one scan over the stacked parameters; a model with several attention kinds
         picks each layer's branch with `lax.switch` on its kind index (only that branch runs). A cache
         rides in the carry, so each layer writes only its new keys and values into it."""
@@ -403,7 +408,7 @@ class Decoder(nnx.Module):
         kind_ids = jnp.asarray(self.cfg.layer_kind_ids, jnp.int32)
         layer_index = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
         (x, cache), router_stats = jax.lax.scan(step, (x, cache), (stacked, kind_ids, layer_index))
-        return x, cache, None if router_stats is None else jnp.sum(router_stats, axis=0)
+        return x, cache, router_stats
 
     def output_kernel(self) -> jax.Array:
         """[hidden, vocab] projection to logits (the transposed embedding when tied).

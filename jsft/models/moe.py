@@ -14,6 +14,7 @@ expert (E times the FLOPs), which is fine for tests, not for speed.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,31 @@ from jsft.models.projection import Projection, kernel_init
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 EXPERT_KERNELS = ("gate_proj", "up_proj", "down_proj")
+
+
+class RouterStats(NamedTuple):
+    """One layer's routing over its real tokens (summed over every device that splits the rows); the
+    decoder stacks them over layers. A dense MLP's are empty (no experts)."""
+
+    assigned: jax.Array  # [experts] (token, expert) assignments per expert
+    probability: jax.Array  # [experts] router probability summed per expert
+    z: jax.Array  # [] log(sum exp(router logits))^2 summed over tokens (ST-MoE's router z-loss)
+
+    @classmethod
+    def none(cls) -> RouterStats:
+        empty = jnp.zeros((0,), jnp.float32)
+        return cls(empty, empty, jnp.zeros((), jnp.float32))
+
+
+class RouterLosses(NamedTuple):
+    """What a batch's routing costs and how it spreads, from the layers' `RouterStats`; all 0 for a dense
+    model. The losses are scalars; the loads are each expert's share of a layer's assignments times the
+    number of experts (1 everywhere = perfectly balanced), the largest and smallest over all layers."""
+
+    aux: jax.Array  # transformers' load-balancing loss (before router_aux_loss_coef)
+    z: jax.Array  # router z-loss: mean over layers and real tokens of log(sum exp(router logits))^2
+    load_max: jax.Array  # the most loaded expert of any layer (E/k: one expert takes every token)
+    load_min: jax.Array  # the least loaded (0: an expert of some layer got no token)
 
 
 class MLP(nnx.Module):
@@ -48,7 +74,7 @@ class MLP(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         gate = ACTIVATIONS[self.cfg.hidden_act](self.gate_proj(x, dropout_key))
         hidden = sharding.constrain(gate * self.up_proj(x, dropout_key), ("batch", "sequence", "mlp"))
-        return self.down_proj(hidden, dropout_key), jnp.zeros((2, 0), jnp.float32)
+        return self.down_proj(hidden, dropout_key), RouterStats.none()
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -56,11 +82,10 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
 
 
 class MoE(nnx.Module):
-    """`moe(x, real, dropout_key)` -> (output like x, router statistics [2, experts] of the `real` tokens).
+    """`moe(x, real, dropout_key)` -> (output like x, `RouterStats` of the `real` tokens).
 
     The router is [embed, experts]; the experts' kernels are stacked on a leading "expert" axis:
-    gate and up [expert, embed, mlp], down [expert, mlp, embed]. The statistics (assignments per expert,
-    summed router probability per expert, over the real tokens) are what `load_balancing_loss` needs.
+    gate and up [expert, embed, mlp], down [expert, mlp, embed].
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None):
@@ -80,7 +105,7 @@ class MoE(nnx.Module):
 
     def __call__(
         self, x: jax.Array, real: jax.Array, dropout_key: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, RouterStats]:
         """`dropout_key` is unused: the experts have no LoRA factors.
 
         Under a mesh every device routes and dispatches only its own tokens (`jax.shard_map` over the
@@ -109,7 +134,7 @@ class MoE(nnx.Module):
                 P(experts, None, width),
                 P(experts, width),
             ),
-            out_specs=(P(*rows, None), P()),
+            out_specs=(P(*rows, None), RouterStats(P(), P(), P())),
             check_vma=False,
         )(x, real, *kernels)
 
@@ -125,7 +150,7 @@ def _routed(
     row_axes: tuple[str, ...] = (),
     width_axes: str | tuple[str, ...] | None = None,
     expert_axis: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, RouterStats]:
     """`MoE` on these tokens: router, top k, the experts by grouped matmuls, statistics; `row_axes` and
     `width_axes` are the mesh axes the tokens and the experts' width are split over (to sum over).
 
@@ -135,7 +160,8 @@ def _routed(
     reduce-scatter: dropless without a ragged all-to-all, for moving every token over the axis)."""
     dt, k, count = cfg.dtype, cfg.experts.per_token, cfg.experts.count
     tokens = x.reshape(-1, x.shape[-1])
-    probs = jax.nn.softmax((tokens @ router.astype(dt)).astype(jnp.float32), axis=-1)
+    logits = (tokens @ router.astype(dt)).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
     weights, chosen = jax.lax.top_k(probs, k)  # [tokens, k]
     if cfg.experts.norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -165,25 +191,35 @@ def _routed(
         combined = jax.lax.psum(combined, width_axes)
     if expert_axis:
         combined = jax.lax.psum_scatter(combined, "expert", scatter_dimension=0, tiled=True)
-    return combined.reshape(x.shape), _router_statistics(flat, probs, real.reshape(-1), k, row_axes)
+    stats = _router_statistics(flat, logits, probs, real.reshape(-1), k)
+    return combined.reshape(x.shape), jax.lax.psum(stats, row_axes) if row_axes else stats
 
 
 def _router_statistics(
-    chosen: jax.Array, probs: jax.Array, real: jax.Array, k: int, row_axes: tuple[str, ...]
-) -> jax.Array:
-    """[2, experts]: assignments per expert and summed router probability per expert, over the `real`
-    tokens of every device that splits the rows (`row_axes`)."""
+    chosen: jax.Array, logits: jax.Array, probs: jax.Array, real: jax.Array, k: int
+) -> RouterStats:
+    """These tokens' `RouterStats`, over the `real` ones."""
     mask = real.astype(jnp.float32)
-    counts = jnp.zeros(probs.shape[-1], jnp.float32).at[chosen].add(jnp.repeat(mask, k))
-    stats = jnp.stack([counts, jnp.sum(probs * mask[:, None], axis=0)])
-    return jax.lax.psum(stats, row_axes) if row_axes else stats
+    assigned = jnp.zeros(probs.shape[-1], jnp.float32).at[chosen].add(jnp.repeat(mask, k))
+    z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * mask)
+    return RouterStats(assigned, jnp.sum(probs * mask[:, None], axis=0), z)
 
 
-def load_balancing_loss(stats: jax.Array, segment_ids: jax.Array, num_layers: int) -> jax.Array:
-    """transformers' `load_balancing_loss_func` with an attention mask, from the layers' summed router
-    statistics [2, experts] of the real tokens (segment id > 0): experts x sum over experts of (share of
-    assignments) x (mean router probability), both over all layers' real tokens at once. 0 for a dense
-    model (no experts)."""
-    rows = jnp.maximum(num_layers * jnp.sum(segment_ids > 0).astype(jnp.float32), 1.0)
-    counts, probs = stats
-    return stats.shape[-1] * jnp.sum((counts / rows) * (probs / rows))
+def router_losses(layers: RouterStats, real_tokens: jax.Array) -> RouterLosses:
+    """The batch's `RouterLosses` from every layer's `RouterStats` (stacked: [layers, experts]) and its
+    number of real tokens (segment id > 0, as the statistics count them).
+
+    The aux loss is transformers' `load_balancing_loss_func` with an attention mask: experts x the sum
+    over experts of (share of assignments) x (mean router probability), both over all layers' real
+    tokens at once. The z-loss is ST-MoE's, averaged the same way. 0 throughout for a dense model."""
+    layers_count, experts = layers.assigned.shape
+    if experts == 0:
+        zero = jnp.zeros((), jnp.float32)
+        return RouterLosses(zero, zero, zero, zero)
+    tokens = jnp.maximum(real_tokens.astype(jnp.float32), 1.0)
+    rows = layers_count * tokens
+    assigned, probability = (jnp.sum(a, axis=0) for a in (layers.assigned, layers.probability))
+    aux = experts * jnp.sum((assigned / rows) * (probability / rows))
+    per_layer = jnp.maximum(jnp.sum(layers.assigned, axis=-1, keepdims=True), 1.0)
+    load = experts * layers.assigned / per_layer
+    return RouterLosses(aux, jnp.sum(layers.z) / rows, jnp.max(load), jnp.min(load))
