@@ -16,7 +16,7 @@ from jsft import config, data, models
 from jsft.cli.plan import parse_args
 from jsft.models import shapes
 from jsft.planning import hlo, report
-from jsft.planning.compiled import Memory, build_trainer, compile_step
+from jsft.planning.compiled import Memory, build_trainer, compile_step, compile_with_text
 from jsft.planning.search import REMAT_ORDER, Setting, candidates
 from jsft.planning.steps import DataPlan, data_plan, step_rows
 from jsft.trainer import Trainer
@@ -225,6 +225,36 @@ def test_the_plan_finds_the_cache_the_encoder_built(tmp_path):
     plan = data_plan(cfg)
     assert plan.note.startswith(f"from the data cache ({len(encoded)} conversations")
     assert plan.steps_per_epoch and plan.total_steps == cfg.train.epochs * plan.steps_per_epoch
+
+
+def test_matmul_flops_count_every_trip_of_a_loop_and_no_padding():
+    """The program reader's matmul FLOPs: a dot in a 7-trip scan, a batched dot_general and a padded,
+    strided convolution, against the count by hand. XLA's `cost_analysis()` counts the scan's body once
+    (the figure the issue asked to put beside it)."""
+
+    def program(x, w, a, b, image, kernel):
+        y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=7)
+        batched = jnp.einsum("bij,bjk->bik", a, b)
+        conv = jax.lax.conv_general_dilated(image, kernel, (2, 1), ((2, 2), (1, 1)))
+        return y, batched, conv
+
+    args = (
+        jnp.ones((64, 128)),
+        jnp.ones((128, 128)),
+        jnp.ones((3, 8, 16)),
+        jnp.ones((3, 16, 4)),
+        jnp.ones((2, 3, 16, 16)),
+        jnp.ones((5, 3, 3, 3)),
+    )
+    compiled, text = compile_with_text(jax.jit(program).lower(*args))
+    # the convolution's output rows o (stride 2, 2 padded rows each side) meet kernel rows k where
+    # 0 <= 2o - 2 + k < 16; columns (stride 1, 1 padded each side) where 0 <= o - 1 + k < 16
+    rows = sum(0 <= 2 * o - 2 + k < 16 for o in range(9) for k in range(3))
+    cols = sum(0 <= o - 1 + k < 16 for o in range(16) for k in range(3))
+    by_hand = 7 * 2 * 64 * 128 * 128 + 2 * 3 * 8 * 16 * 4 + 2 * 2 * 5 * 3 * rows * cols
+    assert hlo.program_facts(text).matmul_flops() == by_hand
+    # XLA's count: the body once, plus the tanh and other elementwise work (well under 0.1%)
+    assert compiled.cost_analysis()["flops"] == pytest.approx(by_hand - 6 * 2 * 64 * 128 * 128, rel=1e-3)
 
 
 def test_loop_trip_counts_are_read_for_unsigned_counters_starting_above_zero():

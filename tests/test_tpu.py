@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from jsft import flops, runtime
+from jsft import flops, models, runtime
 from jsft.planning import hlo
 
 pytest.importorskip("libtpu")
@@ -117,6 +117,18 @@ def test_roofline_mfu_is_the_training_logs_definition(report):
     assert roofline["mfu"] == pytest.approx(roofline["compute_s"] / roofline["step_s"])
     assert 0 < roofline["mfu"] <= 1
     assert report["mfu_definition"] == flops.MFU_DEFINITION
+
+
+def test_program_matmul_flops_are_six_per_weight_and_token(report):
+    """The program reader's loop-aware count of the TPU program's matmuls (written as convolutions)
+    equals 6 x the matmul weights a token meets x the device's tokens: forward, and the two gradient
+    matmuls, of every scanned layer and the LM head (no remat here; splash attention is a kernel, not
+    counted). XLA's `cost_analysis()` counts the layer scan's body once."""
+    cfg, _ = models.config_from_folder(ROOT / "tools" / "tiny" / "model")
+    tokens = 16 * 128 / report["devices"]  # configs/tiny.py: 16 rows of 128 tokens
+    counted = report["program_flops_per_device"]
+    assert counted["matmuls"] == flops.flops_per_token(cfg, seq_len=0) * tokens
+    assert counted["cost_analysis"] < counted["matmuls"] / 2
 
 
 def test_libtpu_defaults_keep_the_users_flags():

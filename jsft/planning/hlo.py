@@ -10,6 +10,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # Ops that do work on the core while a collective is in flight (anything but bookkeeping).
 _BOOKKEEPING = {
@@ -102,6 +104,7 @@ class ProgramFacts:
     sync_collectives: list[tuple[Instruction, int]]  # (instruction, repeats per step)
     loop_depth: dict[str, int]  # computation -> number of while loops around it
     splash_kernels: dict[str, int]  # fwd / dq / dkv -> instruction count
+    repeats: dict[str, int]  # computation -> executions per step (product of its loops' trip counts)
 
     def collective_bytes(self) -> dict[str, float]:
         """Bytes each kind of collective produces per step and device (result sizes x repeats)."""
@@ -111,6 +114,61 @@ class ProgramFacts:
         for instruction, repeats in self.sync_collectives:
             total[instruction.opcode] = total.get(instruction.opcode, 0) + instruction.bytes * repeats
         return total
+
+    def matmul_flops(self) -> float:
+        """FLOPs per step and device of the program's dots and convolutions (the TPU compiler writes
+        its matmuls as convolutions), each times the trips of the loops around it. `cost_analysis()`
+        counts a loop body once, so a scanned model's layers count as one layer there. Both branches
+        of a conditional count (as if each ran), and zeros a convolution's padding adds do not."""
+        by_name = {i.name: i for i in self.instructions}
+        return sum(
+            _matmul_flops(i, by_name) * self.repeats.get(i.computation, 1)
+            for i in self.instructions
+            if i.opcode in ("dot", "convolution")
+        )
+
+
+def _full_dims(instruction: Instruction | None) -> tuple[int, ...]:
+    """All dimensions of an instruction's result (of the first array of a tuple), size-1 axes kept."""
+    found = _ARRAY.search(instruction.shape) if instruction else None
+    if found is None:
+        raise ValueError(f"no array shape for {instruction.name if instruction else 'a missing operand'}")
+    return tuple(int(d) for d in found.group(2).split(",") if d)
+
+
+def _matmul_flops(i: Instruction, by_name: dict[str, Instruction]) -> float:
+    """2 x the multiply-adds of one dot or convolution (XLA's HloCostAnalysis count)."""
+    lhs, rhs = (_full_dims(by_name.get(n)) for n in _operand_names(i)[:2])
+    out = _full_dims(i)
+    if i.opcode == "dot":
+        contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.operands).group(1)
+        return 2.0 * math.prod(out) * math.prod(lhs[int(d)] for d in contracted.split(",") if d)
+    lhs_labels, rhs_labels, out_labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", i.operands).groups()
+    window = re.search(r"window=\{([^}]*)\}", i.operands)
+    fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+    sizes = [int(x) for x in fields["size"].split("x")] if "size" in fields else []
+
+    def per_dim(key: str, default: int) -> list[int]:
+        return [int(x) for x in fields[key].split("x")] if key in fields else [default] * len(sizes)
+
+    pads = [int(x.split("_")[0]) for x in fields["pad"].split("x")] if "pad" in fields else [0] * len(sizes)
+    strides, lhs_dilation, rhs_dilation = (
+        per_dim("stride", 1),
+        per_dim("lhs_dilate", 1),
+        per_dim("rhs_dilate", 1),
+    )
+    valid = 1
+    for d in range(len(sizes)):
+        size_in = (lhs[lhs_labels.index(str(d))] - 1) * lhs_dilation[d] + 1
+        o = np.arange(out[out_labels.index(str(d))])[:, None]
+        k = np.arange(rhs[rhs_labels.index(str(d))])[None, :]
+        position = o * strides[d] - pads[d] + k * rhs_dilation[d]
+        valid *= int(np.sum((position >= 0) & (position < size_in) & (position % lhs_dilation[d] == 0)))
+    groups = re.search(r"feature_group_count=(\d+)", i.operands)
+    batch_groups = re.search(r"batch_group_count=(\d+)", i.operands)
+    features_in = lhs[lhs_labels.index("f")] // (int(groups.group(1)) if groups else 1)
+    batch = lhs[lhs_labels.index("b")] // (int(batch_groups.group(1)) if batch_groups else 1)
+    return 2.0 * features_in * rhs[rhs_labels.index("o")] * batch * valid
 
 
 def _loops(instructions: list[Instruction]) -> tuple[dict[str, int], dict[str, int]]:
@@ -304,7 +362,7 @@ def program_facts(text: str) -> ProgramFacts:
         part: sum(1 for i in instructions if i.name.startswith(f"%splash_mha_{part}"))
         for part in ("fwd", "dq", "dkv")
     }
-    return ProgramFacts(instructions, pairs, sync, depth, kernels)
+    return ProgramFacts(instructions, pairs, sync, depth, kernels, repeats)
 
 
 def _started_collective(instruction: Instruction, collective_bodies: dict[str, str]) -> str | None:

@@ -21,7 +21,7 @@ def topology_report(cfg, topology: str) -> dict:
     """Compiles the config's train step for a TPU slice: memory, async pairs, rule violations, roofline."""
     hf_config, _ = shapes.hf_config(cfg.model.path, cfg.model.revision)
     trainer = build_trainer(cfg, hf_config, topology_devices(topology))
-    _, memory, text = compile_step(trainer, with_text=True)
+    compiled, memory, text = compile_step(trainer, with_text=True)
     if memory.refused:
         raise TopologyError(f"the train step does not fit {topology}: {memory.refused}")
     facts = program_facts(text)
@@ -39,6 +39,12 @@ def topology_report(cfg, topology: str) -> dict:
         "problems": check_program(facts, trainer.layout, sharded),
         "replicated_all_reduces": replicated_all_reduces(facts, trainer.layout, sharded),
         "roofline": roofline(facts, trainer, topology),
+        # dots and convolutions times their loops' trips (not kernels: splash attention is a custom
+        # call), beside XLA's own count, which counts each loop body once and adds elementwise work
+        "program_flops_per_device": {
+            "matmuls": facts.matmul_flops(),
+            "cost_analysis": float((compiled.cost_analysis() or {}).get("flops", 0.0)),
+        },
         "mfu_definition": flops.MFU_DEFINITION,
         "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
     }
