@@ -52,15 +52,17 @@ def chunked_loss_sum(
     chunk_size: int | None = None,
     z_loss: float = 0.0,
     softcap: float | None = None,
+    dtype: jnp.dtype | None = None,
 ) -> jax.Array:
-    """`token_loss_sum(hidden @ kernel, ...)` without materialising all logits at once.
+    """`token_loss_sum(hidden @ kernel.astype(dtype), ...)` without materialising all logits at once
+    (`dtype` None: the kernel's own).
 
     `chunk_size` (sequence positions per chunk) defaults to what keeps one chunk's float32 logits
     within LOGITS_BUDGET_BYTES on each device. Under a mesh whose batch axes split the rows, each
-    device runs the chunk loop over its own rows (`shard_map`): the LM head is gathered once before the
-    loop and its gradient reduced once after it. Left to the partitioner, the loop gathered the
-    FSDP-sharded head and all-reduced its gradient in every chunk, synchronously (the Tulu config's
-    compiled TPU program: 128 of each per step, 250 GiB each way).
+    device runs the chunk loop over its own rows (`shard_map`), with the whole LM head: left to the
+    partitioner, the loop gathered the FSDP-sharded head and all-reduced its gradient in every chunk,
+    synchronously (the Tulu config's compiled TPU program: 128 of each per step, 250 GiB each way). The
+    head enters the map split as its weights are and is put together there by `_gathered_by_shifts`.
     """
     batch_axes = _manual_batch_axes(batch=hidden.shape[0])
     token_axes = ("context",) if sharding.context_shards(hidden.shape[1]) > 1 else ()
@@ -68,24 +70,46 @@ def chunked_loss_sum(
     if chunk_size is None:
         chunk_size = max(LOGITS_BUDGET_BYTES // (4 * rows * _per_device(kernel.shape[-1], "vocab")), 16)
     local = functools.partial(_chunked, chunk_size=chunk_size, z_loss=z_loss, softcap=softcap)
-    if not batch_axes + token_axes:
-        return local(hidden, kernel, targets, mask)
+    manual = batch_axes + token_axes
+    dtype = dtype or kernel.dtype
+    if not manual:
+        return local(hidden, kernel.astype(dtype), targets, mask)
     # Under context parallelism each device scores its own tokens (their order does not matter to a sum).
     rows_spec = P(batch_axes or None, *token_axes)
-    kernel_dtype = kernel.dtype
+    embed_split = sharding.logical_to_spec(("embed", None), kernel.shape, jax.sharding.get_abstract_mesh())[0]
+    split_axes = tuple(a for a in np.atleast_1d(embed_split) if a in manual) if embed_split else ()
 
     def per_device(h, k, t, m):
-        return jax.lax.psum(local(h, k.astype(kernel_dtype), t, m), batch_axes + token_axes)
+        k = _gathered_by_shifts(k, split_axes, dtype) if split_axes else k.astype(dtype)
+        return jax.lax.psum(local(h, k, t, m), manual)
 
-    # The head enters in float32, so its gradient is summed over the devices in float32 (with a
-    # bfloat16 head, XLA:CPU aborts compiling this: "Invalid binary instruction opcode copy").
     return jax.shard_map(
         per_device,
-        in_specs=(rows_spec, P(), rows_spec, rows_spec),
+        in_specs=(rows_spec, P(split_axes or None, None), rows_spec, rows_spec),
         out_specs=P(),
-        axis_names=set(batch_axes + token_axes),
+        axis_names=set(manual),
         check_vma=False,
-    )(hidden, kernel.astype(jnp.float32), targets, mask)
+    )(hidden, kernel, targets, mask)
+
+
+def _gathered_by_shifts(block: jax.Array, axes: tuple[str, ...], dtype: jnp.dtype) -> jax.Array:
+    """The whole array from each device's `block` of rows along `axes`, as n-1 independent
+    collective-permutes (device i sends its block to i+s, for every shift s) instead of an all-gather.
+
+    The TPU compiler keeps a lone all-gather synchronous, and turns the reduce-scatter that is its
+    gradient into an all-reduce of the whole array, which moves it twice (libtpu 0.0.52). Permutes are
+    async and none waits for another; their transpose sends each device's share of the gradient back
+    once. (The scheduler overlaps them with the work around the loss, not with the layer loops, whose
+    own FSDP permutes hold the links.) The blocks travel in `dtype`, each shift's cast on its own, so
+    the gradient's n blocks come back in `dtype` and are summed in the block's own dtype (float32
+    parameters: float32)."""
+    n = math.prod(_axis_sizes(axes))
+    me = jax.lax.axis_index(axes)
+    blocks = [block.astype(dtype)]  # the own block; shift s brings device (me - s)'s
+    for shift in range(1, n):
+        blocks.append(jax.lax.ppermute(block.astype(dtype), axes, [(i, (i + shift) % n) for i in range(n)]))
+    by_device = jnp.stack(blocks)[(me - jnp.arange(n)) % n]
+    return by_device.reshape(n * block.shape[0], *block.shape[1:])
 
 
 def _manual_batch_axes(batch: int) -> tuple[str, ...]:

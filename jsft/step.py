@@ -139,14 +139,14 @@ def _loss_terms(
         in_context_order=True,
         router=True,
     )
-    kernel = model.output_kernel()
     token_sum = loss.chunked_loss_sum(
         hidden,
-        kernel,
+        model.output_kernel(compute_dtype=False),
         sharding.to_context_order(batch["target_ids"]),
         sharding.to_context_order(batch["loss_mask"]),
         z_loss=z_loss,
         softcap=model.cfg.final_logit_softcap,
+        dtype=model.cfg.dtype,
     )
     return token_sum, router
 

@@ -104,9 +104,9 @@ def test_layer_fsdp_collectives_are_async_with_compute_between(report):
     strict=True,
     reason="libtpu 0.0.52 makes no plain all-gather or all-reduce async on v5p (continuation fusion is "
     "refused there: 'not supported on platforms other than TPU v5e'); only einsums decomposed by "
-    "collective matmul become async pairs. The LM head is gathered once before the chunked loss's "
-    "shard_map and its gradient all-reduced once after it, and the tiny embedding is gathered for the "
-    "lookup and its scatter-add gradient all-reduced: once per step each, synchronously",
+    "collective matmul become async pairs. The LM head is put together by collective-permutes inside "
+    "the chunked loss's shard_map (async), but the tiny embedding is gathered for the lookup and its "
+    "scatter-add gradient all-reduced: once per step each, synchronously",
 )
 def test_fsdp_collectives_outside_the_layers_are_async(report):
     assert report["problems"]["synchronous FSDP collectives outside the layers"] == []

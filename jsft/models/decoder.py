@@ -410,13 +410,14 @@ class Decoder(nnx.Module):
         (x, cache), router_stats = jax.lax.scan(step, (x, cache), (stacked, kind_ids, layer_index))
         return x, cache, router_stats
 
-    def output_kernel(self) -> jax.Array:
-        """[hidden, vocab] projection to logits (the transposed embedding when tied).
+    def output_kernel(self, compute_dtype: bool = True) -> jax.Array:
+        """[hidden, vocab] projection to logits (the transposed embedding when tied), in the compute
+        dtype (or as stored: the training loss casts it where it is cheapest, `loss.chunked_loss_sum`).
 
         Logits are `soft_cap(hidden @ kernel, cfg.final_logit_softcap)`; `logits_from_hidden` does both.
         """
         kernel = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return kernel.astype(self.cfg.dtype)
+        return kernel.astype(self.cfg.dtype) if compute_dtype else kernel
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         logits = sharding.constrain(hidden @ self.output_kernel(), ("batch", "sequence", "vocab"))
