@@ -14,6 +14,7 @@ factors beside it ("layers.attn.q_proj.lora_a", ".lora_b"): see `parameter_name`
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -80,7 +81,10 @@ class Projection(nnx.Module):
         layer's, None in evaluation) draws the mask on the factors' input at rate `lora.dropout`."""
         kernel = self.kernel.get_value()
         kernel = kernel.dequantize(self.dtype) if isinstance(kernel, Quantized) else kernel.astype(self.dtype)
-        y = jnp.einsum(self.contraction, x, kernel)
+        if _on_cpu():  # the same product; its gradient's transposes chosen for XLA:CPU (`_project_cpu`)
+            y = _project_cpu(self.contraction, x, kernel)
+        else:
+            y = jnp.einsum(self.contraction, x, kernel)
         if self.lora is not None:
             y = y + self._lora_update(x, dropout_key).reshape(y.shape)
         return checkpoint_name(y, self.output_name)
@@ -98,3 +102,49 @@ class Projection(nnx.Module):
         rows = x.reshape(-1, math.prod(x.shape[-(a.ndim - 1) :]))
         h = (rows @ a.reshape(-1, spec.rank).astype(dt)) * jnp.asarray(spec.scale, dt)
         return h @ b.reshape(spec.rank, -1).astype(dt)
+
+
+def _on_cpu() -> bool:
+    """Whether the program is traced for CPU devices: under a mesh (the train and eval steps are), its
+    devices' platform; without one, False (the plain einsum, whose gradient XLA derives)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) == "cpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _project_cpu(contraction: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`einsum(contraction, x, kernel)`, whose gradient transposes only the narrower operand, once.
+
+    The kernel's gradient contracts the tokens, the leading axis of both x and dy; XLA:CPU's matmul
+    (YNNPACK) takes neither operand in that layout, so XLA transposes one, and fuses the transpose into
+    the loop that computes it: on the MLP's [tokens, 1536] gradient, the SwiGLU backward read from the
+    layer scan's stacked residuals, that strided loop took 4-5x the matmul it feeds (a ~60M Llama's
+    step, tools/bench/profile_step.py). Here the narrower of x and dy is transposed on its own, after a
+    barrier (a contiguous copy), and the matmuls are plain 2-D ones.
+    """
+    return jnp.einsum(contraction, x, kernel)
+
+
+def _project_cpu_fwd(contraction, x, kernel):
+    return jnp.einsum(contraction, x, kernel), (x, kernel)
+
+
+def _project_cpu_bwd(contraction, residuals, dy):
+    x, kernel = residuals
+    inputs = math.prod(kernel.shape[: len(contraction.split(",")[0]) - 3])  # "...ab,..." -> 2
+    outputs = kernel.size // inputs
+    dtype = jnp.result_type(x, kernel)
+    rows_x, rows_dy = x.reshape(-1, inputs).astype(dtype), dy.reshape(-1, outputs).astype(dtype)
+    matrix = kernel.reshape(inputs, outputs).astype(dtype)
+    d_x = rows_dy @ matrix.T
+    if inputs <= outputs:
+        (x_t,) = jax.lax.optimization_barrier((rows_x.T,))
+        d_kernel = x_t @ rows_dy
+    else:
+        (dy_t,) = jax.lax.optimization_barrier((rows_dy.T,))
+        d_kernel = (dy_t @ rows_x).T
+    return d_x.reshape(x.shape).astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_project_cpu.defvjp(_project_cpu_fwd, _project_cpu_bwd)

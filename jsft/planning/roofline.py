@@ -14,18 +14,21 @@ from jsft.planning.hlo import ProgramFacts
 
 
 def wire_bytes(facts: ProgramFacts, devices: int) -> tuple[float, float]:
-    """(bytes each device sends through async collectives, through synchronous ones) per step.
+    """(bytes each device sends through async collectives, through blocking ones) per step.
 
     A ring all-gather or all-to-all of a result of S bytes moves S (n-1)/n per device, an all-reduce
-    twice that, a collective-permute S; result sizes and loop trip counts come from the program."""
+    twice that, a collective-permute S; result sizes and loop trip counts come from the program. An
+    async pair with no compute scheduled inside it blocks like a synchronous collective."""
     share = (devices - 1) / devices
     factor = {"all-gather": share, "all-to-all": share, "reduce-scatter": share, "all-reduce": 2 * share}
 
     def moved(opcode: str, size: int, repeats: int) -> float:
         return factor.get(opcode, 1.0) * size * repeats
 
-    overlapped = sum(moved(p.collective, p.bytes, p.repeats) for p in facts.async_pairs)
-    blocking = sum(moved(i.opcode, i.bytes, r) for i, r in facts.sync_collectives)
+    overlapped = sum(moved(p.collective, p.bytes, p.repeats) for p in facts.async_pairs if p.compute_between)
+    blocking = sum(moved(i.opcode, i.bytes, r) for i, r in facts.sync_collectives) + sum(
+        moved(p.collective, p.bytes, p.repeats) for p in facts.async_pairs if not p.compute_between
+    )
     return overlapped, blocking
 
 
