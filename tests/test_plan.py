@@ -17,6 +17,7 @@ from jsft.cli.plan import parse_args
 from jsft.models import shapes
 from jsft.planning import hlo, report
 from jsft.planning.compiled import Memory, build_trainer, compile_step, compile_with_text
+from jsft.planning.roofline import wire_bytes
 from jsft.planning.search import REMAT_ORDER, Setting, candidates
 from jsft.planning.steps import DataPlan, data_plan, step_rows
 from jsft.trainer import Trainer
@@ -255,6 +256,26 @@ def test_matmul_flops_count_every_trip_of_a_loop_and_no_padding():
     assert hlo.program_facts(text).matmul_flops() == by_hand
     # XLA's count: the body once, plus the tanh and other elementwise work (well under 0.1%)
     assert compiled.cost_analysis()["flops"] == pytest.approx(by_hand - 6 * 2 * 64 * 128 * 128, rel=1e-3)
+
+
+def test_async_pairs_with_nothing_inside_block_like_synchronous_collectives():
+    """The roofline's wire bytes: a collective-permute pair with compute scheduled inside overlaps it;
+    one with nothing inside waits for its transfer as a synchronous collective does."""
+    start = hlo.Instruction("%cp", "collective-permute-start", "bf16[1024]", "", "%main", "")
+    reduce = hlo.Instruction("%ar", "all-reduce", "f32[256]", "", "%main", "")
+    facts = hlo.ProgramFacts(
+        [start, reduce],
+        [
+            hlo.AsyncPair("collective-permute", start, 3, 2048, 2),
+            hlo.AsyncPair("collective-permute", start, 0, 2048, 1),
+        ],
+        [(reduce, 1)],
+        {},
+        {},
+        {},
+    )
+    # 8 devices: the all-reduce moves 2 x 7/8 of its 1 KiB, a permute all of its 2 KiB
+    assert wire_bytes(facts, 8) == (2 * 2048, 2 * 7 / 8 * 1024 + 2048)
 
 
 def test_loop_trip_counts_are_read_for_unsigned_counters_starting_above_zero():
