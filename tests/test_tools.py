@@ -66,6 +66,11 @@ RUNS = {
         ["--topology=v5p-8", "--config=configs/tiny.py"],
         r"== v5p-8: 4 devices(.|\n)*memory per device \(TPU compiler\)(.|\n)*\nok +attention not by splash",
     ),
+    "tools/bench/remat_frontier.py": (
+        ["--topology=v5p-8", "--config=configs/tiny.py", "--policy=none", "--policy=custom:save=gate_proj"],
+        r"v5p-8: policy(.*)\n  none \| \d+\.\d+ \| 0\.00 \| \d\.\d+e\+0\d \| \d\.\d{3}\n"
+        r"  custom:save=gate_proj \| \d+\.\d+ \| 0\.00 \| \d\.\d+e\+0\d \| \d\.\d{3}\n",
+    ),
     "tools/roofline.py": (
         ["--topology=v5p-8", "--config=configs/tiny.py"],
         r"v5p-8: peaks \d+ TFLOP/s(.|\n)*expected step \d+\.\d+ s, MFU \d+\.\d%",

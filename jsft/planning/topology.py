@@ -48,3 +48,28 @@ def topology_report(cfg, topology: str) -> dict:
         "mfu_definition": flops.MFU_DEFINITION,
         "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
     }
+
+
+def remat_frontier(cfg, topology: str, policies: list[str]) -> list[dict]:
+    """For each `model.remat` policy, the config's train step compiled for the slice: peak memory per
+    device (None where the compiler refuses it), host bytes offloaded, and the program's matmul FLOPs
+    per device (recomputation included) with their time at the chip's bf16 peak."""
+    hf_config, _ = shapes.hf_config(cfg.model.path, cfg.model.revision)
+    devices, chip = topology_devices(topology), hardware.topology(topology).chip
+    rows = []
+    for policy in policies:
+        policy_cfg = cfg.copy_and_resolve_references()
+        policy_cfg.model.remat = policy
+        _, memory, text = compile_step(build_trainer(policy_cfg, hf_config, devices), with_text=True)
+        flops = None if memory.refused else program_facts(text).matmul_flops()
+        rows.append(
+            {
+                "remat": policy,
+                "peak_gib": None if memory.refused else memory.peak / GIB,
+                "host_gib": memory.host / GIB,
+                "matmul_flops": flops,
+                "matmul_s": None if flops is None else flops / chip.peak_flops,
+                "refused": memory.refused,
+            }
+        )
+    return rows
