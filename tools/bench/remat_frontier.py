@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
 
     cfg = config.load_or_exit(["remat_frontier", *rest])
     for topology in topologies:
-        print(f"{topology}: policy | peak GiB | host GiB | matmul TFLOP per device | matmul s at peak")
+        print(f"{topology}: policy | peak GiB | host GiB | matmul FLOPs per device | matmul s at peak")
         for row in remat_frontier(cfg, topology, policies):
             if row["refused"]:
                 print(f"  {row['remat']} | refused: {row['refused']}")
