@@ -56,6 +56,11 @@ RUNS = {
         ["--config=configs/tiny.py", "--devices=1"],
         r"per device: state \+ batch \d+\.\d\d GiB, temporaries \d+\.\d\d GiB, peak about \d+\.\d\d GiB",
     ),
+    "tools/bench/profile_step.py": (
+        ["--hidden=32", "--layers=1", "--heads=2", "--kv_heads=1", "--intermediate=64", "--vocab=384"]
+        + ["--seq=32", "--batch=1", "--top=5"],
+        r"step \d+\.\d+ s traced(.|\n)*== by class(.|\n)*\d+\.\d +\d+\.\d%  matmul(.|\n)*== by op\n",
+    ),
     "tools/bench/step.py": (
         ["--hidden=32", "--layers=1", "--heads=2", "--kv_heads=1", "--intermediate=64", "--vocab=384"]
         + ["--seq=32", "--batch=1", "--steps=1", "--warmup=0", "--threads=1", "--experts=4"],
