@@ -12,8 +12,11 @@ from jsft.planning.compiled import Memory, build_trainer, compile_step
 from jsft.planning.steps import DataPlan, step_rows
 from jsft.units import GIB
 
+# Per-tensor policies the search also tries (`config.REMAT_NAMES`): what they save of a layer.
+SAVE_PROJECTIONS = "custom:save=q_proj,k_proj,v_proj,gate_proj,up_proj"  # all but o_proj, down_proj
+SAVE_MLP_INPUTS = "custom:save=gate_proj,up_proj"
 # Cheapest first: how much of the forward pass each policy recomputes in the backward pass.
-REMAT_ORDER = ("none", "dots_saveable", "minimal", "full")
+REMAT_ORDER = ("none", "dots_saveable", SAVE_PROJECTIONS, SAVE_MLP_INPUTS, "minimal", "full")
 # Relative step time of a setting, for ranking the ones that fit (a model, not a measurement): a
 # training step is about 3 forward passes; remat adds the recomputed share of one more (full: all of
 # it, minimal: norms, RoPE and attention, dots_saveable: the elementwise work between the matmuls);
@@ -22,7 +25,16 @@ REMAT_ORDER = ("none", "dots_saveable", "minimal", "full")
 # every layer's keys and values (GQA: a quarter of the queries' size or less) and scores its queries
 # against the whole row without causal skipping on the xla backend; each further expert split moves
 # every token of a mixture-of-experts layer to the other devices of the axis and back.
-REMAT_COST = {"none": 1.0, "dots_saveable": 1.05, "minimal": 1.15, "full": 1.33}
+# The custom policies' costs scale dots_saveable's by their programs' matmul FLOPs (Tulu 8B on v5p-64,
+# `tools/bench/remat_frontier.py`: 7.377e14, 7.553e14 and 7.817e14 a device; full 9.049e14).
+REMAT_COST = {
+    "none": 1.0,
+    "dots_saveable": 1.05,
+    SAVE_PROJECTIONS: 1.08,
+    SAVE_MLP_INPUTS: 1.12,
+    "minimal": 1.15,
+    "full": 1.33,
+}
 MICRO_BATCH_COST, TENSOR_COST, CONTEXT_COST, EXPERT_COST = 0.04, 0.08, 0.03, 0.03
 
 
