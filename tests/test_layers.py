@@ -37,7 +37,7 @@ LAYERS = (
             "jsft.lm_eval",
         ),
     ),
-    ("planning", ("jsft.planning",)),
+    ("planning", ("jsft.planning", "jsft.cpu_profile")),
     ("run", ("jsft.train",)),
     ("commands", ("jsft.cli", "jsft.eval")),
 )
