@@ -31,13 +31,16 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import datasets
 import huggingface_hub
 import numpy as np
 
 from jsft.config import FORMATS, mixer_entry, parse_format
 from jsft.errors import DataError, one_line
+
+if TYPE_CHECKING:
+    import datasets
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +331,18 @@ def hub_fingerprint(name: str) -> str:
         return f"hub:{name}"
 
 
+def _datasets():
+    """`datasets`, imported only for parquet and Hub sources: JSON sources (and a process that reads
+    none, like a GPU check) skip its second of import time. Outside the sources' try blocks, so a
+    broken install is an ImportError, not a bad source."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
 def load_source(source: str) -> JsonRows | ArrowRows:
     """The rows of a source, not yet parsed."""
-    datasets.disable_progress_bars()
     if os.path.exists(source):
         files = local_files(source)
         if not files:
@@ -340,6 +352,7 @@ def load_source(source: str) -> JsonRows | ArrowRows:
             raise DataError(f"data source {source}: mixes json and parquet files")
         if kinds == {"json"}:
             return JsonRows(files)
+        datasets = _datasets()
         try:
             return ArrowRows(datasets.load_dataset("parquet", data_files=files, split="train"), source)
         except Exception as e:
@@ -348,6 +361,7 @@ def load_source(source: str) -> JsonRows | ArrowRows:
     if len(parts) > 3:
         raise DataError(f"data source {source}: expected name, name:split or name:config:split")
     name, config, split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else ""
+    datasets = _datasets()
     try:
         return ArrowRows(datasets.load_dataset(name, config, split=split or "train"), source)
     except Exception as e:
