@@ -63,16 +63,6 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> op
     return update
 
 
-def moment_bytes_per_parameter(optim_cfg: ml_collections.ConfigDict, param_bytes: int) -> float:
-    """Optimizer state per trained parameter, for the roofline's HBM traffic (Adafactor's factored
-    statistics are rows + columns of each matrix: counted as nothing against its size)."""
-    if optim_cfg.name == "adafactor":
-        return 0.0
-    return 2 * (
-        param_bytes if optim_cfg.moment_dtype == "param" else jnp.dtype(optim_cfg.moment_dtype).itemsize
-    )
-
-
 def moments_stored_in(dtype: jnp.dtype, adam: optax.GradientTransformation) -> optax.GradientTransformation:
     """`scale_by_adam` computing in float32 with its moments stored in `dtype`.
 

@@ -258,6 +258,39 @@ def test_matmul_flops_count_every_trip_of_a_loop_and_no_padding():
     assert compiled.cost_analysis()["flops"] == pytest.approx(by_hand - 6 * 2 * 64 * 128 * 128, rel=1e-3)
 
 
+def test_hbm_bytes_are_xlas_count_per_op_with_every_trip_of_a_loop():
+    """The program reader's HBM bytes per op (the roofline's memory-bound time). Without a loop they are
+    XLA's own count (`cost_analysis()["bytes accessed"]`) exactly. A 7-layer scan that reads each layer's
+    weights out of the stacked ones and writes each layer's output into a stacked result counts each
+    trip: near the fully unrolled program's XLA count (the rolled loop also copies each layer's weight
+    slices and zero-fills the stacked result), where `cost_analysis()` counts the rolled body once. The
+    in-place dynamic-update-slice writes one layer's slice per trip, not the whole stacked result."""
+
+    def layer(x, w):
+        h = jnp.tanh(x @ w[0]) * jax.nn.sigmoid(x @ w[1])
+        return x + h @ w[2].T, h
+
+    x, stacked = jnp.ones((256, 128)), jnp.full((7, 3, 128, 384), 0.01)
+
+    def counted(fn):
+        compiled, text = compile_with_text(jax.jit(fn).lower(x, stacked))
+        costs = hlo.program_facts(text).op_costs()
+        return compiled.cost_analysis()["bytes accessed"], costs
+
+    xla, costs = counted(lambda x, ws: layer(x, ws[0]))
+    assert sum(c.hbm_bytes * c.repeats for c in costs) == xla - 2 * 8  # XLA adds the result tuple's pointers
+    assert sum(c.flops * c.repeats for c in costs) == 3 * 2 * 256 * 128 * 384
+
+    unrolled, _ = counted(lambda x, ws: jax.lax.scan(layer, x, ws, unroll=7))
+    rolled_xla, costs = counted(lambda x, ws: jax.lax.scan(layer, x, ws))
+    rolled = sum(c.hbm_bytes * c.repeats for c in costs)
+    assert unrolled <= rolled <= 1.15 * unrolled
+    assert rolled_xla < unrolled / 4  # the body once
+    assert sum(c.flops * c.repeats for c in costs) == 7 * 3 * 2 * 256 * 128 * 384
+    (update,) = [c for c in costs if "dynamic-update-slice" in c.instruction.name]
+    assert update.repeats == 7 and update.hbm_bytes < 2.1 * 256 * 384 * 4  # read h, write its slice
+
+
 def test_async_pairs_with_nothing_inside_block_like_synchronous_collectives():
     """The roofline's wire bytes: a collective-permute pair with compute scheduled inside overlaps it;
     one with nothing inside waits for its transfer as a synchronous collective does."""

@@ -119,6 +119,22 @@ def test_roofline_mfu_is_the_training_logs_definition(report):
     assert report["mfu_definition"] == flops.MFU_DEFINITION
 
 
+def test_roofline_counts_the_attention_kernels_and_the_hbm_bound_ops(report):
+    """The splash kernels' FLOPs, read from their q and k shapes: the forward's 2 matmuls, dq's 3 and
+    dkv's 4 against the 2 + 4 of the MFU count, so 1.5 x the model's causal attention FLOPs. The tiny
+    model's program waits on HBM more than on its matmuls, so its ops take longer than all its bytes at
+    the HBM bandwidth and most of that is HBM-bound time."""
+    cfg, _ = models.config_from_folder(ROOT / "tools" / "tiny" / "model")
+    tokens = 16 * 128 / report["devices"]
+    attention = flops.mfu_flops_per_token(cfg, 128) - flops.flops_per_token(cfg, seq_len=0)
+    counted = report["program_flops_per_device"]
+    assert counted["attention_kernels"] == pytest.approx(1.5 * attention * tokens, rel=1e-9)
+    roofline = report["roofline"]
+    assert roofline["ops_s"] >= roofline["hbm_s"] > 0
+    assert roofline["hbm_bound_s"] > 0.5 * roofline["ops_s"]
+    assert roofline["step_s"] >= roofline["ops_s"]
+
+
 def test_program_matmul_flops_are_six_per_weight_and_token(report):
     """The program reader's loop-aware count of the TPU program's matmuls (written as convolutions)
     equals 6 x the matmul weights a token meets x the device's tokens: forward, and the two gradient

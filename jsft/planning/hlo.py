@@ -28,6 +28,31 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)
 _COMPUTATION = re.compile(r"^(?:ENTRY )?(%[\w.\-]+) .*\{\s*$")
 _ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2}
+# An array with its layout: TPU layouts name a memory space, S(n); none (or S(0)) is HBM, S(1) the core's
+# VMEM, S(5) the host, S(2)/S(6) scalar memories.
+_PLACED_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\](\{[^}]*\})?")
+
+
+def _memory_space(layout: str) -> int:
+    space = re.search(r"S\((\d+)\)", layout)
+    return int(space.group(1)) if space else 0
+
+
+# Top-level ops that move no HBM bytes of their own: bookkeeping, control flow (their bodies are counted),
+# collectives (ICI traffic, `wire_bytes`) and the ends of async ops whose start is counted.
+_NO_HBM_WORK = _BOOKKEEPING - {"copy-start"} | {
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "send",
+    "send-done",
+    "recv",
+    "recv-done",
+    *COLLECTIVES,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +74,17 @@ class Instruction:
             for dtype, dims in _ARRAY.findall(self.shape)
         ]
         return max(sizes, default=0)
+
+    @property
+    def hbm_bytes(self) -> int:
+        """Bytes of the result's arrays that live in HBM (every array of a tuple; none in VMEM, on the
+        host or in scalar memory)."""
+        return sum(
+            _BYTES.get(dtype, 4 if dtype[-2:] == "32" else 8)
+            * math.prod(int(d) for d in dims.split(",") if d)
+            for dtype, dims, layout in _PLACED_ARRAY.findall(self.shape)
+            if _memory_space(layout) == 0
+        )
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -115,6 +151,10 @@ class ProgramFacts:
             total[instruction.opcode] = total.get(instruction.opcode, 0) + instruction.bytes * repeats
         return total
 
+    def op_costs(self) -> list[OpCost]:
+        """Each op the chip runs, with its matmul FLOPs and HBM bytes (`OpCost`)."""
+        return _op_costs(self)
+
     def matmul_flops(self) -> float:
         """FLOPs per step and device of the program's dots and convolutions (the TPU compiler writes
         its matmuls as convolutions), each times the trips of the loops around it. `cost_analysis()`
@@ -126,6 +166,146 @@ class ProgramFacts:
             for i in self.instructions
             if i.opcode in ("dot", "convolution")
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCost:
+    """One op the chip runs (a fusion, an unfused matmul, a copy, a kernel), per execution."""
+
+    instruction: Instruction
+    flops: float  # matmul FLOPs (dots and convolutions; a splash kernel's by its shapes)
+    hbm_bytes: float  # bytes it reads from and writes to HBM
+    repeats: int  # executions per step
+
+
+def _op_costs(facts: ProgramFacts) -> list[OpCost]:
+    """The program's ops as the chip runs them: the instructions of the entry, loop bodies and branches
+    (not those inside fusions, reducers and async wrappers, which their op accounts for)."""
+    instructions = facts.instructions
+    by_name = {i.name: i for i in instructions}
+    by_computation: dict[str, list[Instruction]] = {}
+    for i in instructions:
+        by_computation.setdefault(i.computation, []).append(i)
+    inner = set()
+    for i in instructions:
+        if i.opcode in ("fusion", "async-start"):
+            inner.update(_called(i))
+        elif i.opcode not in ("while", "conditional", "call"):
+            inner.update(re.findall(r"to_apply=(%[\w.\-]+)", i.operands))
+    costs = []
+    for i in instructions:
+        if i.computation in inner or i.opcode in _NO_HBM_WORK or i.opcode.endswith(("-done", "-update")):
+            continue
+        if i.opcode.endswith("-start") and i.opcode != "copy-start" or i.opcode == "async-start":
+            continue  # collectives and other async work: ICI or their own wrapped op
+        if i.opcode == "copy-start":  # (destination, source, context): the HBM sides of one DMA
+            moved = i.hbm_bytes
+        elif i.opcode == "fusion":
+            moved = _fusion_hbm_bytes(i, by_computation, by_name)
+        else:
+            moved = i.hbm_bytes + sum(by_name[n].hbm_bytes for n in _operand_names(i) if n in by_name)
+        flops = 0.0
+        if i.opcode in ("dot", "convolution"):
+            flops = _matmul_flops(i, by_name)
+        elif i.opcode == "fusion":
+            flops = sum(
+                _matmul_flops(f, by_name)
+                for c in _called(i)
+                for f in by_computation.get(c, [])
+                if f.opcode in ("dot", "convolution")
+            )
+        elif i.name.startswith("%splash_mha_"):
+            flops = _splash_flops(i, by_name)
+        costs.append(OpCost(i, flops, moved, facts.repeats.get(i.computation, 1)))
+    return costs
+
+
+def _fusion_hbm_bytes(fusion: Instruction, by_computation: dict, by_name: dict) -> float:
+    """HBM bytes a fusion moves: each operand read whole, except one that is only sliced (the slices
+    are read: a scanned layer's weights out of the stacked ones) or that is the buffer a
+    dynamic-update-slice writes in place (only the update is written: a scanned layer's residuals into
+    the stacked ones); and its HBM results."""
+    body = by_computation.get(next(iter(_called(fusion)), ""), [])
+    users: dict[str, list[Instruction]] = {}
+    for f in body:
+        for n in _operand_names(f):
+            users.setdefault(n, []).append(f)
+    parameters = {
+        int(re.match(r"(\d+)\)", f.operands).group(1)): f.name for f in body if f.opcode == "parameter"
+    }
+    root = body[-1] if body else None
+    roots = [by_name_in(body, n) for n in _operand_names(root)] if root and root.opcode == "tuple" else [root]
+    in_place = [r for r in roots if r is not None and r.opcode == "dynamic-update-slice"]
+    buffers = {_through_bitcasts(_operand_names(r)[0], body) for r in in_place}
+
+    def read(index: int, operand: Instruction) -> float:
+        name = parameters.get(index)
+        if name is None or operand.hbm_bytes == 0:
+            return operand.hbm_bytes
+        if name in buffers:
+            return 0.0
+        sliced = _sliced_bytes(name, users)
+        return operand.hbm_bytes if sliced is None else min(operand.hbm_bytes, sliced)
+
+    operands = [by_name.get(n) for n in _operand_names(fusion)]
+    reads = sum(read(k, o) for k, o in enumerate(operands) if o is not None)
+    written = fusion.hbm_bytes
+    if in_place:  # the fusion's result is the updated buffer: only the updates are written
+        updates = sum(by_name_in(body, _operand_names(r)[1]).hbm_bytes for r in in_place)
+        whole = sum(r.hbm_bytes for r in in_place)
+        written = max(written - whole, 0) + (updates if fusion.hbm_bytes else 0)
+    return reads + written
+
+
+def by_name_in(body: list[Instruction], name: str) -> Instruction | None:
+    return next((f for f in body if f.name == name), None)
+
+
+def _through_bitcasts(name: str, body: list[Instruction]) -> str:
+    """The parameter (or other instruction) behind bitcasts of `name` inside a fused computation."""
+    i = by_name_in(body, name)
+    while i is not None and i.opcode == "bitcast":
+        name = _operand_names(i)[0]
+        i = by_name_in(body, name)
+    return name
+
+
+def _sliced_bytes(name: str, users: dict[str, list[Instruction]]) -> int | None:
+    """Bytes the slices of `name` read inside a fused computation (through bitcasts), None unless every
+    reader is a slice, dynamic slice or gather of it."""
+    total = 0
+    for u in users.get(name, []):
+        if u.opcode == "bitcast":
+            inner = _sliced_bytes(u.name, users)
+            if inner is None:
+                return None
+            total += inner
+        elif u.opcode in ("dynamic-slice", "slice", "gather") and _operand_names(u)[0] == name:
+            total += u.hbm_bytes
+        else:
+            return None
+    return total if users.get(name) else None
+
+
+# Matmuls per splash kernel: the forward's q.k and p.v; dq's recomputed q.k, do.v and ds.k; dkv's
+# recomputed q.k, p.do, do.v and ds.q. Each [heads, q, k] x head_dim, about half of it under the causal mask.
+_SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _splash_flops(kernel: Instruction, by_name: dict) -> float:
+    """A splash attention kernel's FLOPs from its q and k operands ([.., heads, q_len, head_dim] and
+    [.., kv_heads, k_len, head_dim], its first two floating arrays): 2 x matmuls x rows x heads x q_len
+    x k_len x head_dim, halved for the causal mask."""
+    part = next((p for p in ("fwd", "dkv", "dq") if kernel.name.startswith(f"%splash_mha_{p}")), None)
+    tensors = [
+        _full_dims(by_name[n])
+        for n in _operand_names(kernel)
+        if n in by_name and re.match(r"\(?(bf16|f16|f32)\[\d+,\d+,\d+", by_name[n].shape)
+    ]  # the block masks before q, k and v are integers
+    if part is None or len(tensors) < 2:
+        return 0.0
+    q, k = tensors[:2]
+    return 2.0 * _SPLASH_MATMULS[part] * math.prod(q[:-1]) * k[-2] * q[-1] / 2
 
 
 def _full_dims(instruction: Instruction | None) -> tuple[int, ...]:

@@ -1,15 +1,15 @@
 """A bound on a TPU train step's time and MFU from published peaks (`hardware.Chip`), not a measurement.
 
-Compute time = model FLOPs per device / the chip's bf16 peak; HBM time = the weights streamed per
-micro-batch and the optimizer state / HBM bandwidth; collective time = bytes each device moves (result
-sizes and loop trip counts read from the program, ring factors) / ICI bandwidth.
+Each op of the compiled program (a fusion, a matmul, a copy, an attention kernel; `ProgramFacts.op_costs`)
+takes at least its matmul FLOPs at the chip's bf16 peak and at least its HBM bytes at the HBM bandwidth,
+whichever is longer; the ops run one after another, each as many times as its loops run. Collective
+time = bytes each device moves (result sizes and loop trip counts read from the program, ring factors)
+/ ICI bandwidth. MFU counts the model's FLOPs (`flops.mfu_flops_per_token`) against that step.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from jsft import flops, hardware, optim
+from jsft import flops, hardware
 from jsft.planning.hlo import ProgramFacts
 
 
@@ -33,35 +33,34 @@ def wire_bytes(facts: ProgramFacts, devices: int) -> tuple[float, float]:
 
 
 def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
-    """Expected step time and MFU: compute and HBM time overlap the async collectives; synchronous
-    collectives add to it. Compute time and MFU count the same model FLOPs, `flops.mfu_flops_per_token`
-    (causal attention; `flops.MFU_DEFINITION`, the training log's MFU), so MFU = compute time / step
-    time <= 1."""
+    """Expected step time and MFU: the program's ops (each bound by its matmuls or its HBM bytes) overlap
+    the async collectives; synchronous collectives add to it. `compute_s` is the model's FLOPs at peak
+    (the MFU definition, `flops.MFU_DEFINITION`, the training log's), the floor of the step, so MFU =
+    compute time / step time <= 1; `ops_s` is the program's own work, recomputation and memory-bound
+    ops included, of which `hbm_bound_s` is the time ops wait on HBM beyond their matmuls."""
     chip = hardware.topology(topology).chip
     peak, hbm, ici = chip.peak_flops, chip.hbm_bandwidth, chip.ici_bandwidth
     devices = trainer.mesh.size
     seq = trainer.cfg.data.max_seq_length
     tokens = trainer.cfg.train.global_batch_size * seq
-    model = trainer.layout.cfg
-    model_flops = flops.mfu_flops_per_token(model, seq) * tokens / devices
+    model_flops = flops.mfu_flops_per_token(trainer.layout.cfg, seq) * tokens / devices
     compute = model_flops / peak
-    # HBM floor: the gathered bf16 weights read in the forward, the backward and the recomputation
-    # of each micro-batch, and the state (parameters, gradients, the optimizer's moments) read and written.
-    params = model.num_params()
-    param_bytes = jnp.dtype(trainer.cfg.model.param_dtype).itemsize
-    state_bytes = 2 * param_bytes + optim.moment_bytes_per_parameter(trainer.cfg.optim, param_bytes)
-    streamed = 3 * 2 * params * trainer.cfg.train.grad_accum_steps + 2 * state_bytes * params / devices
-    memory = streamed / hbm
+    ops = facts.op_costs()
+    ops_s = sum(max(op.flops / peak, op.hbm_bytes / hbm) * op.repeats for op in ops)
+    hbm_bound = sum(max(op.hbm_bytes / hbm - op.flops / peak, 0.0) * op.repeats for op in ops)
+    hbm_bytes = sum(op.hbm_bytes * op.repeats for op in ops)
     overlapped, blocking = wire_bytes(facts, devices)
-    step = max(compute, memory, overlapped / ici) + blocking / ici
-    mfu = model_flops / (step * peak)
+    step = max(compute, ops_s, overlapped / ici) + blocking / ici
     return {
         "compute_s": compute,
-        "hbm_s": memory,
+        "ops_s": ops_s,
+        "hbm_bound_s": hbm_bound,
+        "hbm_s": hbm_bytes / hbm,
         "async_collectives_s": overlapped / ici,
         "sync_collectives_s": blocking / ici,
         "step_s": step,
-        "mfu": mfu,
+        "mfu": model_flops / (step * peak),
+        "hbm_bytes": hbm_bytes,
         "async_bytes": overlapped,
         "sync_bytes": blocking,
     }

@@ -39,10 +39,13 @@ def topology_report(cfg, topology: str) -> dict:
         "problems": check_program(facts, trainer.layout, sharded),
         "replicated_all_reduces": replicated_all_reduces(facts, trainer.layout, sharded),
         "roofline": roofline(facts, trainer, topology),
-        # dots and convolutions times their loops' trips (not kernels: splash attention is a custom
-        # call), beside XLA's own count, which counts each loop body once and adds elementwise work
+        # dots and convolutions times their loops' trips, the splash attention kernels (custom calls,
+        # counted from their shapes), beside XLA's own count, which counts each loop body once
         "program_flops_per_device": {
             "matmuls": facts.matmul_flops(),
+            "attention_kernels": sum(
+                op.flops * op.repeats for op in facts.op_costs() if op.instruction.opcode == "custom-call"
+            ),
             "cost_analysis": float((compiled.cost_analysis() or {}).get("flops", 0.0)),
         },
         "mfu_definition": flops.MFU_DEFINITION,
