@@ -235,6 +235,7 @@ def _fusion_hbm_bytes(fusion: Instruction, by_computation: dict, by_name: dict) 
     }
     root = body[-1] if body else None
     roots = [by_name_in(body, n) for n in _operand_names(root)] if root and root.opcode == "tuple" else [root]
+    roots = [by_name_in(body, _through_bitcasts(r.name, body)) for r in roots if r is not None]
     in_place = [r for r in roots if r is not None and r.opcode == "dynamic-update-slice"]
     buffers = {_through_bitcasts(_operand_names(r)[0], body) for r in in_place}
 
