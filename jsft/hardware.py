@@ -7,6 +7,7 @@ and the TPU roofline. A leaf: no JAX, so the command lines can read it before JA
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from jsft.errors import TopologyError
 from jsft.units import GIB
@@ -82,6 +83,26 @@ TOPOLOGIES: dict[str, Topology] = {
     **_slices(TPU_V5E, "v5e", "default", {8: "2x4", 16: "4x4", 64: "8x8", 256: "16x16"}),
     **_slices(TPU_V6E, "v6e", "default", {8: "2x4", 16: "4x4", 64: "8x8", 256: "16x16"}),
 }
+
+
+# Cloud TPU accelerator types (TPU_ACCELERATOR_TYPE on a TPU VM, `gcloud ... --format=value(acceleratorType)`)
+# whose generation prefix differs from the slice names above: v5e VMs are "v5litepod-N".
+_GENERATION_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
+
+
+def tpu_generation(name: str) -> str | None:
+    """The TPU generation ("v5e", "v5p", "v6e", "v4", ...) of a slice or accelerator type name: "v5e-64",
+    "v5litepod-64", "v5p-128", "v6e-8"; None for anything else (an empty name, a GPU)."""
+    prefix = name.strip().lower().split("-", 1)[0]
+    prefix = _GENERATION_ALIASES.get(prefix, prefix)
+    return prefix if re.fullmatch(r"v\d+[a-z]?", prefix) else None
+
+
+def slice_size(name: str) -> int | None:
+    """The count a slice or accelerator type name ends in ("v5e-64", "v5litepod-64": 64 chips; v5p and v4
+    names count TensorCores, two per chip); None without one."""
+    count = re.fullmatch(r"[^-]+-(\d+)", name.strip())
+    return int(count.group(1)) if count else None
 
 
 def topology(name: str) -> Topology:

@@ -5,8 +5,8 @@
 Compiles the train step for each TPU slice with the real TPU compiler (splash attention) and prints the
 TPU compiler's memory per device, the async collective pairs (and how many have compute scheduled
 inside them), the synchronous collectives with their size and repeats per step, the libtpu flags it was
-compiled with (jsft's defaults, `jsft.runtime.LIBTPU_DEFAULT_FLAGS`, plus LIBTPU_INIT_ARGS), and the rules of
-`jsft.planning.checks.check_program` that the program breaks.
+compiled with (jsft's for the slice, `jsft.runtime.libtpu_default_flags`, plus LIBTPU_INIT_ARGS), and
+the rules of `jsft.planning.checks.check_program` that the program breaks.
 """
 
 from __future__ import annotations

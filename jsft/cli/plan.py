@@ -69,7 +69,7 @@ def prepare_environment(args: argparse.Namespace, mesh: ml_collections.ConfigDic
     """Sets up JAX before it starts: the TPU compiler's environment, or CPU devices to simulate (as many
     as `--devices`, else the config's mesh when it names every axis, else 8)."""
     if args.topology:
-        runtime.prepare_tpu_compile()
+        runtime.prepare_tpu_compile([args.topology])
         return
     sizes = (mesh.data, mesh.fsdp, mesh.expert, mesh.context, mesh.tensor)
     mesh_size = math.prod(s for s in sizes if s > 0) if -1 not in sizes else 0

@@ -29,7 +29,7 @@ def reports(argv: list[str]) -> Iterator[tuple[str, dict]]:
     names = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--topology=")]
     if not names:
         sys.exit(f"{argv[0]}: give --topology=NAME[,NAME] (" + ", ".join(hardware.TOPOLOGIES) + ")")
-    runtime.prepare_tpu_compile()
+    runtime.prepare_tpu_compile(names[-1].split(","))  # jsft's libtpu flags for these slices
     from jsft.planning import topology  # only now: JAX starts its backends with the environment just set
 
     files = [a for a in argv[1:] if a.startswith("--config=")]  # the file before its overrides

@@ -18,7 +18,8 @@ from jsft.cli import CONFIG_USAGE, command
     ),
 )
 def main(argv: list[str]) -> None:
-    runtime.set_libtpu_defaults()  # before JAX starts libtpu: jsft's TPU compiler flags, the user's kept
+    # before JAX starts libtpu: jsft's flags for the generation of TPU_ACCELERATOR_TYPE, the user's kept
+    runtime.set_libtpu_defaults()
     train.run(config.load_or_exit(["jsft-train", *argv]))
 
 

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     rest = [a for a in argv if not a.startswith(("--topology=", "--policy="))]
     if not any(a.startswith("--config=") for a in rest):
         rest = ["--config=configs/tulu.py", *rest]
-    runtime.prepare_tpu_compile()
+    runtime.prepare_tpu_compile(topologies)
     from jsft.planning.topology import remat_frontier  # only now: JAX starts with the TPU environment
 
     cfg = config.load_or_exit(["remat_frontier", *rest])
