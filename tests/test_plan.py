@@ -15,7 +15,7 @@ from conftest import ROOT
 from jsft import config, data, models
 from jsft.cli.plan import parse_args
 from jsft.models import shapes
-from jsft.planning import hlo, report
+from jsft.planning import costs, hlo, report
 from jsft.planning.compiled import Memory, build_trainer, compile_step, compile_with_text
 from jsft.planning.roofline import wire_bytes
 from jsft.planning.search import REMAT_ORDER, SAVE_MLP_INPUTS, SAVE_PROJECTIONS, Setting, candidates
@@ -253,7 +253,7 @@ def test_matmul_flops_count_every_trip_of_a_loop_and_no_padding():
     rows = sum(0 <= 2 * o - 2 + k < 16 for o in range(9) for k in range(3))
     cols = sum(0 <= o - 1 + k < 16 for o in range(16) for k in range(3))
     by_hand = 7 * 2 * 64 * 128 * 128 + 2 * 3 * 8 * 16 * 4 + 2 * 2 * 5 * 3 * rows * cols
-    assert hlo.program_facts(text).matmul_flops() == by_hand
+    assert costs.matmul_flops(hlo.program_facts(text)) == by_hand
     # XLA's count: the body once, plus the tanh and other elementwise work (well under 0.1%)
     assert compiled.cost_analysis()["flops"] == pytest.approx(by_hand - 6 * 2 * 64 * 128 * 128, rel=1e-3)
 
@@ -274,20 +274,19 @@ def test_hbm_bytes_are_xlas_count_per_op_with_every_trip_of_a_loop():
 
     def counted(fn):
         compiled, text = compile_with_text(jax.jit(fn).lower(x, stacked))
-        costs = hlo.program_facts(text).op_costs()
-        return compiled.cost_analysis()["bytes accessed"], costs
+        return compiled.cost_analysis()["bytes accessed"], costs.op_costs(hlo.program_facts(text))
 
-    xla, costs = counted(lambda x, ws: layer(x, ws[0]))
-    assert sum(c.hbm_bytes * c.repeats for c in costs) == xla - 2 * 8  # XLA adds the result tuple's pointers
-    assert sum(c.flops * c.repeats for c in costs) == 3 * 2 * 256 * 128 * 384
+    xla, ops = counted(lambda x, ws: layer(x, ws[0]))
+    assert sum(c.hbm_bytes * c.repeats for c in ops) == xla - 2 * 8  # XLA adds the result tuple's pointers
+    assert sum(c.flops * c.repeats for c in ops) == 3 * 2 * 256 * 128 * 384
 
     unrolled, _ = counted(lambda x, ws: jax.lax.scan(layer, x, ws, unroll=7))
-    rolled_xla, costs = counted(lambda x, ws: jax.lax.scan(layer, x, ws))
-    rolled = sum(c.hbm_bytes * c.repeats for c in costs)
+    rolled_xla, ops = counted(lambda x, ws: jax.lax.scan(layer, x, ws))
+    rolled = sum(c.hbm_bytes * c.repeats for c in ops)
     assert unrolled <= rolled <= 1.15 * unrolled
     assert rolled_xla < unrolled / 4  # the body once
-    assert sum(c.flops * c.repeats for c in costs) == 7 * 3 * 2 * 256 * 128 * 384
-    (update,) = [c for c in costs if "dynamic-update-slice" in c.instruction.name]
+    assert sum(c.flops * c.repeats for c in ops) == 7 * 3 * 2 * 256 * 128 * 384
+    (update,) = [c for c in ops if "dynamic-update-slice" in c.instruction.name]
     assert update.repeats == 7 and update.hbm_bytes < 2.1 * 256 * 384 * 4  # read h, write its slice
 
 

@@ -1,6 +1,6 @@
 """A bound on a TPU train step's time and MFU from published peaks (`hardware.Chip`), not a measurement.
 
-Each op of the compiled program (a fusion, a matmul, a copy, an attention kernel; `ProgramFacts.op_costs`)
+Each op of the compiled program (a fusion, a matmul, a copy, an attention kernel; `costs.op_costs`)
 takes at least its matmul FLOPs at the chip's bf16 peak and at least its HBM bytes at the HBM bandwidth,
 whichever is longer; the ops run one after another, each as many times as its loops run. Collective
 time = bytes each device moves (result sizes and loop trip counts read from the program, ring factors)
@@ -10,6 +10,7 @@ time = bytes each device moves (result sizes and loop trip counts read from the 
 from __future__ import annotations
 
 from jsft import flops, hardware
+from jsft.planning.costs import op_costs
 from jsft.planning.hlo import ProgramFacts
 
 
@@ -45,7 +46,7 @@ def roofline(facts: ProgramFacts, trainer, topology: str) -> dict[str, float]:
     tokens = trainer.cfg.train.global_batch_size * seq
     model_flops = flops.mfu_flops_per_token(trainer.layout.cfg, seq) * tokens / devices
     compute = model_flops / peak
-    ops = facts.op_costs()
+    ops = op_costs(facts)
     ops_s = sum(max(op.flops / peak, op.hbm_bytes / hbm) * op.repeats for op in ops)
     hbm_bound = sum(max(op.hbm_bytes / hbm - op.flops / peak, 0.0) * op.repeats for op in ops)
     hbm_bytes = sum(op.hbm_bytes * op.repeats for op in ops)

@@ -12,6 +12,7 @@ from jsft.errors import TopologyError
 from jsft.models import shapes
 from jsft.planning.checks import async_summary, check_program, replicated_all_reduces, sharded_parameters
 from jsft.planning.compiled import build_trainer, compile_step, topology_devices
+from jsft.planning.costs import matmul_flops, op_costs
 from jsft.planning.hlo import describe, program_facts
 from jsft.planning.roofline import roofline
 from jsft.units import GIB
@@ -42,9 +43,9 @@ def topology_report(cfg, topology: str) -> dict:
         # dots and convolutions times their loops' trips, the splash attention kernels (custom calls,
         # counted from their shapes), beside XLA's own count, which counts each loop body once
         "program_flops_per_device": {
-            "matmuls": facts.matmul_flops(),
+            "matmuls": matmul_flops(facts),
             "attention_kernels": sum(
-                op.flops * op.repeats for op in facts.op_costs() if op.instruction.opcode == "custom-call"
+                op.flops * op.repeats for op in op_costs(facts) if op.instruction.opcode == "custom-call"
             ),
             "cost_analysis": float((compiled.cost_analysis() or {}).get("flops", 0.0)),
         },
@@ -64,7 +65,7 @@ def remat_frontier(cfg, topology: str, policies: list[str]) -> list[dict]:
         policy_cfg = cfg.copy_and_resolve_references()
         policy_cfg.model.remat = policy
         _, memory, text = compile_step(build_trainer(policy_cfg, hf_config, devices), with_text=True)
-        flops = None if memory.refused else program_facts(text).matmul_flops()
+        flops = None if memory.refused else matmul_flops(program_facts(text))
         rows.append(
             {
                 "remat": policy,
