@@ -41,6 +41,12 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    # A dense MLP kernel's intermediate dimension. It claims fsdp before the kernel's model dimension
+    # ("embed") does (CLAIMS_FIRST). FSDP's collective matmuls then gather gate/up along a dimension
+    # their forward pass does not contract, and down along one its input gradient does not: each window
+    # writes its own slice of the [tokens, intermediate] product. Split on the model dimension, each
+    # window added a partial sum into the whole product, read and written in HBM once a window.
+    "mlp_kernel": ("fsdp", "tensor"),
     "norm": None,
     "layers": None,  # the stacked axis of scanned layers
 }
@@ -96,10 +102,16 @@ def row_groups(mesh: Mesh) -> tuple[int, int]:
     return mine[0] // len(mine), shards // len(mine)
 
 
+CLAIMS_FIRST = ("mlp_kernel",)
+
+
 def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh | AbstractMesh) -> P:
-    """Partition spec for one array; a dimension the mesh axis does not divide stays replicated."""
-    spec, used = [], set()
-    for axis, dim in zip(axes, shape, strict=True):
+    """Partition spec for one array; a dimension the mesh axis does not divide stays replicated.
+    Dimensions claim their mesh axes in order, those named in CLAIMS_FIRST before the others."""
+    spec, used = [None] * len(axes), set()
+    order = sorted(range(len(axes)), key=lambda i: axes[i] not in CLAIMS_FIRST)
+    for i in order:
+        axis, dim = axes[i], shape[i]
         mesh_axes = LOGICAL_RULES.get(axis) if axis else None
         if isinstance(mesh_axes, tuple):  # a one-device axis splits nothing: leave it out of the spec,
             # as an axis an earlier dimension already uses (experts' embed after their expert axis)
@@ -113,7 +125,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
             size = math.prod(mesh.shape[a] for a in np.atleast_1d(mesh_axes))
             if dim % size:
                 mesh_axes = None
-        spec.append(mesh_axes)
+        spec[i] = mesh_axes
         used.update(np.atleast_1d(mesh_axes) if mesh_axes is not None else ())
     return P(*spec)
 

@@ -177,13 +177,22 @@ def test_scanned_layers_are_stacked(reference):
 def test_sharded_load_splits_every_matrix(reference, setting):
     """On the mesh no device holds a whole weight matrix: loading never makes replicated copies."""
     _, params, _ = _jsft(reference, setting)
-    if SETTINGS[setting][1]:
-        assert params["layers.attn.q_proj"].sharding.spec == P(None, "fsdp", "tensor", None)
-    else:
-        assert params["layers.0.attn.q_proj"].sharding.spec == P("fsdp", "tensor", None)
+    layer = "layers." if SETTINGS[setting][1] else "layers.0."
+    stacked = (None,) if SETTINGS[setting][1] else ()
+    assert params[f"{layer}attn.q_proj"].sharding.spec == P(*stacked, "fsdp", "tensor", None)
+    # the MLP's intermediate dimension takes fsdp (sharding.CLAIMS_FIRST), the model dimension nothing
+    assert params[f"{layer}mlp.gate_proj"].sharding.spec == P(*stacked, None, ("fsdp", "tensor"))
+    assert params[f"{layer}mlp.down_proj"].sharding.spec == P(*stacked, ("fsdp", "tensor"), None)
     for name, array in params.items():
         if name.endswith("_proj") or name in ("embed", "lm_head"):
             assert {s.data.size for s in array.addressable_shards} == {array.size // 8}, name
+
+
+def test_an_mlp_width_fsdp_does_not_divide_leaves_fsdp_to_the_model_dimension():
+    mesh = jax.sharding.AbstractMesh((1, 8, 1, 1, 1), sharding.MESH_AXES)
+    assert sharding.logical_to_spec(("embed", "mlp_kernel"), (64, 96), mesh) == P(None, "fsdp")
+    assert sharding.logical_to_spec(("embed", "mlp_kernel"), (64, 100), mesh) == P("fsdp", None)
+    assert sharding.logical_to_spec(("mlp_kernel", "embed"), (100, 64), mesh) == P(None, "fsdp")
 
 
 def test_bfloat16_logits_are_close_to_float32(reference):

@@ -192,7 +192,7 @@ def test_sharded_mesh_matches_one_device(quantization):
             spec = state.params["layers.mlp.up_proj.lora_a"].sharding.spec  # [layers, embed, rank]
             assert tuple(spec)[:2] == (None, "fsdp")
             spec = state.params["layers.mlp.up_proj.lora_b"].sharding.spec  # [layers, rank, mlp]
-            assert tuple(spec) == (None, None, "tensor")
+            assert tuple(spec) == (None, None, ("fsdp", "tensor"))  # as its kernel's MLP width
     assert_params_close(results[8], results[1], rtol=1e-5)
 
 

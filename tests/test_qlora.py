@@ -119,7 +119,7 @@ def test_quantized_kernels_on_the_fsdp_tensor_mesh():
     mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 1, 4, 2
     trainer, state = _trainer("nf4", mesh=sharding.make_mesh(mesh_cfg))
     codes = state.base["layers.mlp.up_proj"].codes  # [layers, embed / 2, mlp]
-    assert tuple(codes.sharding.spec) == (None, "fsdp", "tensor")
+    assert tuple(codes.sharding.spec) == (None, None, ("fsdp", "tensor"))  # the MLP width, as the kernel
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 300, (8, 16)).astype(np.int32)
     batch = {

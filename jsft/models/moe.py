@@ -65,9 +65,9 @@ class MLP(nnx.Module):
         project = functools.partial(
             Projection, inputs=1, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs, lora=lora
         )
-        self.gate_proj = project("gate_proj", (d, f), ("embed", "mlp"))
-        self.up_proj = project("up_proj", (d, f), ("embed", "mlp"))
-        self.down_proj = project("down_proj", (f, d), ("mlp", "embed"))
+        self.gate_proj = project("gate_proj", (d, f), ("embed", "mlp_kernel"))
+        self.up_proj = project("up_proj", (d, f), ("embed", "mlp_kernel"))
+        self.down_proj = project("down_proj", (f, d), ("mlp_kernel", "embed"))
 
     def __call__(
         self, x: jax.Array, real: jax.Array, dropout_key: jax.Array | None = None
