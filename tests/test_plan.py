@@ -290,6 +290,48 @@ def test_hbm_bytes_are_xlas_count_per_op_with_every_trip_of_a_loop():
     assert update.repeats == 7 and update.hbm_bytes < 2.1 * 256 * 384 * 4  # read h, write its slice
 
 
+WINDOWED_MATMUL = """
+%window (params) -> bf16[2,64,32] {
+  %param_1.1 = bf16[2,64,512]{2,1,0} parameter(1)
+  %constant.1 = bf16[] constant(-inf)
+  %pad.1 = bf16[2,64,544]{2,1,0} pad(%param_1.1, %constant.1), padding=0_0x0_0x0_32
+  %param_0.1 = u32[] parameter(0)
+  %zero.1 = u32[] constant(0)
+  ROOT %dynamic-slice.1 = bf16[2,64,32]{2,1,0} dynamic-slice(%pad.1, %zero.1, %zero.1, %param_0.1)
+}
+
+%matmul (params) -> bf16[2,64,128] {
+  %param_2.2 = u32[] parameter(2)
+  %param_0.2 = bf16[2,64,512]{2,1,0} parameter(0)
+  %fusion.1 = bf16[2,64,32]{2,1,0} fusion(%param_2.2, %param_0.2), kind=kLoop, calls=%window
+  %param_1.2 = bf16[32,128]{1,0:S(1)} parameter(1)
+  %dot.1 = bf16[2,64,128]{2,1,0} dot(%fusion.1, %param_1.2), lhs_contracting_dims={2},
+    rhs_contracting_dims={0}
+  %param_3.2 = bf16[2,64,128]{2,1,0} parameter(3)
+  ROOT %add.1 = bf16[2,64,128]{2,1,0} add(%dot.1, %param_3.2)
+}
+
+ENTRY %main (params) -> bf16[2,64,128] {
+  %p0 = bf16[2,64,512]{2,1,0} parameter(0)
+  %p1 = bf16[32,128]{1,0:S(1)} parameter(1)
+  %p2 = u32[] parameter(2)
+  %p3 = bf16[2,64,128]{2,1,0} parameter(3)
+  ROOT %fusion.2 = bf16[2,64,128]{2,1,0} fusion(%p0, %p1, %p2, %p3), kind=kOutput, calls=%matmul
+}
+"""
+
+
+def test_a_windowed_matmul_reads_its_window_of_the_activation():
+    """A collective-matmul window as the TPU compiler writes it: a nested fusion pads the activation and
+    slices the window out of it for the matmul, whose partial sum adds into the whole product. HBM
+    bytes: the window (not the whole activation), nothing of the weight chunk (in VMEM, S(1)), the
+    partial sum read and the product written; FLOPs: the window's matmul."""
+    (op,) = costs.op_costs(hlo.program_facts(WINDOWED_MATMUL))
+    window, product, u32 = 2 * 64 * 32 * 2, 2 * 64 * 128 * 2, 4
+    assert op.hbm_bytes == window + u32 + product + product
+    assert op.flops == 2 * (2 * 64 * 128) * 32
+
+
 def test_async_pairs_with_nothing_inside_block_like_synchronous_collectives():
     """The roofline's wire bytes: a collective-permute pair with compute scheduled inside overlaps it;
     one with nothing inside waits for its transfer as a synchronous collective does."""

@@ -98,13 +98,7 @@ def _fusion_hbm_bytes(fusion: Instruction, by_computation: dict, by_name: dict) 
     dynamic-update-slice writes in place (only the update is written: a scanned layer's residuals into
     the stacked ones); and its HBM results."""
     body = by_computation.get(next(iter(called(fusion)), ""), [])
-    users: dict[str, list[Instruction]] = {}
-    for f in body:
-        for n in operand_names(f):
-            users.setdefault(n, []).append(f)
-    parameters = {
-        int(re.match(r"(\d+)\)", f.operands).group(1)): f.name for f in body if f.opcode == "parameter"
-    }
+    parameters = _parameters(body)
     root = body[-1] if body else None
     roots = [_in_body(body, n) for n in operand_names(root)] if root and root.opcode == "tuple" else [root]
     roots = [_in_body(body, _through_bitcasts(r.name, body)) for r in roots if r is not None]
@@ -117,7 +111,7 @@ def _fusion_hbm_bytes(fusion: Instruction, by_computation: dict, by_name: dict) 
             return operand.hbm_bytes
         if name in buffers:
             return 0.0
-        sliced = _sliced_bytes(name, users)
+        sliced = _sliced_bytes(name, body, by_computation)
         return operand.hbm_bytes if sliced is None else min(operand.hbm_bytes, sliced)
 
     operands = [by_name.get(n) for n in operand_names(fusion)]
@@ -144,21 +138,45 @@ def _through_bitcasts(name: str, body: list[Instruction]) -> str:
     return name
 
 
-def _sliced_bytes(name: str, users: dict[str, list[Instruction]]) -> int | None:
-    """Bytes the slices of `name` read inside a fused computation (through bitcasts), None unless every
-    reader is a slice, dynamic slice or gather of it."""
+def _parameters(body: list[Instruction]) -> dict[int, str]:
+    """A computation's parameters by number."""
+    return {int(re.match(r"(\d+)\)", f.operands).group(1)): f.name for f in body if f.opcode == "parameter"}
+
+
+# Ops a slice may read through and still read only its slice (a collective-matmul window pads the
+# activation, then slices the window out of it).
+_SLICE_THROUGH = ("bitcast", "pad", "convert", "copy")
+
+
+def _sliced_bytes(name: str, body: list[Instruction], by_computation: dict) -> int | None:
+    """Bytes the slices of `name` read inside a fused computation, looking through bitcasts, pads and
+    conversions and into nested fusions; None unless every reader ends in a slice, dynamic slice or
+    gather of it."""
+    readers = [u for u in body if name in operand_names(u)]
+    if not readers:
+        return None
     total = 0
-    for u in users.get(name, []):
-        if u.opcode == "bitcast":
-            inner = _sliced_bytes(u.name, users)
-            if inner is None:
-                return None
-            total += inner
-        elif u.opcode in ("dynamic-slice", "slice", "gather") and operand_names(u)[0] == name:
+    for u in readers:
+        if u.opcode in ("dynamic-slice", "slice", "gather") and operand_names(u)[0] == name:
             total += u.hbm_bytes
+            continue
+        if u.opcode in _SLICE_THROUGH:
+            inner = _sliced_bytes(u.name, body, by_computation)
+        elif u.opcode == "fusion":
+            nested = by_computation.get(next(iter(called(u)), ""), [])
+            parameters = _parameters(nested)
+            slices = [
+                _sliced_bytes(parameters[k], nested, by_computation) if k in parameters else None
+                for k, n in enumerate(operand_names(u))
+                if n == name
+            ]
+            inner = None if None in slices else sum(slices)
         else:
+            inner = None
+        if inner is None:
             return None
-    return total if users.get(name) else None
+        total += inner
+    return total
 
 
 # Matmuls per splash kernel: the forward's q.k and p.v; dq's recomputed q.k, do.v and ds.k; dkv's
