@@ -28,8 +28,8 @@ from jsft.models.attention import soft_cap
 # gradient of the LM head: a whole read and write of it in HBM (8 bytes per weight) against the 2
 # FLOPs per weight and token of that matmul, so the chunk needs about 4 x peak / HBM bandwidth tokens
 # not to wait on memory (660 on v5p, 820 on H200). 512 MiB at a 128k vocabulary is 1024 tokens. At
-# 64 MiB (128 tokens) the Tulu 8B step's head gradient was HBM-bound: jsft.cli.tpu on v5p-64, 2.733 s
-# of the program's ops against 2.536 s now, the same peak memory (50.60 GiB).
+# 64 MiB (128 tokens) the Tulu 8B step on v5p-64 (jsft.cli.tpu) waited 0.186 s a step on HBM in the
+# head gradient's accumulation, of 2.563 s of ops; at 512 MiB none, at the same peak (50.60 GiB).
 LOGITS_BUDGET_BYTES = 512 * 2**20
 
 
