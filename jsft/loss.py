@@ -31,6 +31,10 @@ from jsft.models.attention import soft_cap
 # 64 MiB (128 tokens) the Tulu 8B step on v5p-64 (jsft.cli.tpu) waited 0.186 s a step on HBM in the
 # head gradient's accumulation, of 2.563 s of ops; at 512 MiB none, at the same peak (50.60 GiB).
 LOGITS_BUDGET_BYTES = 512 * 2**20
+# On CPU the smaller chunks are the faster ones (they stay in cache; a CPU's balance point is a few
+# tokens): the 60M Llama of tools/bench/step.py, alternating in one process, 9.72 s a step at 64 MiB
+# against 11.65 s at 512.
+CPU_LOGITS_BUDGET_BYTES = 64 * 2**20
 
 
 def token_loss_sum(
@@ -63,18 +67,21 @@ def chunked_loss_sum(
     """`token_loss_sum(hidden @ kernel.astype(dtype), ...)` without materialising all logits at once
     (`dtype` None: the kernel's own).
 
-    `chunk_size` (sequence positions per chunk) defaults to what keeps one chunk's float32 logits
-    within LOGITS_BUDGET_BYTES on each device. Under a mesh whose batch axes split the rows, each
-    device runs the chunk loop over its own rows (`shard_map`), with the whole LM head: left to the
-    partitioner, the loop gathered the FSDP-sharded head and all-reduced its gradient in every chunk,
-    synchronously (the Tulu config's compiled TPU program: 128 of each per step, 250 GiB each way). The
-    head enters the map split as its weights are and is put together there by `_gathered_by_shifts`.
+    `chunk_size` (sequence positions per chunk) defaults to what keeps one chunk's float32 logits within
+    LOGITS_BUDGET_BYTES on each device (CPU_LOGITS_BUDGET_BYTES on CPU). Under a mesh whose batch axes
+    split the rows, each device runs the chunk loop over its own rows (`shard_map`), with the whole LM
+    head: left to the partitioner, the loop gathered the FSDP-sharded head and all-reduced its gradient in
+    every chunk, synchronously (the Tulu config's compiled TPU program: 128 of each per step, 250 GiB each
+    way). The head enters the map split as its weights are and is put together there by
+    `_gathered_by_shifts`.
     """
     batch_axes = _manual_batch_axes(batch=hidden.shape[0])
     token_axes = ("context",) if sharding.context_shards(hidden.shape[1]) > 1 else ()
     rows = hidden.shape[0] // math.prod(_axis_sizes(batch_axes))
     if chunk_size is None:
-        chunk_size = max(LOGITS_BUDGET_BYTES // (4 * rows * _per_device(kernel.shape[-1], "vocab")), 16)
+        on_cpu = (sharding.traced_platform() or jax.default_backend()) == "cpu"
+        budget = CPU_LOGITS_BUDGET_BYTES if on_cpu else LOGITS_BUDGET_BYTES
+        chunk_size = max(budget // (4 * rows * _per_device(kernel.shape[-1], "vocab")), 16)
     local = functools.partial(_chunked, chunk_size=chunk_size, z_loss=z_loss, softcap=softcap)
     manual = batch_axes + token_axes
     dtype = dtype or kernel.dtype

@@ -130,6 +130,14 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     return P(*spec)
 
 
+def traced_platform() -> str | None:
+    """The platform ("cpu", "tpu", "gpu") of the devices a program is traced for: under a mesh (the train
+    and eval steps are, and TPU programs compiled on this CPU), its devices'; None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None)
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Pins an activation's layout by its logical axes while tracing under a mesh; a no-op without one.
 

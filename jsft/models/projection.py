@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jsft import sharding
 from jsft.lora.quant import Quantized
 from jsft.lora.spec import LoraSpec
 
@@ -81,7 +82,8 @@ class Projection(nnx.Module):
         layer's, None in evaluation) draws the mask on the factors' input at rate `lora.dropout`."""
         kernel = self.kernel.get_value()
         kernel = kernel.dequantize(self.dtype) if isinstance(kernel, Quantized) else kernel.astype(self.dtype)
-        if _on_cpu():  # the same product; its gradient's transposes chosen for XLA:CPU (`_project_cpu`)
+        # on CPU the same product, with its gradient's transposes chosen for XLA:CPU (`_project_cpu`)
+        if sharding.traced_platform() == "cpu":
             y = _project_cpu(self.contraction, x, kernel)
         else:
             y = jnp.einsum(self.contraction, x, kernel)
@@ -102,14 +104,6 @@ class Projection(nnx.Module):
         rows = x.reshape(-1, math.prod(x.shape[-(a.ndim - 1) :]))
         h = (rows @ a.reshape(-1, spec.rank).astype(dt)) * jnp.asarray(spec.scale, dt)
         return h @ b.reshape(spec.rank, -1).astype(dt)
-
-
-def _on_cpu() -> bool:
-    """Whether the program is traced for CPU devices: under a mesh (the train and eval steps are), its
-    devices' platform; without one, False (the plain einsum, whose gradient XLA derives)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return getattr(device, "platform", None) == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

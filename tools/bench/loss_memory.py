@@ -17,9 +17,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--chunk", type=int, default=None, help="default: sized by loss.LOGITS_BUDGET_BYTES")
+    parser.add_argument(
+        "--chunk", type=int, default=None, help="default: sized by loss.CPU_LOGITS_BUDGET_BYTES"
+    )
     args = parser.parse_args()
-    chunk = args.chunk or f"auto ({loss.LOGITS_BUDGET_BYTES // 2**20} MiB of logits)"
+    chunk = args.chunk or f"auto ({loss.CPU_LOGITS_BUDGET_BYTES // 2**20} MiB of logits)"
     print(f"batch {args.batch} x seq {args.seq}, hidden {args.hidden}, chunk {chunk}; temp MiB of loss+grad")
     print("(the chunked scan carries the [hidden, vocab] kernel gradient; 'beyond it' excludes it)")
     print(f"{'vocab':>8} {'plain':>10} {'chunked':>10} {'beyond it':>10} {'[B,T,V] f32':>12}")
