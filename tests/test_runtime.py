@@ -99,7 +99,8 @@ def test_set_libtpu_defaults_off_or_without_a_checked_libtpu(libtpu_version):
 
 def test_prepare_tpu_compile_takes_the_slices_generation(libtpu_version, monkeypatch, capsys):
     for key in ("LIBTPU_INIT_ARGS", "JSFT_LIBTPU_DEFAULTS", "TPU_ACCELERATOR_TYPE"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded as it was, so the flags set below do not outlive the test
+        monkeypatch.delenv(key)
     for key in ("JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_SKIP_MDS_QUERY"):
         monkeypatch.setenv(key, os.environ.get(key, "1"))  # prepare_tpu_compile sets them: restored after
     monkeypatch.setattr(runtime.jax.config, "update", lambda *a: None)  # JAX's platform stays as it is
